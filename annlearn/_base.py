@@ -1,0 +1,194 @@
+"""Base class of annlearn's neighbour estimators.
+
+It holds what every index shares and no index-specific code: the
+scikit-learn semantics of ``kneighbors`` (``X=None`` queries the indexed
+vectors, each excluding itself), ``kneighbors_graph``, and ``transform`` /
+``fit_transform`` exactly as :class:`sklearn.neighbors.KNeighborsTransformer`
+defines them. A concrete index implements three hooks:
+
+``_prepare_queries(X)``
+    Validated float32 queries -> what the search kernel takes (centred,
+    normalised, ...).
+``_indexed_queries()``
+    The indexed vectors, already prepared, for ``X=None``.
+``_search(Xq, n_neighbors)``
+    Prepared queries -> ``(distances, positions)``, each of shape
+    ``(n_queries, n_neighbors)``, sorted by increasing distance, positions
+    being rows of the index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+)
+from sklearn.utils.validation import check_is_fitted
+
+from annlearn._validation import check_n_neighbors, validate_query_data
+
+__all__ = ["NeighborsBase"]
+
+
+class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Shared query API of annlearn's indexes (see the module docstring)."""
+
+    # -- hooks -------------------------------------------------------------
+    def _prepare_queries(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _indexed_queries(self) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _search(
+        self, X: np.ndarray, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- scikit-learn API --------------------------------------------------
+    @property
+    def _n_features_out(self) -> int:
+        # Columns of ``transform``'s graph (ClassNamePrefixFeaturesOutMixin).
+        return self.n_samples_fit_
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the k nearest neighbours of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Queries. If None, the neighbours of each indexed vector are
+            returned, the vector itself excluded.
+        n_neighbors : int, default=None
+            Number of neighbours; the estimator's ``n_neighbors`` if None.
+        return_distance : bool, default=True
+            Whether to return the distances too.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries, n_neighbors), dtype float32
+            Distances, increasing along each row (only if
+            ``return_distance=True``).
+        neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype int64
+            Indices of the neighbours in the fitted data.
+        """
+        check_is_fitted(self)
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        query_is_train = X is None
+        n_neighbors = check_n_neighbors(
+            n_neighbors, self.n_samples_fit_, query_is_train=query_is_train
+        )
+        if query_is_train:
+            distances, indices = self._search(self._indexed_queries(), n_neighbors + 1)
+            distances, indices = _drop_self(distances, indices)
+        else:
+            Xq = self._prepare_queries(validate_query_data(self, X))
+            distances, indices = self._search(Xq, n_neighbors)
+        return (distances, indices) if return_distance else indices
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """Compute the graph of k nearest neighbours as a sparse matrix.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Queries. If None, the neighbours of each indexed vector, the
+            vector itself excluded.
+        n_neighbors : int, default=None
+            Number of neighbours per row; the estimator's ``n_neighbors`` if
+            None.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            ``"connectivity"`` stores ones, ``"distance"`` the distances.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix; ``A[i, j]`` is set when ``j`` is one of the neighbours
+            of query ``i``. Zero distances are stored explicitly.
+        """
+        if mode not in ("connectivity", "distance"):
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity" or "distance" '
+                f"but got {mode!r} instead."
+            )
+        if mode == "distance":
+            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
+            data = np.ravel(distances)
+        else:
+            indices = self.kneighbors(X, n_neighbors, return_distance=False)
+            data = np.ones(indices.size, dtype=np.float32)
+        n_queries, k = indices.shape
+        indptr = np.arange(0, n_queries * k + 1, k)
+        return csr_matrix(
+            (data, np.ravel(indices), indptr), shape=(n_queries, self.n_samples_fit_)
+        )
+
+    def transform(self, X):
+        """Graph of the neighbours of each row of X, as KNeighborsTransformer.
+
+        In ``mode="distance"`` each row has ``n_neighbors + 1`` entries, so
+        that a row of the training data, which is its own nearest neighbour,
+        keeps ``n_neighbors`` others; this is what a downstream estimator with
+        ``metric="precomputed"`` expects.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Queries.
+
+        Returns
+        -------
+        Xt : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR graph of float32 values.
+        """
+        check_is_fitted(self)
+        add_one = self.mode == "distance"
+        return self.kneighbors_graph(
+            X, mode=self.mode, n_neighbors=self.n_neighbors + add_one
+        )
+
+    def fit_transform(self, X, y=None):
+        """Fit to X, then return the neighbour graph of X (see ``transform``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        Xt : sparse matrix of shape (n_samples, n_samples)
+            CSR graph of float32 values.
+        """
+        return self.fit(X).transform(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.input_tags.allow_nan = False
+        # Distances are computed and returned in float32 whatever the input.
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def _drop_self(
+    distances: np.ndarray, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each indexed vector from its own k+1 neighbours.
+
+    Row ``i`` of the result keeps the k entries other than ``i``. Where ``i``
+    is not among them (more exact duplicates than k at distance 0, or an
+    approximate index that missed it) the last, farthest entry is dropped.
+    """
+    n_queries, k_plus_one = indices.shape
+    keep = indices != np.arange(n_queries)[:, None]
+    self_absent = keep.all(axis=1)
+    keep[self_absent, -1] = False
+    shape = (n_queries, k_plus_one - 1)
+    return distances[keep].reshape(shape), indices[keep].reshape(shape)

@@ -1,0 +1,195 @@
+"""FlatNeighbors: exact k-nearest-neighbour search."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from annlearn import _flat_search
+from annlearn._base import NeighborsBase
+from annlearn._threads import blas_single_thread, effective_n_threads
+from annlearn._validation import METRICS, validate_fit_data
+
+__all__ = ["FlatNeighbors"]
+
+_METRIC_CODES = {
+    "sqeuclidean": _flat_search.METRIC_SQEUCLIDEAN,
+    "euclidean": _flat_search.METRIC_EUCLIDEAN,
+    "inner_product": _flat_search.METRIC_INNER_PRODUCT,
+    "cosine": _flat_search.METRIC_COSINE,
+}
+
+
+def _normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Unit-norm copy of X (float32); zero rows stay zero, as sklearn's."""
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    norms[norms == 0.0] = 1.0
+    return np.ascontiguousarray(X / norms[:, None].astype(np.float32))
+
+
+def _far_from_origin(X: np.ndarray) -> bool:
+    """True if the rows sit so far from the origin, relative to their spread,
+    that float32 ``||x||^2 + ||y||^2 - 2 <x, y>`` would lose the distances.
+
+    The rounding error of that form is about eps * ||x||**2, to be compared
+    with squared distances of the order of the spread. Past a ratio of 32
+    between the norm of the mean and the spread (error ~ 1e-4 relative)
+    the stored copy is centred, which changes no Euclidean distance.
+    """
+    mean = X.mean(axis=0, dtype=np.float64)
+    spread = float(np.mean(np.var(X, axis=0, dtype=np.float64)) * X.shape[1])
+    return float(mean @ mean) > 32.0**2 * max(spread, np.finfo(np.float32).tiny)
+
+
+class FlatNeighbors(NeighborsBase):
+    """Exact k-nearest-neighbour search, brute force on GEMM + top-k heaps.
+
+    The ground truth for annlearn's approximate indexes, and a drop-in
+    unsupervised neighbours estimator and transformer: ``kneighbors``,
+    ``kneighbors_graph`` and ``transform`` follow
+    :class:`sklearn.neighbors.NearestNeighbors` and
+    :class:`sklearn.neighbors.KNeighborsTransformer`.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=5
+        Number of neighbours returned by ``kneighbors`` and used by
+        ``transform``.
+    metric : {"euclidean", "sqeuclidean", "cosine", "inner_product"}, \
+            default="euclidean"
+        Dissimilarity:
+
+        - ``"euclidean"``: ``||x - y||``;
+        - ``"sqeuclidean"``: ``||x - y||**2``;
+        - ``"cosine"``: ``1 - <x, y> / (||x|| ||y||)``, in ``[0, 2]`` (a zero
+          vector is at distance 1 from everything, as in scikit-learn);
+        - ``"inner_product"``: neighbours by *decreasing* inner product
+          (maximum inner product search); the distance returned is
+          ``-<x, y>``, so it increases along each row like every other
+          metric, and can be negative.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores in the graph: distances, or ones.
+    n_jobs : int, default=None
+        Number of OpenMP threads of the search kernel (not joblib processes).
+        ``None`` honours ``OMP_NUM_THREADS``, threadpoolctl limits and the
+        CPUs available to the process; ``-1`` means all CPUs. BLAS is held at
+        one thread inside the kernel, whose threads each run their own GEMM.
+
+    Attributes
+    ----------
+    n_samples_fit_ : int
+        Number of indexed vectors.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during ``fit``, when X has string column names.
+
+    See Also
+    --------
+    sklearn.neighbors.NearestNeighbors : Unsupervised learner for neighbour
+        searches, in float64.
+    sklearn.neighbors.KNeighborsTransformer : The transformer API followed by
+        ``transform``.
+
+    Notes
+    -----
+    Vectors are stored in float32: 4 bytes per feature per vector. Input of
+    another dtype is converted once at ``fit``; float32 C-contiguous input is
+    stored without a copy, except for ``"cosine"`` (rows are normalised) and
+    for Euclidean data sitting far from the origin relative to their spread,
+    which are stored centred on their mean (this changes no distance and
+    keeps float32 precise).
+
+    The search computes ``-2 <x, y> + ||y||**2`` for blocks of queries and
+    vectors with single-precision GEMM, offers each score to a bounded heap
+    per query (ties go to the smaller index), and finally recomputes the
+    exact distance of the k winners, so the distances returned are accurate
+    to float32 rounding. Memory is O(threads x block), never
+    n_queries x n_samples_fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from annlearn import FlatNeighbors
+    >>> X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    >>> index = FlatNeighbors(n_neighbors=2).fit(X)
+    >>> distances, indices = index.kneighbors([[0.1, 0.0]])
+    >>> indices
+    array([[0, 1]])
+    >>> distances.round(3)
+    array([[0.1, 0.9]], dtype=float32)
+    """
+
+    _parameter_constraints: dict = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "metric": [StrOptions(set(METRICS))],
+        "mode": [StrOptions({"distance", "connectivity"})],
+        "n_jobs": [Integral, None],
+    }
+
+    def __init__(
+        self, n_neighbors=5, *, metric="euclidean", mode="distance", n_jobs=None
+    ):
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.mode = mode
+        self.n_jobs = n_jobs
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Index the rows of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index. Converted to float32; NaN, infinity and sparse
+            input are rejected.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : FlatNeighbors
+            The fitted estimator.
+        """
+        X = validate_fit_data(self, X)
+        self._center = None
+        if self.metric == "cosine":
+            vectors = _normalize_rows(X)
+        elif self.metric != "inner_product" and _far_from_origin(X):
+            self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+            vectors = X - self._center
+        else:
+            vectors = X
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._sqnorms = _flat_search.row_sqnorms(
+            self._vectors, effective_n_threads(self.n_jobs)
+        )
+        self.n_samples_fit_ = self._vectors.shape[0]
+        return self
+
+    # -- hooks of NeighborsBase -------------------------------------------
+    def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
+        if self._center is not None:
+            return X - self._center
+        if self.metric == "cosine":
+            return _normalize_rows(X)
+        return X
+
+    def _indexed_queries(self) -> np.ndarray:
+        return self._vectors
+
+    def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+        n_threads = effective_n_threads(self.n_jobs)
+        with blas_single_thread():
+            return _flat_search.flat_kneighbors(
+                X,
+                self._vectors,
+                self._sqnorms,
+                n_neighbors,
+                _METRIC_CODES[self.metric],
+                n_threads,
+            )

@@ -1,0 +1,381 @@
+"""Exact k-nearest-neighbour search: blocked GEMM fused with top-k heaps.
+
+Design
+------
+For a block of queries X[xs:xe] and a block of database rows Y[ys:ye] one
+GEMM gives every inner product x.y. The ranking score is then
+
+- L2 metrics:      ||y||^2 - 2 x.y   (||x||^2 is the same for every y of one
+                                      query, so it is left out of the ranking)
+- inner products:  -x.y              (cosine uses unit-norm rows)
+
+and each score is offered to the query's bounded max-heap, whose root is the
+k-th best so far: most candidates are rejected by one comparison. The GEMM
+writes into a per-thread buffer of x_chunk * y_chunk floats, so memory is
+O(threads * block), never n_queries * n_database.
+
+Two ways to share the work between threads (scikit-learn's
+PairwiseDistancesReduction names):
+
+parallel_on_X (batches)
+    Query chunks are split between threads. Each thread's heaps are rows of the
+    output arrays: no synchronisation, no merge.
+
+parallel_on_Y (a few queries: latency)
+    The database is cut into one contiguous range per thread. Each thread
+    keeps its own heaps for every query, and these are merged per query row at
+    the end (the heap's id tie-break makes the merge order irrelevant).
+
+    ::
+
+        queries  ──┬── thread 0: Y[0      : n/2] ──> heaps_0 ─┐
+                   └── thread 1: Y[n/2    : n  ] ──> heaps_1 ─┴─ merge ──> out
+
+Each thread issues its own single-threaded sgemm: the caller caps BLAS at one
+thread for the duration of the call (``annlearn._threads.blas_single_thread``)
+so that n OpenMP threads never start n x m BLAS threads.
+
+Finalisation re-computes the exact distance of the k winners directly from
+the vectors (sum of squared differences, accumulated in float64): the
+||x||^2 + ||y||^2 - 2 x.y form loses precision by cancellation when x and y
+are close, the winners are re-sorted on the exact values, and the returned
+distances are accurate to float32 rounding.
+"""
+
+import numpy as np
+
+cimport cython
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt
+from libc.stdint cimport INT64_MAX
+from libc.stdlib cimport free, malloc
+
+from annlearn._utils._blas cimport gemm_abt
+from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
+from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
+
+# Metric codes understood by the kernel (the Python side maps names to these).
+cpdef enum:
+    METRIC_SQEUCLIDEAN = 0
+    METRIC_EUCLIDEAN = 1
+    METRIC_INNER_PRODUCT = 2
+    METRIC_COSINE = 3
+
+# Default block sizes, tuned on Fashion-MNIST (784 features) with
+# benchmarks/tune_flat_chunks.py: a 256 x 2048 float32 GEMM output is 2 MiB.
+DEFAULT_X_CHUNK = 256
+DEFAULT_Y_CHUNK = 2048
+
+
+cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef enum:
+    # Candidates are screened SCREEN at a time: one vectorisable pass tells
+    # whether any of them beats the heap's root, and only then are they
+    # offered one by one. Almost every block of a long scan is rejected.
+    SCREEN = 16
+
+
+cdef inline void _offer_row(
+    const float32_t* scores, intp_t n, intp_t first_id,
+    intp_t k, float32_t* values, id_t* ids,
+) noexcept nogil:
+    """Offer ``scores[j]`` with id ``first_id + j`` to one query's heap."""
+    cdef intp_t j0 = 0, j1, j
+    cdef int hit
+    cdef float32_t threshold = values[0]
+    while j0 < n:
+        j1 = _imin(j0 + SCREEN, n)
+        hit = 0
+        for j in range(j0, j1):
+            hit = hit | (scores[j] <= threshold)
+        if hit:
+            for j in range(j0, j1):
+                # Ids arrive in increasing order, so "<=" lets heap_push
+                # settle exact ties on the id.
+                if scores[j] <= threshold:
+                    heap_push(values, ids, k, scores[j], <id_t>(first_id + j))
+                    threshold = values[0]
+        j0 = j1
+
+
+cdef void _scan_block(
+    const float32_t* X, intp_t n_features, intp_t xs, intp_t xe,
+    const float32_t* Y, intp_t ys, intp_t ye,
+    const float32_t* Y_sqnorms, bint l2,
+    intp_t k, float32_t* heap_values, id_t* heap_ids,
+    float32_t* buf, intp_t y_chunk,
+) noexcept nogil:
+    """Offer every (x in X[xs:xe], y in Y[ys:ye]) score to the rows' heaps.
+
+    ``heap_values``/``heap_ids`` point at the heap of query ``xs``; the heap
+    of query ``xs + i`` starts ``i * k`` further. Heaps are not initialised
+    here: a caller may scan several database ranges into the same heaps.
+    """
+    cdef intp_t nx = xe - xs, ny, y0, y1, i, j
+    cdef float32_t* row
+    cdef float32_t* values
+    cdef id_t* ids
+    # alpha = -2 folds the factor of the L2 score into the GEMM.
+    cdef float32_t alpha = -2.0 if l2 else -1.0
+    y0 = ys
+    while y0 < ye:
+        y1 = _imin(y0 + y_chunk, ye)
+        ny = y1 - y0
+        gemm_abt(nx, ny, n_features, alpha, X + xs * n_features, n_features,
+                 Y + y0 * n_features, n_features, <float32_t>0.0, buf, ny)
+        for i in range(nx):
+            row = buf + i * ny
+            values = heap_values + i * k
+            ids = heap_ids + i * k
+            if l2:
+                # The GEMM wrote -2 x.y; adding ||y||^2 in place makes the
+                # scan below the same for every metric.
+                for j in range(ny):
+                    row[j] = row[j] + Y_sqnorms[y0 + j]
+            _offer_row(row, ny, y0, k, values, ids)
+        y0 = y1
+
+
+cdef void _finalize_row(
+    const float32_t* x, const float32_t* Y, intp_t n_features,
+    intp_t k, float32_t* values, id_t* ids, int metric,
+) noexcept nogil:
+    """Turn one query's heap into sorted distances (see module docstring)."""
+    cdef intp_t r, s, f
+    cdef const float32_t* y
+    cdef float64_t acc, diff
+    cdef float32_t value
+    cdef id_t value_id
+    heap_sort(values, ids, k)
+    # A slot still empty (only possible when scores overflowed to NaN) is
+    # reported as id -1 at +inf rather than read out of bounds.
+    while k > 0 and ids[k - 1] == INT64_MAX:
+        ids[k - 1] = -1
+        k = k - 1
+    if metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN:
+        for r in range(k):
+            y = Y + ids[r] * n_features
+            acc = 0.0
+            for f in range(n_features):
+                diff = <float64_t>x[f] - <float64_t>y[f]
+                acc = acc + diff * diff
+            values[r] = <float32_t>acc
+        # Insertion sort on the exact values (k is small, the order is
+        # almost right already).
+        for r in range(1, k):
+            value = values[r]
+            value_id = ids[r]
+            s = r - 1
+            while s >= 0 and heap_greater(values[s], ids[s], value, value_id):
+                values[s + 1] = values[s]
+                ids[s + 1] = ids[s]
+                s = s - 1
+            values[s + 1] = value
+            ids[s + 1] = value_id
+        if metric == METRIC_EUCLIDEAN:
+            for r in range(k):
+                values[r] = sqrt(values[r])
+    elif metric == METRIC_COSINE:
+        # score = -cos(x, y); distance = 1 - cos, clamped to [0, 2].
+        for r in range(k):
+            value = 1.0 + values[r]
+            values[r] = 0.0 if value < 0.0 else (2.0 if value > 2.0 else value)
+    # METRIC_INNER_PRODUCT: the distance is the score, -x.y.
+
+
+def flat_kneighbors(
+    const float32_t[:, ::1] X,
+    const float32_t[:, ::1] Y,
+    const float32_t[::1] Y_sqnorms,
+    intp_t k,
+    int metric,
+    int n_threads,
+    intp_t x_chunk=DEFAULT_X_CHUNK,
+    intp_t y_chunk=DEFAULT_Y_CHUNK,
+    str strategy="auto",
+):
+    """k nearest rows of ``Y`` for every row of ``X``, exactly.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_queries, n_features), float32, C-contiguous
+        Queries (unit-norm rows for cosine).
+    Y : ndarray of shape (n_database, n_features), float32, C-contiguous
+        Database (unit-norm rows for cosine). May be read-only (memmap).
+    Y_sqnorms : ndarray of shape (n_database,), float32
+        Squared norms of the rows of ``Y`` (read for the L2 metrics only).
+    k : int
+        Number of neighbours, ``1 <= k <= n_database``.
+    metric : int
+        One of the ``METRIC_*`` codes of this module.
+    n_threads : int
+        OpenMP threads (>= 1). The caller must cap BLAS at one thread.
+    x_chunk, y_chunk : int
+        Block sizes of the GEMM; results do not depend on them.
+    strategy : {"auto", "parallel_on_X", "parallel_on_Y"}
+        How threads share the work; results do not depend on it.
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), float32
+        Sorted ascending.
+    indices : ndarray of shape (n_queries, k), int64
+        Row positions in ``Y``; ties are broken by the smaller position.
+    """
+    cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
+    cdef intp_t n_features = X.shape[1]
+    if Y.shape[1] != n_features:
+        raise ValueError(
+            f"X has {n_features} features but Y has {Y.shape[1]}."
+        )
+    if not 1 <= k <= n_database:
+        raise ValueError(f"Expected 1 <= k <= {n_database}, got k={k}.")
+    if Y_sqnorms.shape[0] != n_database:
+        raise ValueError("Y_sqnorms must have one entry per row of Y.")
+    if n_threads < 1 or x_chunk < 1 or y_chunk < 1:
+        raise ValueError("n_threads, x_chunk and y_chunk must be positive.")
+    # 32-bit BLAS sizes: a block's element count must stay below 2**31.
+    y_chunk = min(y_chunk, n_database)
+    x_chunk = min(x_chunk, max(n_queries, 1))
+    if x_chunk * y_chunk >= 2 ** 31 or y_chunk * n_features >= 2 ** 31:
+        raise ValueError("Block too large for 32-bit BLAS sizes.")
+
+    distances_arr = np.empty((n_queries, k), dtype=np.float32)
+    indices_arr = np.empty((n_queries, k), dtype=np.int64)
+    if n_queries == 0:
+        return distances_arr, indices_arr
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef id_t[:, ::1] indices = indices_arr
+
+    if strategy == "auto":
+        strategy = (
+            "parallel_on_X" if n_queries >= n_threads * x_chunk else "parallel_on_Y"
+        )
+    if strategy == "parallel_on_X":
+        _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
+                       distances, indices)
+    elif strategy == "parallel_on_Y":
+        _parallel_on_Y(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
+                       distances, indices)
+    else:
+        raise ValueError(f"Unknown strategy {strategy!r}.")
+    return distances_arr, indices_arr
+
+
+cdef void _raise_memory_error() except *:
+    raise MemoryError("annlearn: could not allocate a per-thread search buffer.")
+
+
+cdef void _parallel_on_X(
+    const float32_t[:, ::1] X, const float32_t[:, ::1] Y,
+    const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
+    intp_t x_chunk, intp_t y_chunk,
+    float32_t[:, ::1] distances, id_t[:, ::1] indices,
+) except *:
+    cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
+    cdef intp_t n_features = X.shape[1]
+    cdef intp_t n_chunks = (n_queries + x_chunk - 1) // x_chunk
+    cdef intp_t chunk, xs, xe, i
+    cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+    cdef float32_t* buf = NULL
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    cdef int n_threads_used = <int>_imin(n_threads, n_chunks)
+    with nogil, parallel(num_threads=n_threads_used):
+        # One GEMM output buffer per thread, allocated inside the parallel
+        # region so that each thread first-touches its own pages.
+        buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
+        for chunk in prange(n_chunks, schedule="static"):
+            if buf == NULL:
+                failed_ptr[0] = 1
+                continue
+            xs = chunk * x_chunk
+            xe = _imin(xs + x_chunk, n_queries)
+            for i in range(xs, xe):
+                heap_init(&distances[i, 0], &indices[i, 0], k)
+            _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], 0, n_database,
+                        &Y_sqnorms[0], l2, k, &distances[xs, 0], &indices[xs, 0],
+                        buf, y_chunk)
+            for i in range(xs, xe):
+                _finalize_row(&X[i, 0], &Y[0, 0], n_features, k,
+                              &distances[i, 0], &indices[i, 0], metric)
+        free(buf)
+    if failed:
+        _raise_memory_error()
+
+
+cdef void _parallel_on_Y(
+    const float32_t[:, ::1] X, const float32_t[:, ::1] Y,
+    const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
+    intp_t x_chunk, intp_t y_chunk,
+    float32_t[:, ::1] distances, id_t[:, ::1] indices,
+) except *:
+    cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
+    cdef intp_t n_features = X.shape[1]
+    cdef intp_t n_y_chunks = (n_database + y_chunk - 1) // y_chunk
+    cdef int n_threads_used = <int>_imin(n_threads, n_y_chunks)
+    cdef intp_t chunks_per_thread = (n_y_chunks + n_threads_used - 1) // n_threads_used
+    cdef intp_t t, ys, ye, xs, xe, i, r, q
+    cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+    cdef float32_t* buf = NULL
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    # Thread-local heaps for every query: n_threads * n_queries * k entries,
+    # small because this strategy is chosen for few queries.
+    cdef float32_t[:, :, ::1] local_values = np.empty(
+        (n_threads_used, n_queries, k), dtype=np.float32)
+    cdef id_t[:, :, ::1] local_ids = np.empty(
+        (n_threads_used, n_queries, k), dtype=np.int64)
+
+    with nogil, parallel(num_threads=n_threads_used):
+        buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
+        for t in prange(n_threads_used, schedule="static", chunksize=1):
+            if buf == NULL:
+                failed_ptr[0] = 1
+                continue
+            ys = _imin(t * chunks_per_thread * y_chunk, n_database)
+            ye = _imin(ys + chunks_per_thread * y_chunk, n_database)
+            for i in range(n_queries):
+                heap_init(&local_values[t, i, 0], &local_ids[t, i, 0], k)
+            xs = 0
+            while xs < n_queries:
+                xe = _imin(xs + x_chunk, n_queries)
+                _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], ys, ye,
+                            &Y_sqnorms[0], l2, k, &local_values[t, xs, 0],
+                            &local_ids[t, xs, 0], buf, y_chunk)
+                xs = xe
+        free(buf)
+    if failed:
+        _raise_memory_error()
+
+    # Merge: thread 0's heaps are valid heaps; offer them the other threads'
+    # entries. The id tie-break makes the result independent of the order.
+    with nogil:
+        for q in prange(n_queries, num_threads=n_threads_used, schedule="static"):
+            for i in range(k):
+                distances[q, i] = local_values[0, q, i]
+                indices[q, i] = local_ids[0, q, i]
+            for r in range(1, n_threads_used):
+                for i in range(k):
+                    heap_push(&distances[q, 0], &indices[q, 0], k,
+                              local_values[r, q, i], local_ids[r, q, i])
+            _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
+                          &distances[q, 0], &indices[q, 0], metric)
+
+
+def row_sqnorms(const float32_t[:, ::1] X, int n_threads):
+    """Squared Euclidean norm of every row (float64 accumulation)."""
+    cdef intp_t n = X.shape[0], d = X.shape[1], i, f
+    cdef float64_t acc
+    out_arr = np.empty(n, dtype=np.float32)
+    cdef float32_t[::1] out = out_arr
+    with nogil:
+        for i in prange(n, num_threads=n_threads, schedule="static"):
+            acc = 0.0
+            for f in range(d):
+                acc = acc + <float64_t>X[i, f] * X[i, f]
+            out[i] = <float32_t>acc
+    return out_arr

@@ -1,0 +1,126 @@
+"""Input checks and conversions: the one place where annlearn validates.
+
+Estimators call these once per public call; kernels then trust their inputs
+(float32, C-contiguous, finite, the fitted number of features).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = [
+    "METRICS",
+    "validate_fit_data",
+    "validate_query_data",
+    "check_n_neighbors",
+]
+
+# The metrics every annlearn estimator understands.
+METRICS = ("euclidean", "sqeuclidean", "cosine", "inner_product")
+
+
+def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
+    """Validate training data and convert it to float32, C order.
+
+    float32 C-contiguous input is not copied; float64 and integer input are
+    converted once. Sparse input, NaN or infinity, fewer than ``min_samples``
+    rows, or no feature raise a ``ValueError`` or ``TypeError`` naming the
+    problem. Sets ``n_features_in_`` (and ``feature_names_in_``).
+
+    Parameters
+    ----------
+    estimator : BaseEstimator
+        The estimator being fitted.
+    X : array-like of shape (n_samples, n_features)
+        Training data.
+    min_samples : int, default=1
+        Minimum number of rows.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), dtype float32
+    """
+    return validate_data(
+        estimator,
+        X,
+        reset=True,
+        accept_sparse=False,
+        dtype=np.float32,
+        order="C",
+        ensure_min_samples=min_samples,
+        ensure_all_finite=True,
+    )
+
+
+def validate_query_data(estimator, X) -> np.ndarray:
+    """Validate query data against a fitted estimator; convert to float32.
+
+    Raises ``NotFittedError`` if the estimator is not fitted, and a
+    ``ValueError`` on NaN/inf or a number of features other than the fitted
+    one.
+
+    Parameters
+    ----------
+    estimator : BaseEstimator
+        A fitted estimator.
+    X : array-like of shape (n_queries, n_features)
+        Queries.
+
+    Returns
+    -------
+    X : ndarray of shape (n_queries, n_features), dtype float32
+    """
+    check_is_fitted(estimator)
+    return validate_data(
+        estimator,
+        X,
+        reset=False,
+        accept_sparse=False,
+        dtype=np.float32,
+        order="C",
+        ensure_all_finite=True,
+    )
+
+
+def check_n_neighbors(
+    n_neighbors, n_samples_fit: int, *, query_is_train: bool = False
+) -> int:
+    """Check a ``n_neighbors`` passed to a query method against the index size.
+
+    Parameters
+    ----------
+    n_neighbors : int
+        Requested number of neighbours.
+    n_samples_fit : int
+        Number of vectors in the index.
+    query_is_train : bool, default=False
+        True when the queries are the indexed vectors themselves (``X=None``):
+        each point is not its own neighbour, so one vector fewer is available.
+
+    Returns
+    -------
+    n_neighbors : int
+    """
+    if (
+        not isinstance(n_neighbors, numbers.Integral)
+        or isinstance(n_neighbors, bool)
+        or n_neighbors <= 0
+    ):
+        raise ValueError(f"Expected n_neighbors > 0, an integer. Got {n_neighbors!r}.")
+    n_neighbors = int(n_neighbors)
+    available = n_samples_fit - 1 if query_is_train else n_samples_fit
+    if n_neighbors > available:
+        if query_is_train:
+            raise ValueError(
+                "Expected n_neighbors < n_samples_fit when querying the fitted "
+                f"data (X=None), but n_neighbors = {n_neighbors}, "
+                f"n_samples_fit = {n_samples_fit}."
+            )
+        raise ValueError(
+            f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
+            f"{n_neighbors}, n_samples_fit = {n_samples_fit}."
+        )
+    return n_neighbors
