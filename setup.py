@@ -142,7 +142,7 @@ def _extensions():
             Extension(
                 name,
                 [source],
-                include_dirs=[np.get_include()],
+                include_dirs=[np.get_include(), os.path.join("annlearn", "_utils")],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
             )
         )

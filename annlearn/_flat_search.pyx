@@ -42,6 +42,8 @@ are close, the winners are re-sorted on the exact values, and the returned
 distances are accurate to float32 rounding.
 """
 
+import os
+
 import numpy as np
 
 cimport cython
@@ -50,7 +52,16 @@ from libc.math cimport sqrt
 from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc
 
-from annlearn._utils._blas cimport gemm_abt
+from annlearn._utils._blas cimport (
+    ANNLEARN_GEMM_MR,
+    ANNLEARN_GEMM_NR,
+    annlearn_cpu_has_avx512f,
+    annlearn_pack_panels_avx512,
+    annlearn_pack_rows,
+    annlearn_packed_gemm_abt,
+    annlearn_packed_size,
+    gemm_abt,
+)
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
@@ -61,10 +72,32 @@ cpdef enum:
     METRIC_INNER_PRODUCT = 2
     METRIC_COSINE = 3
 
-# Default block sizes, tuned on Fashion-MNIST (784 features) with
-# benchmarks/tune_flat_chunks.py: a 256 x 2048 float32 GEMM output is 2 MiB.
-DEFAULT_X_CHUNK = 256
-DEFAULT_Y_CHUNK = 2048
+# Which GEMM computes the inner products of a block:
+#
+# - "packed": annlearn's packed GEMM with an AVX-512 micro-kernel
+#   (_utils/_packed_gemm.h), used when the CPU has AVX-512F. It does not depend
+#   on which kernel the BLAS library picked (OpenBLAS may be told by
+#   OPENBLAS_CORETYPE to run its AVX2 kernel on an AVX-512 CPU).
+# - "blas": sgemm from SciPy's BLAS, everywhere else, and for blocks of fewer
+#   than PACKED_MIN_QUERIES queries, where the work is memory-bound and packing
+#   the database block would only add traffic.
+#
+# ANNLEARN_GEMM=blas in the environment forces BLAS (for comparisons).
+PACKED_GEMM_AVAILABLE = bool(annlearn_cpu_has_avx512f())
+DEFAULT_GEMM = (
+    "packed"
+    if PACKED_GEMM_AVAILABLE and os.environ.get("ANNLEARN_GEMM", "auto") != "blas"
+    else "blas"
+)
+
+cdef enum:
+    PACKED_MIN_QUERIES = 48
+
+# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features) with
+# benchmarks/tune_flat_chunks.py. Packed: a block of ~1000 queries is packed
+# once and stays in L3 while 256-row database blocks (packed per block, in L2)
+# stream past it. BLAS: a 512 x 2048 float32 output block (4 MiB).
+DEFAULT_CHUNKS = {"packed": (1020, 256), "blas": (512, 2048)}
 
 
 cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
@@ -106,13 +139,15 @@ cdef void _scan_block(
     const float32_t* Y, intp_t ys, intp_t ye,
     const float32_t* Y_sqnorms, bint l2,
     intp_t k, float32_t* heap_values, id_t* heap_ids,
-    float32_t* buf, intp_t y_chunk,
+    float32_t* buf, float32_t* packed_x, float32_t* packed_y, intp_t y_chunk,
 ) noexcept nogil:
     """Offer every (x in X[xs:xe], y in Y[ys:ye]) score to the rows' heaps.
 
     ``heap_values``/``heap_ids`` point at the heap of query ``xs``; the heap
     of query ``xs + i`` starts ``i * k`` further. Heaps are not initialised
     here: a caller may scan several database ranges into the same heaps.
+    ``packed_x``/``packed_y`` are the packing buffers of the packed GEMM, or
+    NULL to use BLAS.
     """
     cdef intp_t nx = xe - xs, ny, y0, y1, i, j
     cdef float32_t* row
@@ -120,12 +155,23 @@ cdef void _scan_block(
     cdef id_t* ids
     # alpha = -2 folds the factor of the L2 score into the GEMM.
     cdef float32_t alpha = -2.0 if l2 else -1.0
+    cdef bint packed = packed_x != NULL and nx >= PACKED_MIN_QUERIES
+    if packed:
+        # The query block is packed once and reused for every database block.
+        annlearn_pack_rows(X + xs * n_features, n_features, nx, n_features,
+                           ANNLEARN_GEMM_MR, packed_x)
     y0 = ys
     while y0 < ye:
         y1 = _imin(y0 + y_chunk, ye)
         ny = y1 - y0
-        gemm_abt(nx, ny, n_features, alpha, X + xs * n_features, n_features,
-                 Y + y0 * n_features, n_features, <float32_t>0.0, buf, ny)
+        if packed:
+            annlearn_pack_panels_avx512(Y + y0 * n_features, n_features, ny,
+                                        n_features, packed_y)
+            annlearn_packed_gemm_abt(nx, ny, n_features, alpha, packed_x,
+                                     packed_y, buf, ny)
+        else:
+            gemm_abt(nx, ny, n_features, alpha, X + xs * n_features, n_features,
+                     Y + y0 * n_features, n_features, <float32_t>0.0, buf, ny)
         for i in range(nx):
             row = buf + i * ny
             values = heap_values + i * k
@@ -137,6 +183,30 @@ cdef void _scan_block(
                     row[j] = row[j] + Y_sqnorms[y0 + j]
             _offer_row(row, ny, y0, k, values, ids)
         y0 = y1
+
+
+cdef float32_t* _alloc_packed(
+    intp_t rows, intp_t n_features, intp_t width, bint packed
+) noexcept nogil:
+    """A packing buffer for ``rows`` rows, or NULL when BLAS is used."""
+    if not packed:
+        return NULL
+    return <float32_t*> malloc(
+        annlearn_packed_size(rows, n_features, width) * sizeof(float32_t))
+
+
+cdef inline bint _workspace_ok(
+    float32_t* buf, float32_t* packed_x, float32_t* packed_y, bint packed
+) noexcept nogil:
+    return buf != NULL and (not packed or (packed_x != NULL and packed_y != NULL))
+
+
+cdef void _free_workspace(
+    float32_t* buf, float32_t* packed_x, float32_t* packed_y
+) noexcept nogil:
+    free(buf)
+    free(packed_x)
+    free(packed_y)
 
 
 cdef void _finalize_row(
@@ -193,9 +263,10 @@ def flat_kneighbors(
     intp_t k,
     int metric,
     int n_threads,
-    intp_t x_chunk=DEFAULT_X_CHUNK,
-    intp_t y_chunk=DEFAULT_Y_CHUNK,
+    x_chunk=None,
+    y_chunk=None,
     str strategy="auto",
+    str gemm="auto",
 ):
     """k nearest rows of ``Y`` for every row of ``X``, exactly.
 
@@ -213,10 +284,13 @@ def flat_kneighbors(
         One of the ``METRIC_*`` codes of this module.
     n_threads : int
         OpenMP threads (>= 1). The caller must cap BLAS at one thread.
-    x_chunk, y_chunk : int
-        Block sizes of the GEMM; results do not depend on them.
+    x_chunk, y_chunk : int, default=None
+        Block sizes of the GEMM (defaults per GEMM in ``DEFAULT_CHUNKS``);
+        results do not depend on them.
     strategy : {"auto", "parallel_on_X", "parallel_on_Y"}
         How threads share the work; results do not depend on it.
+    gemm : {"auto", "packed", "blas"}
+        Which GEMM computes the inner products (see ``DEFAULT_GEMM``).
 
     Returns
     -------
@@ -235,8 +309,17 @@ def flat_kneighbors(
         raise ValueError(f"Expected 1 <= k <= {n_database}, got k={k}.")
     if Y_sqnorms.shape[0] != n_database:
         raise ValueError("Y_sqnorms must have one entry per row of Y.")
+    if gemm == "auto":
+        gemm = DEFAULT_GEMM
+    if gemm not in DEFAULT_CHUNKS:
+        raise ValueError(f"Unknown gemm {gemm!r}.")
+    if gemm == "packed" and not PACKED_GEMM_AVAILABLE:
+        raise ValueError("The packed GEMM needs a CPU with AVX-512F.")
+    x_chunk = DEFAULT_CHUNKS[gemm][0] if x_chunk is None else int(x_chunk)
+    y_chunk = DEFAULT_CHUNKS[gemm][1] if y_chunk is None else int(y_chunk)
     if n_threads < 1 or x_chunk < 1 or y_chunk < 1:
         raise ValueError("n_threads, x_chunk and y_chunk must be positive.")
+    cdef bint packed = gemm == "packed"
     # 32-bit BLAS sizes: a block's element count must stay below 2**31.
     y_chunk = min(y_chunk, n_database)
     x_chunk = min(x_chunk, max(n_queries, 1))
@@ -256,10 +339,10 @@ def flat_kneighbors(
         )
     if strategy == "parallel_on_X":
         _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       distances, indices)
+                       packed, distances, indices)
     elif strategy == "parallel_on_Y":
         _parallel_on_Y(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       distances, indices)
+                       packed, distances, indices)
     else:
         raise ValueError(f"Unknown strategy {strategy!r}.")
     return distances_arr, indices_arr
@@ -272,7 +355,7 @@ cdef void _raise_memory_error() except *:
 cdef void _parallel_on_X(
     const float32_t[:, ::1] X, const float32_t[:, ::1] Y,
     const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
-    intp_t x_chunk, intp_t y_chunk,
+    intp_t x_chunk, intp_t y_chunk, bint packed,
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
 ) except *:
     cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
@@ -281,15 +364,20 @@ cdef void _parallel_on_X(
     cdef intp_t chunk, xs, xe, i
     cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
     cdef float32_t* buf = NULL
+    cdef float32_t* packed_x = NULL
+    cdef float32_t* packed_y = NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
     cdef int n_threads_used = <int>_imin(n_threads, n_chunks)
     with nogil, parallel(num_threads=n_threads_used):
-        # One GEMM output buffer per thread, allocated inside the parallel
-        # region so that each thread first-touches its own pages.
+        # Per-thread buffers, allocated inside the parallel region so that
+        # each thread first-touches its own pages. (Assigned here, not through
+        # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
+        packed_x = _alloc_packed(x_chunk, n_features, ANNLEARN_GEMM_MR, packed)
+        packed_y = _alloc_packed(y_chunk, n_features, ANNLEARN_GEMM_NR, packed)
         for chunk in prange(n_chunks, schedule="static"):
-            if buf == NULL:
+            if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1
                 continue
             xs = chunk * x_chunk
@@ -298,11 +386,11 @@ cdef void _parallel_on_X(
                 heap_init(&distances[i, 0], &indices[i, 0], k)
             _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], 0, n_database,
                         &Y_sqnorms[0], l2, k, &distances[xs, 0], &indices[xs, 0],
-                        buf, y_chunk)
+                        buf, packed_x, packed_y, y_chunk)
             for i in range(xs, xe):
                 _finalize_row(&X[i, 0], &Y[0, 0], n_features, k,
                               &distances[i, 0], &indices[i, 0], metric)
-        free(buf)
+        _free_workspace(buf, packed_x, packed_y)
     if failed:
         _raise_memory_error()
 
@@ -310,7 +398,7 @@ cdef void _parallel_on_X(
 cdef void _parallel_on_Y(
     const float32_t[:, ::1] X, const float32_t[:, ::1] Y,
     const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
-    intp_t x_chunk, intp_t y_chunk,
+    intp_t x_chunk, intp_t y_chunk, bint packed,
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
 ) except *:
     cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
@@ -321,6 +409,8 @@ cdef void _parallel_on_Y(
     cdef intp_t t, ys, ye, xs, xe, i, r, q
     cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
     cdef float32_t* buf = NULL
+    cdef float32_t* packed_x = NULL
+    cdef float32_t* packed_y = NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
     # Thread-local heaps for every query: n_threads * n_queries * k entries,
@@ -331,9 +421,14 @@ cdef void _parallel_on_Y(
         (n_threads_used, n_queries, k), dtype=np.int64)
 
     with nogil, parallel(num_threads=n_threads_used):
+        # Per-thread buffers, allocated inside the parallel region so that
+        # each thread first-touches its own pages. (Assigned here, not through
+        # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
+        packed_x = _alloc_packed(x_chunk, n_features, ANNLEARN_GEMM_MR, packed)
+        packed_y = _alloc_packed(y_chunk, n_features, ANNLEARN_GEMM_NR, packed)
         for t in prange(n_threads_used, schedule="static", chunksize=1):
-            if buf == NULL:
+            if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1
                 continue
             ys = _imin(t * chunks_per_thread * y_chunk, n_database)
@@ -345,9 +440,10 @@ cdef void _parallel_on_Y(
                 xe = _imin(xs + x_chunk, n_queries)
                 _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], ys, ye,
                             &Y_sqnorms[0], l2, k, &local_values[t, xs, 0],
-                            &local_ids[t, xs, 0], buf, y_chunk)
+                            &local_ids[t, xs, 0], buf, packed_x, packed_y,
+                            y_chunk)
                 xs = xe
-        free(buf)
+        _free_workspace(buf, packed_x, packed_y)
     if failed:
         _raise_memory_error()
 

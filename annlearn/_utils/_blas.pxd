@@ -40,3 +40,18 @@ cdef inline void gemm_abt(
     else:
         dgemm(&transa, &transb, &M, &N, &K, &alpha, <double*>B, &LDA,
               <double*>A, &LDB, &beta, C, &LDC)
+
+
+# annlearn's own packed GEMM with an AVX-512 micro-kernel (see _packed_gemm.h).
+cdef extern from "_packed_gemm.h" nogil:
+    const int ANNLEARN_GEMM_MR
+    const int ANNLEARN_GEMM_NR
+    Py_ssize_t annlearn_packed_size(Py_ssize_t rows, Py_ssize_t k, Py_ssize_t width)
+    void annlearn_pack_rows(const float* X, Py_ssize_t ldx, Py_ssize_t rows,
+                            Py_ssize_t k, Py_ssize_t width, float* out)
+    void annlearn_pack_panels_avx512(const float* X, Py_ssize_t ldx,
+                                     Py_ssize_t rows, Py_ssize_t k, float* out)
+    void annlearn_packed_gemm_abt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                  float alpha, const float* Ap, const float* Bp,
+                                  float* C, Py_ssize_t ldc)
+    int annlearn_cpu_has_avx512f()
