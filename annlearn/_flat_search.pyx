@@ -56,6 +56,7 @@ from annlearn._utils._blas cimport (
     ANNLEARN_GEMM_MR,
     ANNLEARN_GEMM_NR,
     annlearn_cpu_has_avx512f,
+    annlearn_dot_rows_avx512,
     annlearn_pack_panels_avx512,
     annlearn_pack_rows,
     annlearn_packed_gemm_abt,
@@ -78,9 +79,10 @@ cpdef enum:
 #   (_utils/_packed_gemm.h), used when the CPU has AVX-512F. It does not depend
 #   on which kernel the BLAS library picked (OpenBLAS may be told by
 #   OPENBLAS_CORETYPE to run its AVX2 kernel on an AVX-512 CPU).
-# - "blas": sgemm from SciPy's BLAS, everywhere else, and for blocks of fewer
-#   than PACKED_MIN_QUERIES queries, where the work is memory-bound and packing
-#   the database block would only add traffic.
+#   Blocks of fewer than PACKED_MIN_QUERIES queries are memory-bound: packing
+#   the database block would only add traffic, so an AVX-512 row-dot kernel
+#   streams the database rows directly instead.
+# - "blas": sgemm from SciPy's BLAS, on CPUs without AVX-512F.
 #
 # ANNLEARN_GEMM=blas in the environment forces BLAS (for comparisons).
 PACKED_GEMM_AVAILABLE = bool(annlearn_cpu_has_avx512f())
@@ -93,8 +95,9 @@ DEFAULT_GEMM = (
 cdef enum:
     PACKED_MIN_QUERIES = 48
 
-# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features) with
-# benchmarks/tune_flat_chunks.py. Packed: a block of ~1000 queries is packed
+# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features, 2 cores
+# with 1 MiB L2 each and a shared 32 MiB L3; 1020 x 256 beat 1020 x 128/512,
+# 504 x 256 and 2040 x 256 by 2-20%). Packed: a block of ~1000 queries is packed
 # once and stays in L3 while 256-row database blocks (packed per block, in L2)
 # stream past it. BLAS: a 512 x 2048 float32 output block (4 MiB).
 DEFAULT_CHUNKS = {"packed": (1020, 256), "blas": (512, 2048)}
@@ -155,7 +158,10 @@ cdef void _scan_block(
     cdef id_t* ids
     # alpha = -2 folds the factor of the L2 score into the GEMM.
     cdef float32_t alpha = -2.0 if l2 else -1.0
+    # Packed GEMM for blocks of many queries; below PACKED_MIN_QUERIES the
+    # work is memory-bound and the AVX-512 row-dot kernel streams Y directly.
     cdef bint packed = packed_x != NULL and nx >= PACKED_MIN_QUERIES
+    cdef bint few = packed_x != NULL and not packed
     if packed:
         # The query block is packed once and reused for every database block.
         annlearn_pack_rows(X + xs * n_features, n_features, nx, n_features,
@@ -169,6 +175,10 @@ cdef void _scan_block(
                                         n_features, packed_y)
             annlearn_packed_gemm_abt(nx, ny, n_features, alpha, packed_x,
                                      packed_y, buf, ny)
+        elif few:
+            annlearn_dot_rows_avx512(nx, ny, n_features, alpha,
+                                     X + xs * n_features, n_features,
+                                     Y + y0 * n_features, n_features, buf, ny)
         else:
             gemm_abt(nx, ny, n_features, alpha, X + xs * n_features, n_features,
                      Y + y0 * n_features, n_features, <float32_t>0.0, buf, ny)

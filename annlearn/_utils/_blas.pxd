@@ -54,4 +54,8 @@ cdef extern from "_packed_gemm.h" nogil:
     void annlearn_packed_gemm_abt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   float alpha, const float* Ap, const float* Bp,
                                   float* C, Py_ssize_t ldc)
+    void annlearn_dot_rows_avx512(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                  float alpha, const float* X, Py_ssize_t ldx,
+                                  const float* Y, Py_ssize_t ldy, float* C,
+                                  Py_ssize_t ldc)
     int annlearn_cpu_has_avx512f()

@@ -176,6 +176,54 @@ static inline void annlearn_pack_panels_avx512(const float* X, ptrdiff_t ldx,
         annlearn_pack_rows(X + full * ldx, ldx, rows - full, k, NR, out + full * k);
 }
 
+/* C[i * ldc + j] = alpha * <X[i], Y[j]> for a few queries (i < m): no
+ * packing. With few queries the work is bound by reading Y once from memory,
+ * so Y is streamed four rows at a time and each group of four rows is used by
+ * every query while it sits in L1. */
+__attribute__((target("avx512f")))
+static inline void annlearn_dot_rows_avx512(
+    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
+    const float* X, ptrdiff_t ldx, const float* Y, ptrdiff_t ldy,
+    float* C, ptrdiff_t ldc)
+{
+    ptrdiff_t i, j, r, p;
+    const ptrdiff_t k16 = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - k16)) - 1u);
+    for (j = 0; j < n; j += 4) {
+        ptrdiff_t rows = n - j < 4 ? n - j : 4;
+        const float* y[4];
+        for (r = 0; r < 4; r++) y[r] = Y + (j + (r < rows ? r : 0)) * ldy;
+        for (i = 0; i < m; i++) {
+            const float* x = X + i * ldx;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            __m512 xv;
+            for (p = 0; p < k16; p += 16) {
+                xv = _mm512_loadu_ps(x + p);
+                a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(y[0] + p), a0);
+                a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(y[1] + p), a1);
+                a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(y[2] + p), a2);
+                a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(y[3] + p), a3);
+            }
+            if (tail) {
+                xv = _mm512_maskz_loadu_ps(tail, x + p);
+                a0 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, y[0] + p), a0);
+                a1 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, y[1] + p), a1);
+                a2 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, y[2] + p), a2);
+                a3 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(tail, y[3] + p), a3);
+            }
+            {
+                float out[4];
+                out[0] = _mm512_reduce_add_ps(a0);
+                out[1] = _mm512_reduce_add_ps(a1);
+                out[2] = _mm512_reduce_add_ps(a2);
+                out[3] = _mm512_reduce_add_ps(a3);
+                for (r = 0; r < rows; r++) C[i * ldc + j + r] = alpha * out[r];
+            }
+        }
+    }
+}
+
 static inline int annlearn_cpu_has_avx512f(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
@@ -195,6 +243,15 @@ static inline void annlearn_pack_panels_avx512(const float* X, ptrdiff_t ldx,
                                                ptrdiff_t rows, ptrdiff_t k,
                                                float* out) {
     annlearn_pack_rows(X, ldx, rows, k, ANNLEARN_GEMM_NR, out);
+}
+
+static inline void annlearn_dot_rows_avx512(
+    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
+    const float* X, ptrdiff_t ldx, const float* Y, ptrdiff_t ldy,
+    float* C, ptrdiff_t ldc)
+{
+    (void)m; (void)n; (void)k; (void)alpha; (void)X; (void)ldx; (void)Y;
+    (void)ldy; (void)C; (void)ldc;
 }
 
 static inline int annlearn_cpu_has_avx512f(void) { return 0; }
