@@ -30,18 +30,20 @@ def _normalize_rows(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X / norms[:, None].astype(np.float32))
 
 
-def _far_from_origin(X: np.ndarray) -> bool:
+def _far_from_origin(X: np.ndarray, sqnorms: np.ndarray) -> bool:
     """True if the rows sit so far from the origin, relative to their spread,
     that float32 ``||x||^2 + ||y||^2 - 2 <x, y>`` would lose the distances.
 
     The rounding error of that form is about eps * ||x||**2, to be compared
-    with squared distances of the order of the spread. Past a ratio of 32
-    between the norm of the mean and the spread (error ~ 1e-4 relative)
-    the stored copy is centred, which changes no Euclidean distance.
+    with squared distances of the order of the spread (the mean squared
+    distance to the mean, ``mean(||x||^2) - ||mean||^2``). Past a ratio of 32
+    between the norm of the mean and the spread (error ~ 1e-4 relative) the
+    stored copy is centred, which changes no Euclidean distance.
     """
     mean = X.mean(axis=0, dtype=np.float64)
-    spread = float(np.mean(np.var(X, axis=0, dtype=np.float64)) * X.shape[1])
-    return float(mean @ mean) > 32.0**2 * max(spread, np.finfo(np.float32).tiny)
+    mean_sq = float(mean @ mean)
+    spread = max(float(np.mean(sqnorms, dtype=np.float64)) - mean_sq, 0.0)
+    return mean_sq > 32.0**2 * max(spread, float(np.finfo(np.float32).tiny))
 
 
 class FlatNeighbors(NeighborsBase):
@@ -156,18 +158,17 @@ class FlatNeighbors(NeighborsBase):
             The fitted estimator.
         """
         X = validate_fit_data(self, X)
+        n_threads = effective_n_threads(self.n_jobs)
         self._center = None
         if self.metric == "cosine":
-            vectors = _normalize_rows(X)
-        elif self.metric != "inner_product" and _far_from_origin(X):
+            X = _normalize_rows(X)
+        sqnorms = _flat_search.row_sqnorms(X, n_threads)
+        if self.metric in ("euclidean", "sqeuclidean") and _far_from_origin(X, sqnorms):
             self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-            vectors = X - self._center
-        else:
-            vectors = X
-        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self._sqnorms = _flat_search.row_sqnorms(
-            self._vectors, effective_n_threads(self.n_jobs)
-        )
+            X = np.ascontiguousarray(X - self._center)
+            sqnorms = _flat_search.row_sqnorms(X, n_threads)
+        self._vectors = X
+        self._sqnorms = sqnorms
         self.n_samples_fit_ = self._vectors.shape[0]
         return self
 

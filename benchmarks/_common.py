@@ -1,0 +1,195 @@
+"""Shared helpers of annlearn's benchmarks: data, timing, recall, reports.
+
+Every benchmark runs annlearn and its peers in one process on the same data
+and reports ratios from that one run (the machine is noisy: absolute times
+from different runs are not comparable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import numpy as np
+
+
+def load_data(name: str, n_queries: int | None = None):
+    """(database, queries) float32: "fashion-mnist" or "random"."""
+    from annlearn.datasets import load_fashion_mnist, make_embeddings
+
+    if name == "fashion-mnist":
+        X, Q = load_fashion_mnist()
+    else:
+        X = make_embeddings(60_000, 784, random_state=0)
+        Q = make_embeddings(10_000, 784, random_state=1)
+    if n_queries is not None:
+        Q = Q[:n_queries]
+    return np.ascontiguousarray(X), np.ascontiguousarray(Q)
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Best wall time of ``repeats`` calls, and the last result."""
+    best, result = np.inf, None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def latencies_us(
+    search_one: Callable[[np.ndarray], object], Q: np.ndarray
+) -> np.ndarray:
+    """Single-query latencies in microseconds, after a short warm-up."""
+    for q in Q[:5]:
+        search_one(q[None, :])
+    out = np.empty(len(Q))
+    for i, q in enumerate(Q):
+        start = time.perf_counter()
+        search_one(q[None, :])
+        out[i] = (time.perf_counter() - start) * 1e6
+    return out
+
+
+def exact_ground_truth(X: np.ndarray, Q: np.ndarray, k: int):
+    """Exact squared distances and ids of the k nearest, in float64 blocks."""
+    X64 = X.astype(np.float64)
+    x_sq = np.einsum("ij,ij->i", X64, X64)
+    dist = np.empty((len(Q), k))
+    ids = np.empty((len(Q), k), dtype=np.int64)
+    for start in range(0, len(Q), 500):
+        q = Q[start : start + 500].astype(np.float64)
+        d = x_sq[None, :] - 2 * q @ X64.T + np.einsum("ij,ij->i", q, q)[:, None]
+        part = np.argpartition(d, k - 1, axis=1)[:, :k]
+        dpart = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(dpart, axis=1, kind="stable")
+        ids[start : start + 500] = np.take_along_axis(part, order, axis=1)
+        dist[start : start + 500] = np.take_along_axis(dpart, order, axis=1)
+    return np.maximum(dist, 0), ids
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the true k nearest ids found (ids only)."""
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(a[:k], b)) for a, b in zip(found, truth, strict=True))
+    return hits / truth.size
+
+
+def tie_aware_recall(found, X, Q, true_dist, rtol: float = 1e-6) -> float:
+    """Recall where a returned id counts if its exact distance is <= the true
+    k-th distance (ties at the k-th distance are all correct answers)."""
+    k = true_dist.shape[1]
+    kth = true_dist[:, -1]
+    hits = 0
+    for i, row in enumerate(found[:, :k]):
+        row = row[row >= 0]
+        diff = X[row].astype(np.float64) - Q[i].astype(np.float64)
+        d = np.einsum("ij,ij->i", diff, diff)
+        hits += int(np.sum(d <= kth[i] * (1 + rtol) + 1e-9))
+    return hits / true_dist.size
+
+
+def numpy_gemm_gflops(m: int = 4096, n: int = 60_000, k: int = 784, repeats: int = 3):
+    """float32 ``A @ B.T`` GFLOP/s of numpy's BLAS, output preallocated."""
+    rng = np.random.default_rng(0)
+    A = rng.random((m, k), dtype=np.float32)
+    B = rng.random((n, k), dtype=np.float32)
+    C = np.ones((m, n), dtype=np.float32)
+    seconds, _ = best_time(lambda: np.dot(A, B.T, out=C), repeats)
+    return 2.0 * m * n * k / seconds / 1e9
+
+
+def environment() -> dict:
+    """What the figures were measured on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from threadpoolctl import threadpool_info
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in (
+        "annlearn",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "faiss-cpu",
+        "hnswlib",
+        "pynndescent",
+    ):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    pools = [
+        {
+            key: info.get(key)
+            for key in (
+                "internal_api",
+                "version",
+                "architecture",
+                "num_threads",
+                "filepath",
+            )
+        }
+        for info in threadpool_info()
+    ]
+    from annlearn._flat_search import DEFAULT_GEMM
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "n_cpus": os.cpu_count(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "unset"),
+        "annlearn_gemm": DEFAULT_GEMM,
+        "versions": versions,
+        "threadpools": pools,
+    }
+
+
+def print_environment(env: dict) -> None:
+    print(f"# {env['date']}  CPU: {env['cpu']} ({env['n_cpus']} CPUs)")
+    print(
+        f"# OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}  "
+        f"annlearn GEMM: {env['annlearn_gemm']}"
+    )
+    print("# " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    for pool in env["threadpools"]:
+        lib = os.path.basename(pool["filepath"] or "?")
+        print(
+            f"#   {pool['internal_api']} {pool['version'] or ''} "
+            f"arch={pool['architecture'] or '-'} threads={pool['num_threads']} ({lib})"
+        )
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Markdown table; ``columns`` are (key, format) pairs."""
+    print("| " + " | ".join(key for key, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = []
+        for key, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, fmt))
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_json(name: str, payload: dict) -> str:
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(folder, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(folder, f"{name}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    return path
