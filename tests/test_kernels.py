@@ -1,0 +1,165 @@
+"""The Cython kernels directly: invariance to blocks, strategies, GEMMs."""
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+from annlearn import _flat_search
+from annlearn._threads import blas_single_thread, effective_n_threads
+from annlearn._utils._blas import _cpu_has_avx512f, _gemm_abt_wrapper
+from annlearn._utils._heap import _heap_topk_wrapper
+
+GEMMS = ["blas"] + (["packed"] if _flat_search.PACKED_GEMM_AVAILABLE else [])
+
+
+def _reference(X, Y, k):
+    d = ((X[:, None, :].astype(np.float64) - Y[None]) ** 2).sum(-1)
+    ind = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ind, axis=1), ind
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(7)
+    Y = rng.standard_normal((531, 37)).astype(np.float32)
+    X = rng.standard_normal((97, 37)).astype(np.float32)
+    return X, Y, _flat_search.row_sqnorms(Y, 1)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("strategy", ["parallel_on_X", "parallel_on_Y"])
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 7), (12, 32), (50, 200), (None, None)])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_flat_kernel_invariance(problem, gemm, strategy, chunks, n_threads):
+    X, Y, sq = problem
+    ref_d, ref_i = _reference(X, Y, 9)
+    with blas_single_thread():
+        d, i = _flat_search.flat_kneighbors(
+            X,
+            Y,
+            sq,
+            9,
+            _flat_search.METRIC_SQEUCLIDEAN,
+            n_threads,
+            chunks[0],
+            chunks[1],
+            strategy,
+            gemm,
+        )
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_k_equals_n_database_and_ties(gemm):
+    Y = np.zeros((40, 5), dtype=np.float32)  # all tied
+    X = np.zeros((60, 5), dtype=np.float32)
+    sq = _flat_search.row_sqnorms(Y, 1)
+    d, i = _flat_search.flat_kneighbors(X, Y, sq, 40, 0, 2, None, None, "auto", gemm)
+    np.testing.assert_array_equal(i, np.tile(np.arange(40), (60, 1)))
+    np.testing.assert_array_equal(d, 0.0)
+
+
+def test_kernel_argument_errors(problem):
+    X, Y, sq = problem
+    with pytest.raises(ValueError, match="Expected 1 <= k <= 531"):
+        _flat_search.flat_kneighbors(X, Y, sq, 532, 0, 1)
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        _flat_search.flat_kneighbors(X, Y, sq, 3, 0, 1, strategy="other")
+    with pytest.raises(ValueError, match="Unknown gemm"):
+        _flat_search.flat_kneighbors(X, Y, sq, 3, 0, 1, gemm="other")
+
+
+def test_heap_topk_wrapper():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, 200).astype(np.float32)  # many ties
+    ids = rng.permutation(200).astype(np.int64)
+    out_v, out_i = _heap_topk_wrapper(values, ids, 17)
+    order = np.lexsort((ids, values))[:17]
+    np.testing.assert_array_equal(out_v, values[order])
+    np.testing.assert_array_equal(out_i, ids[order])
+    # Fewer candidates than k: padded with (inf, -1).
+    out_v, out_i = _heap_topk_wrapper(values[:3], ids[:3], 5)
+    np.testing.assert_array_equal(out_i[3:], -1)
+    assert np.all(np.isinf(out_v[3:]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 9, 3), (64, 17, 130)])
+def test_gemm_wrapper(dtype, shape):
+    m, n, k = shape
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((m, k)).astype(dtype)
+    B = rng.standard_normal((n, k)).astype(dtype)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(
+        _gemm_abt_wrapper(A, B, -2.0), -2 * A @ B.T, rtol=rtol, atol=rtol
+    )
+
+
+@pytest.mark.skipif(not _cpu_has_avx512f(), reason="no AVX-512F on this CPU")
+@pytest.mark.parametrize("shape", [(1, 1, 1), (13, 33, 17), (100, 70, 784)])
+def test_packed_gemm_wrapper(shape):
+    from annlearn._utils._blas import _packed_gemm_abt_wrapper
+
+    m, n, k = shape
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((m, k)).astype(np.float32)
+    B = rng.standard_normal((n, k)).astype(np.float32)
+    np.testing.assert_allclose(
+        _packed_gemm_abt_wrapper(A, B, 0.5), 0.5 * A @ B.T, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_effective_n_threads():
+    assert effective_n_threads(1) == 1
+    assert effective_n_threads(None) >= 1
+    assert effective_n_threads(-1) >= 1
+    with pytest.raises(ValueError, match="n_threads = 0 is invalid"):
+        effective_n_threads(0)
+
+
+def _blas_threads():
+    # The BLAS libraries loaded when annlearn first capped BLAS, which include
+    # the one SciPy's cython_blas (hence the kernels) calls.
+    from annlearn._threads import _blas_controller
+
+    capped = {lib.filepath for lib in _blas_controller().lib_controllers}
+    return [p["num_threads"] for p in threadpool_info() if p["filepath"] in capped]
+
+
+def test_blas_single_thread_caps_and_restores():
+    before = _blas_threads()
+    with blas_single_thread():
+        assert all(n == 1 for n in _blas_threads())
+        with blas_single_thread():  # re-entrant
+            assert all(n == 1 for n in _blas_threads())
+        assert all(n == 1 for n in _blas_threads())
+    assert _blas_threads() == before
+
+
+def test_blas_single_thread_is_counted_across_threads():
+    # Overlapping searches from several Python threads share one cap: the
+    # last one out restores the original setting, whatever the order.
+    import annlearn._threads as threads_module
+
+    before = _blas_threads()
+    barrier = threading.Barrier(4)
+    depths = []
+
+    def worker():
+        with blas_single_thread():
+            barrier.wait()
+            depths.append(threads_module._depth)
+            barrier.wait()
+
+    workers = [threading.Thread(target=worker) for _ in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert depths == [4, 4, 4, 4]
+    assert threads_module._depth == 0 and threads_module._limiter is None
+    assert _blas_threads() == before

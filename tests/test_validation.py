@@ -1,0 +1,98 @@
+"""Every bad input gets a precise error."""
+
+import numpy as np
+import pytest
+from scipy import sparse
+from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import InvalidParameterError
+
+from annlearn import FlatNeighbors
+
+
+@pytest.fixture
+def fitted():
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    return FlatNeighbors(n_neighbors=3).fit(X)
+
+
+def test_sparse_rejected():
+    with pytest.raises(TypeError, match="Sparse data was passed"):
+        FlatNeighbors().fit(sparse.random(10, 3, format="csr"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_rejected_at_fit_and_query(fitted, bad):
+    X = np.ones((10, 3))
+    X[2, 1] = bad
+    word = "NaN" if np.isnan(bad) else "infinity"
+    with pytest.raises(ValueError, match=f"Input X contains {word}"):
+        FlatNeighbors().fit(X)
+    with pytest.raises(ValueError, match=f"Input X contains {word}"):
+        fitted.kneighbors(X)
+    with pytest.raises(ValueError, match=f"Input X contains {word}"):
+        fitted.transform(X)
+
+
+def test_wrong_number_of_features(fitted):
+    msg = "X has 4 features, but FlatNeighbors is expecting 3 features as input"
+    with pytest.raises(ValueError, match=msg):
+        fitted.kneighbors(np.ones((2, 4)))
+    with pytest.raises(ValueError, match=msg):
+        fitted.transform(np.ones((2, 4)))
+
+
+def test_n_neighbors_larger_than_index(fitted):
+    with pytest.raises(
+        ValueError,
+        match="Expected n_neighbors <= n_samples_fit, but n_neighbors = 21, "
+        "n_samples_fit = 20",
+    ):
+        fitted.kneighbors(np.ones((1, 3)), n_neighbors=21)
+    with pytest.raises(
+        ValueError, match="Expected n_neighbors < n_samples_fit when querying"
+    ):
+        fitted.kneighbors(n_neighbors=20)
+    fitted.kneighbors(n_neighbors=19)  # the largest that fits
+    with pytest.raises(ValueError, match="n_neighbors = 21, n_samples_fit = 20"):
+        FlatNeighbors(n_neighbors=20).fit(np.ones((20, 3))).transform(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True])
+def test_bad_n_neighbors_in_kneighbors(fitted, bad):
+    with pytest.raises(ValueError, match="Expected n_neighbors > 0, an integer"):
+        fitted.kneighbors(np.ones((1, 3)), n_neighbors=bad)
+
+
+def test_empty_arrays():
+    with pytest.raises(ValueError, match="0 sample"):
+        FlatNeighbors().fit(np.empty((0, 3)))
+    with pytest.raises(ValueError, match="0 feature"):
+        FlatNeighbors().fit(np.empty((3, 0)))
+
+
+def test_unfitted():
+    with pytest.raises(NotFittedError):
+        FlatNeighbors().kneighbors(np.ones((1, 3)))
+    with pytest.raises(NotFittedError):
+        FlatNeighbors().kneighbors_graph()
+    with pytest.raises(NotFittedError):
+        FlatNeighbors().transform(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"metric": "manhattan"}, "'metric' parameter"),
+        ({"mode": "weights"}, "'mode' parameter"),
+        ({"n_neighbors": 0}, "'n_neighbors' parameter"),
+        ({"n_jobs": "two"}, "'n_jobs' parameter"),
+    ],
+)
+def test_bad_parameters(params, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        FlatNeighbors(**params).fit(np.ones((5, 2)))
+
+
+def test_bad_graph_mode(fitted):
+    with pytest.raises(ValueError, match="Unsupported mode, must be one of"):
+        fitted.kneighbors_graph(mode="weights")
