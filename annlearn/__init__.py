@@ -7,7 +7,8 @@ approximate indexes, all with the scikit-learn API: ``fit``,
 """
 
 from annlearn._flat import FlatNeighbors
+from annlearn._ivfpq import IVFPQNeighbors
 from annlearn._show_versions import show_versions
 from annlearn._version import __version__
 
-__all__ = ["FlatNeighbors", "show_versions", "__version__"]
+__all__ = ["FlatNeighbors", "IVFPQNeighbors", "show_versions", "__version__"]

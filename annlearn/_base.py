@@ -10,7 +10,9 @@ defines them. A concrete index implements three hooks:
     Validated float32 queries -> what the search kernel takes (centred,
     normalised, ...).
 ``_indexed_queries()``
-    The indexed vectors, already prepared, for ``X=None``.
+    For ``X=None``: the indexed vectors, already prepared, and the id each
+    of them is returned under (so that each can be excluded from its own
+    neighbours).
 ``_search(Xq, n_neighbors)``
     Prepared queries -> ``(distances, positions)``, each of shape
     ``(n_queries, n_neighbors)``, sorted by increasing distance, positions
@@ -40,8 +42,13 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
-    def _indexed_queries(self) -> np.ndarray:  # pragma: no cover
+    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
+
+    def _graph_n_columns(self) -> int:
+        """Columns of ``kneighbors_graph``: one per id (ids are row positions
+        unless the index says otherwise)."""
+        return self.n_samples_fit_
 
     def _search(
         self, X: np.ndarray, n_neighbors: int
@@ -83,8 +90,9 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             n_neighbors, self.n_samples_fit_, query_is_train=query_is_train
         )
         if query_is_train:
-            distances, indices = self._search(self._indexed_queries(), n_neighbors + 1)
-            distances, indices = _drop_self(distances, indices)
+            queries, self_ids = self._indexed_queries()
+            distances, indices = self._search(queries, n_neighbors + 1)
+            distances, indices = _drop_self(distances, indices, self_ids)
         else:
             Xq = self._prepare_queries(validate_query_data(self, X))
             distances, indices = self._search(Xq, n_neighbors)
@@ -124,7 +132,8 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         n_queries, k = indices.shape
         indptr = np.arange(0, n_queries * k + 1, k)
         return csr_matrix(
-            (data, np.ravel(indices), indptr), shape=(n_queries, self.n_samples_fit_)
+            (data, np.ravel(indices), indptr),
+            shape=(n_queries, self._graph_n_columns()),
         )
 
     def transform(self, X):
@@ -178,16 +187,17 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
 
 def _drop_self(
-    distances: np.ndarray, indices: np.ndarray
+    distances: np.ndarray, indices: np.ndarray, self_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Remove each indexed vector from its own k+1 neighbours.
 
-    Row ``i`` of the result keeps the k entries other than ``i``. Where ``i``
-    is not among them (more exact duplicates than k at distance 0, or an
-    approximate index that missed it) the last, farthest entry is dropped.
+    Row ``i`` of the result keeps the k entries other than ``self_ids[i]``.
+    Where it is not among them (more exact duplicates than k at distance 0,
+    or an approximate index that missed it) the last, farthest entry is
+    dropped.
     """
     n_queries, k_plus_one = indices.shape
-    keep = indices != np.arange(n_queries)[:, None]
+    keep = indices != np.asarray(self_ids)[:, None]
     self_absent = keep.all(axis=1)
     keep[self_absent, -1] = False
     shape = (n_queries, k_plus_one - 1)

@@ -180,8 +180,8 @@ class FlatNeighbors(NeighborsBase):
             return _normalize_rows(X)
         return X
 
-    def _indexed_queries(self) -> np.ndarray:
-        return self._vectors
+    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._vectors, np.arange(self.n_samples_fit_)
 
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)

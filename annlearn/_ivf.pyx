@@ -1,0 +1,285 @@
+"""IVF-PQ search kernels: scan the probed inverted lists with ADC, re-rank.
+
+Distances by asymmetric distance computation (ADC)
+--------------------------------------------------
+A database vector y in cell c is stored as the codes of its residual
+r = y - c (``by_residual``) or of y itself, one code per sub-space:
+y ~ c + sum_m e_m(code_m), e_m being the codeword embedded in sub-space m.
+For a query x (never quantized: "asymmetric"), with the sub-vectors x_m,
+
+    ||x - y||^2 ~ ||x - c||^2                                   (term 1)
+                + sum_m ||r_m||^2 + 2 <c_m, r_m>                (term 2)
+                - 2 sum_m <x_m, r_m>                            (term 3)
+
+where r_m = e_m(code_m). Term 1 comes free from the coarse search that chose
+the probed cells (its exact distances). Term 2 depends on the cell and the
+codes, not on the query: a table of nlist x M x ksub floats computed at fit.
+Term 3 depends on the query and the codes, not on the cell: one table of
+M x ksub per query, computed by M small GEMMs per block of queries. So a
+probed cell costs one vector addition (term 2 + term 3 into the lookup table)
+and then M lookups and adds per stored code. This is FAISS's "precomputed
+table" decomposition (``IndexIVFPQ``), derived here in the form we use.
+
+Without residuals, c = 0: term 1 is ||x||^2 and term 2 is the cell-independent
+table of codeword norms, folded into term 3 once per query.
+
+For the inner product, -<x, y> = -<x, c> - sum_m <x_m, r_m>: term 1 is the
+coarse search's -<x, c> and there is no term 2.
+
+Threads split the queries (FAISS's search mode 0): each owns a block of
+queries with its term-3 tables, one lookup table and the heaps, which are
+rows of the output. Nothing is shared, so concurrent calls from several
+Python threads, each with its own nprobe, cannot disturb each other.
+"""
+
+import numpy as np
+
+cimport cython
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport INT64_MAX
+from libc.stdlib cimport free, malloc
+
+from annlearn._utils._blas cimport gemm_abt
+from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
+from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
+
+cdef enum:
+    # Queries whose term-3 tables are computed together (M GEMMs of
+    # QUERY_BLOCK x dsub by dsub x ksub).
+    QUERY_BLOCK = 32
+
+
+cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef void _scan_list(
+    const code_t* codes, intp_t start, intp_t end, intp_t M, intp_t ksub,
+    const float32_t* table, float32_t base,
+    intp_t k, float32_t* values, id_t* positions,
+) noexcept nogil:
+    """Offer the ADC distance of every code of one list to a heap."""
+    cdef intp_t j, m
+    cdef const code_t* code
+    cdef float32_t dist
+    cdef float32_t threshold = values[0]
+    for j in range(start, end):
+        code = codes + j * M
+        dist = base
+        for m in range(M):
+            dist = dist + table[m * ksub + code[m]]
+        if dist <= threshold:
+            heap_push(values, positions, k, dist, <id_t>j)
+            threshold = values[0]
+
+
+def ivfpq_scan(
+    const float32_t[:, ::1] Q,
+    const id_t[:, ::1] probe_cells,
+    const float32_t[:, ::1] probe_base,
+    const float32_t[:, :, ::1] codebooks,
+    const float32_t[:, :, ::1] term2,
+    const id_t[::1] list_offsets,
+    const code_t[:, ::1] codes,
+    intp_t k,
+    bint inner_product,
+    int n_threads,
+):
+    """k best stored codes for every query, by ADC over the probed lists.
+
+    Parameters
+    ----------
+    Q : ndarray of shape (n_queries, n_features), float32
+        Prepared queries.
+    probe_cells : ndarray of shape (n_queries, nprobe), int64
+        Cells to scan per query (-1: skip).
+    probe_base : ndarray of shape (n_queries, nprobe), float32
+        Term 1 for each probed cell.
+    codebooks : ndarray of shape (M, ksub, dsub), float32
+        PQ codebooks, ``M * dsub == n_features``.
+    term2 : ndarray of shape (n_tables, M, ksub), float32
+        Term 2 per cell (``n_tables == nlist``), or one table for every cell
+        (``n_tables == 1``, folded into term 3), or ``n_tables == 0``: none.
+    list_offsets : ndarray of shape (nlist + 1,), int64
+        List ``c`` holds codes ``list_offsets[c]:list_offsets[c + 1]``.
+    codes : ndarray of shape (n_codes, M), uint8
+        Stored codes, list after list.
+    k : int
+        Candidates to keep per query.
+    inner_product : bool
+        Rank by -<x, y> instead of ||x - y||^2.
+    n_threads : int
+        OpenMP threads (the caller caps BLAS at one thread).
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), float32
+        ADC distances, ascending; +inf where fewer than k codes were scanned.
+    positions : ndarray of shape (n_queries, k), int64
+        Positions of the codes in ``codes``; -1 where none.
+    """
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t M = codebooks.shape[0], ksub = codebooks.shape[1]
+    cdef intp_t dsub = codebooks.shape[2], nprobe = probe_cells.shape[1]
+    cdef intp_t nlist = list_offsets.shape[0] - 1
+    cdef intp_t n_tables = term2.shape[0]
+    if M * dsub != d:
+        raise ValueError(f"codebooks cover {M * dsub} features, queries have {d}.")
+    if probe_base.shape[0] != n_queries or probe_base.shape[1] != nprobe \
+            or probe_cells.shape[0] != n_queries:
+        raise ValueError("probe_cells and probe_base must be (n_queries, nprobe).")
+    if n_tables not in (0, 1, nlist) or (n_tables and (
+            term2.shape[1] != M or term2.shape[2] != ksub)):
+        raise ValueError("term2 must be (nlist or 1 or 0, M, ksub).")
+    if codes.shape[1] != M and codes.shape[0] > 0:
+        raise ValueError("codes must have M columns.")
+    if k < 1:
+        raise ValueError("k must be >= 1.")
+    if n_queries and probe_cells.shape[1] and (
+            np.max(probe_cells) >= nlist or np.min(probe_cells) < -1):
+        raise ValueError(f"probe_cells must lie in [-1, {nlist}).")
+
+    distances_arr = np.empty((n_queries, k), dtype=np.float32)
+    positions_arr = np.empty((n_queries, k), dtype=np.int64)
+    if n_queries == 0:
+        return distances_arr, positions_arr
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef id_t[:, ::1] positions = positions_arr
+    cdef intp_t n_blocks = (n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK
+    cdef int n_threads_used = <int>_imin(n_threads, n_blocks)
+    cdef intp_t table_size = M * ksub
+    cdef float32_t alpha = -1.0 if inner_product else -2.0
+    # One term-2 table for every cell is folded into term 3 once per query;
+    # per-cell tables are added for each probed cell.
+    cdef bint shared_term2 = n_tables == 1
+    cdef bint per_cell_term2 = n_tables > 1
+    cdef intp_t block, q0, q1, q, m, p, i, r
+    cdef id_t cell
+    cdef float32_t* term3 = NULL
+    cdef float32_t* lut = NULL
+    cdef float32_t* table
+    cdef const float32_t* t2
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+
+    with nogil, parallel(num_threads=n_threads_used):
+        term3 = <float32_t*> malloc(QUERY_BLOCK * table_size * sizeof(float32_t))
+        lut = <float32_t*> malloc(table_size * sizeof(float32_t))
+        for block in prange(n_blocks, schedule="dynamic"):
+            if term3 == NULL or lut == NULL:
+                failed_ptr[0] = 1
+                continue
+            q0 = block * QUERY_BLOCK
+            q1 = _imin(q0 + QUERY_BLOCK, n_queries)
+            # Term 3 for the whole block: M GEMMs (q1 - q0) x dsub x ksub; the
+            # table of query q starts at term3 + (q - q0) * table_size.
+            for m in range(M):
+                gemm_abt(q1 - q0, ksub, dsub, alpha, &Q[q0, m * dsub], d,
+                         &codebooks[m, 0, 0], dsub, <float32_t>0.0,
+                         term3 + m * ksub, table_size)
+            for q in range(q0, q1):
+                table = term3 + (q - q0) * table_size
+                if shared_term2:
+                    t2 = &term2[0, 0, 0]
+                    for i in range(table_size):
+                        table[i] = table[i] + t2[i]
+                heap_init(&distances[q, 0], &positions[q, 0], k)
+                for p in range(nprobe):
+                    cell = probe_cells[q, p]
+                    if cell < 0 or list_offsets[cell] == list_offsets[cell + 1]:
+                        continue
+                    if per_cell_term2:
+                        t2 = &term2[cell, 0, 0]
+                        for i in range(table_size):
+                            lut[i] = table[i] + t2[i]
+                        _scan_list(&codes[0, 0], list_offsets[cell],
+                                   list_offsets[cell + 1], M, ksub, lut,
+                                   probe_base[q, p], k, &distances[q, 0],
+                                   &positions[q, 0])
+                    else:
+                        _scan_list(&codes[0, 0], list_offsets[cell],
+                                   list_offsets[cell + 1], M, ksub, table,
+                                   probe_base[q, p], k, &distances[q, 0],
+                                   &positions[q, 0])
+                heap_sort(&distances[q, 0], &positions[q, 0], k)
+                for r in range(k):
+                    if positions[q, r] == INT64_MAX:
+                        positions[q, r] = -1
+        free(term3)
+        free(lut)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the IVF-PQ scan buffers.")
+    return distances_arr, positions_arr
+
+
+def refine(
+    const float32_t[:, ::1] Q,
+    const float32_t[:, ::1] vectors,
+    const id_t[:, ::1] candidates,
+    intp_t k,
+    bint inner_product,
+    int n_threads,
+):
+    """Re-rank candidates by their exact distance; keep the k best.
+
+    Parameters
+    ----------
+    Q : ndarray of shape (n_queries, n_features), float32
+        Prepared queries.
+    vectors : ndarray of shape (n_vectors, n_features), float32
+        Stored vectors.
+    candidates : ndarray of shape (n_queries, n_candidates), int64
+        Rows of ``vectors`` to re-rank; -1 entries are ignored.
+    k : int
+        Number kept, ``k <= n_candidates``.
+    inner_product : bool
+        Exact -<x, y> instead of ||x - y||^2.
+    n_threads : int
+        OpenMP threads.
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), float32
+        Exact squared distances (or -<x, y>), ascending.
+    positions : ndarray of shape (n_queries, k), int64
+        Rows of ``vectors``; -1 where fewer than k candidates.
+    """
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t n_candidates = candidates.shape[1], n_vectors = vectors.shape[0]
+    if vectors.shape[1] != d:
+        raise ValueError("vectors and queries differ in n_features.")
+    if candidates.shape[0] != n_queries:
+        raise ValueError("candidates must have one row per query.")
+    if not 1 <= k <= n_candidates:
+        raise ValueError(f"Expected 1 <= k <= {n_candidates}, got k={k}.")
+    if candidates.size and (np.max(candidates) >= n_vectors or np.min(candidates) < -1):
+        raise ValueError(f"candidates must lie in [-1, {n_vectors}).")
+    distances_arr = np.empty((n_queries, k), dtype=np.float32)
+    positions_arr = np.empty((n_queries, k), dtype=np.int64)
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef id_t[:, ::1] positions = positions_arr
+    cdef intp_t q, c, f, r
+    cdef id_t row
+    cdef float64_t acc, diff
+    with nogil:
+        for q in prange(n_queries, num_threads=n_threads, schedule="static"):
+            heap_init(&distances[q, 0], &positions[q, 0], k)
+            for c in range(n_candidates):
+                row = candidates[q, c]
+                if row < 0:
+                    continue
+                acc = 0.0
+                if inner_product:
+                    for f in range(d):
+                        acc = acc - <float64_t>Q[q, f] * vectors[row, f]
+                else:
+                    for f in range(d):
+                        diff = <float64_t>Q[q, f] - vectors[row, f]
+                        acc = acc + diff * diff
+                heap_push(&distances[q, 0], &positions[q, 0], k,
+                          <float32_t>acc, row)
+            heap_sort(&distances[q, 0], &positions[q, 0], k)
+            for r in range(k):
+                if positions[q, r] == INT64_MAX:
+                    positions[q, r] = -1
+    return distances_arr, positions_arr

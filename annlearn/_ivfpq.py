@@ -1,0 +1,427 @@
+"""IVFPQNeighbors: inverted file with product quantization."""
+
+from __future__ import annotations
+
+import time
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from annlearn import _flat_search, _ivf
+from annlearn._base import NeighborsBase
+from annlearn._clustering import train_kmeans
+from annlearn._flat import _normalize_rows
+from annlearn._threads import blas_single_thread, effective_n_threads
+from annlearn._validation import METRICS, validate_fit_data
+
+__all__ = ["IVFPQNeighbors"]
+
+# Rows encoded at once: bounds the residual buffer (ENCODE_BLOCK x n_features).
+_ENCODE_BLOCK = 65_536
+
+
+def _divisors(n: int) -> list[int]:
+    return [m for m in range(1, n + 1) if n % m == 0]
+
+
+def default_n_subquantizers(n_features: int) -> int:
+    """The divisor of ``n_features`` closest to ``n_features / 8`` (sub-vectors
+    of about 8 features; the smaller divisor on a tie)."""
+    return min(_divisors(n_features), key=lambda m: (abs(m - n_features / 8), m))
+
+
+class IVFPQNeighbors(NeighborsBase):
+    """Approximate k-nearest-neighbour search with an IVF-PQ index.
+
+    The vectors are partitioned into ``nlist`` cells by k-means (the coarse
+    quantizer, an inverted file), and each is stored as ``n_subquantizers``
+    one-byte codes of its residual to its cell centre (product quantization).
+    A query scans the codes of the ``nprobe`` cells nearest to it with
+    asymmetric distance computation (lookup tables per query, the query
+    itself never quantized) and optionally re-ranks the best candidates with
+    exact distances.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=5
+        Number of neighbours returned by ``kneighbors`` and used by
+        ``transform``.
+    nlist : int, default=256
+        Number of cells of the coarse quantizer.
+    nprobe : int, default=8
+        Cells scanned per query (at most ``nlist``). A search-time parameter:
+        changing it needs no refit. More cells, higher recall, slower.
+    n_subquantizers : int, default=None
+        Number of sub-vectors (bytes per code), a divisor of ``n_features``.
+        ``None`` picks the divisor closest to ``n_features / 8``.
+    nbits : int, default=8
+        Bits per sub-vector code, from 4 to 8: ``2**nbits`` centres per
+        sub-quantizer.
+    metric : {"euclidean", "sqeuclidean", "cosine", "inner_product"}, \
+            default="euclidean"
+        As :class:`FlatNeighbors`. ``"cosine"`` indexes normalised vectors;
+        ``"inner_product"`` uses inner-product cells and tables.
+    refine_factor : int, default=None
+        If set, keep a float32 copy of the vectors and re-rank the best
+        ``refine_factor * n_neighbors`` candidates of each query by exact
+        distance. Search-time for any value once the index was fitted with
+        one (fitting with ``None`` stores no vectors).
+    by_residual : bool, default=True
+        Encode the residuals to the cell centres (more accurate) rather than
+        the vectors.
+    max_train_samples : int, default=None
+        Rows drawn at random to train the quantizers; ``None`` means
+        ``256 * max(nlist, 2**nbits)``. Every row is encoded.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores in the graph.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the training sample and k-means.
+    n_jobs : int, default=None
+        Number of OpenMP threads of the kernels (not joblib processes).
+        ``None`` honours ``OMP_NUM_THREADS``, threadpoolctl limits and the
+        CPUs available; ``-1`` means all CPUs.
+    verbose : int, default=0
+        Print the stages of ``fit`` with their timing when > 0, and every
+        k-means iteration when > 1.
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (nlist, n_features), float32
+        Cell centres of the coarse quantizer.
+    pq_codebooks_ : ndarray of shape (n_subquantizers, 2**nbits, n_features \
+            // n_subquantizers), float32
+        Centres of each sub-quantizer.
+    n_subquantizers_ : int
+        Sub-vectors per code.
+    n_samples_fit_ : int
+        Number of indexed vectors.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during ``fit``, when X has string column names.
+
+    See Also
+    --------
+    FlatNeighbors : Exact search, the ground truth.
+
+    Notes
+    -----
+    Memory per vector: ``n_subquantizers`` bytes of codes plus 8 bytes of id
+    (codes are stored one byte per sub-vector even when ``nbits < 8``), plus
+    ``4 * n_features`` bytes when ``refine_factor`` is set. The index also
+    holds the cell centres, the codebooks and a table of
+    ``nlist * n_subquantizers * 2**nbits`` floats (term 2 of the distance
+    decomposition, see ``annlearn/_ivf.pyx``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from annlearn import IVFPQNeighbors
+    >>> X = np.random.default_rng(0).standard_normal((2000, 16))
+    >>> index = IVFPQNeighbors(n_neighbors=3, nlist=8, nprobe=8, nbits=4,
+    ...                        refine_factor=4, random_state=0).fit(X)
+    >>> index.kneighbors(X[:2], return_distance=False)[:, 0]
+    array([0, 1])
+    """
+
+    _parameter_constraints: dict = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "nlist": [Interval(Integral, 1, None, closed="left")],
+        "nprobe": [Interval(Integral, 1, None, closed="left")],
+        "n_subquantizers": [Interval(Integral, 1, None, closed="left"), None],
+        "nbits": [Interval(Integral, 4, 8, closed="both")],
+        "metric": [StrOptions(set(METRICS))],
+        "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
+        "by_residual": ["boolean"],
+        "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "mode": [StrOptions({"distance", "connectivity"})],
+        "random_state": ["random_state"],
+        "n_jobs": [Integral, None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=5,
+        *,
+        nlist=256,
+        nprobe=8,
+        n_subquantizers=None,
+        nbits=8,
+        metric="euclidean",
+        refine_factor=None,
+        by_residual=True,
+        max_train_samples=None,
+        mode="distance",
+        random_state=None,
+        n_jobs=None,
+        verbose=0,
+    ):
+        self.n_neighbors = n_neighbors
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.n_subquantizers = n_subquantizers
+        self.nbits = nbits
+        self.metric = metric
+        self.refine_factor = refine_factor
+        self.by_residual = by_residual
+        self.max_train_samples = max_train_samples
+        self.mode = mode
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    # -- fit ---------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the coarse and product quantizers on X, then index X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index. Converted to float32; NaN, infinity and sparse
+            input are rejected.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+            The fitted estimator.
+        """
+        X = validate_fit_data(self, X)
+        n_samples, n_features = X.shape
+        n_sub = self._check_n_subquantizers(n_features)
+        ksub = 2**self.nbits
+        needed = max(self.nlist, ksub)
+        if n_samples < needed:
+            raise ValueError(
+                f"IVFPQNeighbors needs at least max(nlist, 2**nbits) = {needed} "
+                f"samples to train its quantizers (nlist = {self.nlist}, "
+                f"nbits = {self.nbits}), but n_samples = {n_samples}."
+            )
+        n_threads = effective_n_threads(self.n_jobs)
+        rng = check_random_state(self.random_state)
+        X = self._prepare(X)
+
+        n_train = self.max_train_samples or 256 * needed
+        n_train = max(min(n_train, n_samples), needed)
+        train_rows = np.sort(rng.choice(n_samples, n_train, replace=False))
+        train = X[train_rows] if n_train < n_samples else X
+        start = time.perf_counter()
+        centers, _, _ = train_kmeans(
+            train,
+            self.nlist,
+            random_state=rng,
+            n_threads=n_threads,
+            verbose=self.verbose > 1,
+            name="coarse quantizer",
+        )
+        self._log(
+            f"coarse quantizer: {self.nlist} cells trained on {n_train} "
+            f"rows in {time.perf_counter() - start:.2f} s"
+        )
+        self.cluster_centers_ = centers
+        self._center_sqnorms = _flat_search.row_sqnorms(centers, n_threads)
+
+        start = time.perf_counter()
+        train_cells = self._assign(train, n_threads)
+        residuals = self._residuals(train, train_cells)
+        dsub = n_features // n_sub
+        codebooks = np.empty((n_sub, ksub, dsub), dtype=np.float32)
+        for m in range(n_sub):
+            codebooks[m], _, _ = train_kmeans(
+                np.ascontiguousarray(residuals[:, m * dsub : (m + 1) * dsub]),
+                ksub,
+                random_state=rng,
+                n_threads=n_threads,
+                verbose=self.verbose > 1,
+                name=f"sub-quantizer {m}",
+            )
+        self.pq_codebooks_ = codebooks
+        self.n_subquantizers_ = n_sub
+        self._log(
+            f"product quantizer: {n_sub} x {ksub} centres trained in "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+        self._term2 = self._term2_tables()
+
+        start = time.perf_counter()
+        cells, codes = self._encode(X, n_threads)
+        order = np.argsort(cells, kind="stable")
+        self._list_offsets = np.concatenate(
+            [[0], np.cumsum(np.bincount(cells, minlength=self.nlist))]
+        ).astype(np.int64)
+        self._codes = np.ascontiguousarray(codes[order])
+        self._ids = order.astype(np.int64)  # ids: row positions in X
+        self._vectors = (
+            np.ascontiguousarray(X[order]) if self.refine_factor is not None else None
+        )
+        self.n_samples_fit_ = n_samples
+        self._log(f"encoded {n_samples} vectors in {time.perf_counter() - start:.2f} s")
+        return self
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[IVFPQNeighbors] {message}")
+
+    def _check_n_subquantizers(self, n_features: int) -> int:
+        if self.n_subquantizers is None:
+            return default_n_subquantizers(n_features)
+        if n_features % self.n_subquantizers:
+            raise ValueError(
+                f"n_subquantizers must divide n_features = {n_features}, but "
+                f"n_subquantizers = {self.n_subquantizers}. Valid values: "
+                f"{_divisors(n_features)}."
+            )
+        return self.n_subquantizers
+
+    def _prepare(self, X: np.ndarray) -> np.ndarray:
+        return _normalize_rows(X) if self.metric == "cosine" else X
+
+    def _coarse_metric(self) -> int:
+        if self.metric == "inner_product":
+            return _flat_search.METRIC_INNER_PRODUCT
+        return _flat_search.METRIC_SQEUCLIDEAN
+
+    def _coarse_search(self, X: np.ndarray, nprobe: int, n_threads: int):
+        """(term-1 distances, cells) of the ``nprobe`` nearest cells."""
+        with blas_single_thread():
+            return _flat_search.flat_kneighbors(
+                X,
+                self.cluster_centers_,
+                self._center_sqnorms,
+                nprobe,
+                self._coarse_metric(),
+                n_threads,
+            )
+
+    def _assign(self, X: np.ndarray, n_threads: int) -> np.ndarray:
+        return self._coarse_search(X, 1, n_threads)[1][:, 0]
+
+    def _residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        if not self.by_residual:
+            return X
+        return X - self.cluster_centers_[cells]
+
+    def _term2_tables(self) -> np.ndarray:
+        """Term 2 of the ADC decomposition (see ``_ivf.pyx``)."""
+        codebooks = self.pq_codebooks_
+        n_sub, ksub, dsub = codebooks.shape
+        if self.metric == "inner_product":
+            return np.zeros((0, n_sub, ksub), dtype=np.float32)
+        norms = np.einsum("mkd,mkd->mk", codebooks, codebooks)[None]
+        if not self.by_residual:
+            return norms.astype(np.float32)
+        centers = self.cluster_centers_.reshape(-1, n_sub, dsub)
+        cross = np.einsum("cmd,mkd->cmk", centers, codebooks)
+        return np.ascontiguousarray(norms + 2 * cross, dtype=np.float32)
+
+    def _encode(self, X: np.ndarray, n_threads: int):
+        """Cells and PQ codes of the rows of X, in blocks of rows."""
+        n_sub, ksub, dsub = self.pq_codebooks_.shape
+        codebook_sqnorms = [
+            _flat_search.row_sqnorms(cb, n_threads) for cb in self.pq_codebooks_
+        ]
+        cells = np.empty(len(X), dtype=np.int64)
+        codes = np.empty((len(X), n_sub), dtype=np.uint8)
+        for start in range(0, len(X), _ENCODE_BLOCK):
+            block = X[start : start + _ENCODE_BLOCK]
+            cells[start : start + len(block)] = self._assign(block, n_threads)
+            residuals = self._residuals(block, cells[start : start + len(block)])
+            with blas_single_thread():
+                for m in range(n_sub):
+                    sub = np.ascontiguousarray(residuals[:, m * dsub : (m + 1) * dsub])
+                    codes[start : start + len(block), m] = _flat_search.flat_kneighbors(
+                        sub,
+                        self.pq_codebooks_[m],
+                        codebook_sqnorms[m],
+                        1,
+                        _flat_search.METRIC_SQEUCLIDEAN,
+                        n_threads,
+                    )[1][:, 0]
+        return cells, codes
+
+    def _decode(self, positions: np.ndarray) -> np.ndarray:
+        """Reconstructions of stored vectors (cell centre + decoded residual)."""
+        codes = self._codes[positions]
+        parts = [self.pq_codebooks_[m][codes[:, m]] for m in range(codes.shape[1])]
+        vectors = np.hstack(parts)
+        if self.by_residual:
+            cells = np.searchsorted(self._list_offsets, positions, side="right") - 1
+            vectors = vectors + self.cluster_centers_[cells]
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    # -- hooks of NeighborsBase -------------------------------------------
+    def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
+        return self._prepare(X)
+
+    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        # Rows in increasing id order; the stored vectors when kept, else the
+        # reconstructions from the codes.
+        positions = np.argsort(self._ids, kind="stable")
+        if self._vectors is not None:
+            queries = np.ascontiguousarray(self._vectors[positions])
+        else:
+            queries = self._decode(positions)
+        return queries, self._ids[positions]
+
+    def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+        n_threads = effective_n_threads(self.n_jobs)
+        if self.refine_factor is not None and self._vectors is None:
+            raise ValueError(
+                "refine_factor is set but this index was fitted with "
+                "refine_factor=None and keeps no vectors to re-rank: fit it "
+                "again with refine_factor set."
+            )
+        n_scan = n_neighbors * (self.refine_factor or 1)
+        n_scan = min(n_scan, self.n_samples_fit_)
+        nprobe = min(self.nprobe, self.nlist)
+        distances, positions = self._scan(X, nprobe, n_scan, n_threads)
+        # Too few codes in the probed cells: probe further cells for those
+        # queries (never pad with -1), doubling nprobe up to nlist.
+        short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
+        while len(short) and nprobe < self.nlist:
+            nprobe = min(2 * nprobe, self.nlist)
+            d_more, p_more = self._scan(X[short], nprobe, n_scan, n_threads)
+            distances[short], positions[short] = d_more, p_more
+            short = short[p_more[:, n_neighbors - 1] < 0]
+        ip = self.metric == "inner_product"
+        if self.refine_factor is not None:
+            distances, positions = _ivf.refine(
+                X, self._vectors, positions, n_neighbors, ip, n_threads
+            )
+        distances = distances[:, :n_neighbors]
+        positions = positions[:, :n_neighbors]
+        if not ip:
+            np.maximum(distances, 0, out=distances)
+            if self.metric == "euclidean":
+                np.sqrt(distances, out=distances)
+            elif self.metric == "cosine":
+                distances *= 0.5  # ||x - y||^2 / 2 = 1 - cos for unit vectors
+        return distances, self._ids[positions]
+
+    def _scan(self, X: np.ndarray, nprobe: int, n_scan: int, n_threads: int):
+        base, cells = self._coarse_search(X, nprobe, n_threads)
+        if not self.by_residual:
+            if self.metric == "inner_product":
+                base = np.zeros_like(base)
+            else:
+                sq = _flat_search.row_sqnorms(X, n_threads)
+                base = np.ascontiguousarray(np.repeat(sq[:, None], nprobe, axis=1))
+        with blas_single_thread():
+            return _ivf.ivfpq_scan(
+                X,
+                cells,
+                base,
+                self.pq_codebooks_,
+                self._term2,
+                self._list_offsets,
+                self._codes,
+                n_scan,
+                self.metric == "inner_product",
+                n_threads,
+            )
