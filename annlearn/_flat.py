@@ -7,11 +7,18 @@ from numbers import Integral
 import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search
 from annlearn._base import NeighborsBase
 from annlearn._threads import blas_single_thread, effective_n_threads
-from annlearn._validation import METRICS, validate_fit_data
+from annlearn._validation import (
+    METRICS,
+    check_new_ids,
+    check_removed_ids,
+    validate_fit_data,
+    validate_query_data,
+)
 
 __all__ = ["FlatNeighbors"]
 
@@ -141,7 +148,7 @@ class FlatNeighbors(NeighborsBase):
         self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, ids=None):
         """Index the rows of X.
 
         Parameters
@@ -151,6 +158,9 @@ class FlatNeighbors(NeighborsBase):
             input are rejected.
         y : Ignored
             Not used, present for API consistency.
+        ids : array-like of shape (n_samples,), default=None
+            Non-negative, distinct integer ids returned by ``kneighbors``
+            instead of row positions. ``None``: ``0 .. n_samples - 1``.
 
         Returns
         -------
@@ -158,6 +168,7 @@ class FlatNeighbors(NeighborsBase):
             The fitted estimator.
         """
         X = validate_fit_data(self, X)
+        ids = check_new_ids(ids, len(X), None)
         n_threads = effective_n_threads(self.n_jobs)
         self._center = None
         if self.metric == "cosine":
@@ -167,30 +178,102 @@ class FlatNeighbors(NeighborsBase):
             self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
             X = np.ascontiguousarray(X - self._center)
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
-        self._vectors = X
-        self._sqnorms = sqnorms
-        self.n_samples_fit_ = self._vectors.shape[0]
+        self._set_store(X, sqnorms, ids)
         return self
 
-    # -- hooks of NeighborsBase -------------------------------------------
-    def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
+    def _set_store(self, vectors, sqnorms, ids) -> None:
+        # One assignment replaces the whole index, so a search running in
+        # another thread sees either the old index or the new one, never a
+        # mix of the two.
+        self._store = {"vectors": vectors, "sqnorms": sqnorms, "ids": ids}
+        self.n_samples_fit_ = len(vectors)
+
+    def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
+        """Validated float32 rows -> the form stored and searched."""
         if self._center is not None:
-            return X - self._center
+            return np.ascontiguousarray(X - self._center)
         if self.metric == "cosine":
             return _normalize_rows(X)
         return X
 
+    def add(self, X, ids=None):
+        """Index more vectors, after ``fit``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_new, n_features)
+            Vectors to add, validated as in ``fit``.
+        ids : array-like of shape (n_new,), default=None
+            Their ids: non-negative, distinct, not already in the index.
+            ``None``: consecutive ids after the largest id in the index.
+
+        Returns
+        -------
+        self : FlatNeighbors
+            The estimator. On any error it is left exactly as it was.
+        """
+        X = validate_query_data(self, X)
+        store = self._store
+        ids = check_new_ids(ids, len(X), store["ids"])
+        vectors = self._prepare_vectors(X)
+        sqnorms = _flat_search.row_sqnorms(vectors, effective_n_threads(self.n_jobs))
+        self._set_store(
+            np.concatenate([store["vectors"], vectors]),
+            np.concatenate([store["sqnorms"], sqnorms]),
+            np.concatenate([store["ids"], ids]),
+        )
+        return self
+
+    def remove(self, ids):
+        """Remove vectors by id; they are never returned again.
+
+        The memory is reclaimed at once (the remaining vectors are copied into
+        new arrays, O(n_samples_fit_)).
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids to remove. Every one must be in the index, otherwise a
+            ``ValueError`` lists the unknown ones and nothing is removed.
+
+        Returns
+        -------
+        self : FlatNeighbors
+            The estimator.
+        """
+        check_is_fitted(self)
+        store = self._store
+        keep = ~check_removed_ids(ids, store["ids"])
+        self._set_store(
+            np.ascontiguousarray(store["vectors"][keep]),
+            store["sqnorms"][keep],
+            store["ids"][keep],
+        )
+        return self
+
+    # -- hooks of NeighborsBase -------------------------------------------
+    def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
+        return self._prepare_vectors(X)
+
     def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._vectors, np.arange(self.n_samples_fit_)
+        store = self._store
+        order = np.argsort(store["ids"], kind="stable")
+        return np.ascontiguousarray(store["vectors"][order]), store["ids"][order]
+
+    def _graph_n_columns(self) -> int:
+        ids = self._store["ids"]
+        return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+        store = self._store
         n_threads = effective_n_threads(self.n_jobs)
         with blas_single_thread():
-            return _flat_search.flat_kneighbors(
+            distances, positions = _flat_search.flat_kneighbors(
                 X,
-                self._vectors,
-                self._sqnorms,
+                store["vectors"],
+                store["sqnorms"],
                 n_neighbors,
                 _METRIC_CODES[self.metric],
                 n_threads,
             )
+        return distances, store["ids"][positions]

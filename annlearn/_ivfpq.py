@@ -9,13 +9,20 @@ import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search, _ivf
 from annlearn._base import NeighborsBase
 from annlearn._clustering import train_kmeans
 from annlearn._flat import _normalize_rows
 from annlearn._threads import blas_single_thread, effective_n_threads
-from annlearn._validation import METRICS, validate_fit_data
+from annlearn._validation import (
+    METRICS,
+    check_new_ids,
+    check_removed_ids,
+    validate_fit_data,
+    validate_query_data,
+)
 
 __all__ = ["IVFPQNeighbors"]
 
@@ -52,8 +59,10 @@ class IVFPQNeighbors(NeighborsBase):
     nlist : int, default=256
         Number of cells of the coarse quantizer.
     nprobe : int, default=8
-        Cells scanned per query (at most ``nlist``). A search-time parameter:
-        changing it needs no refit. More cells, higher recall, slower.
+        Cells scanned per query, at most ``nlist``. A search-time parameter:
+        changing it needs no refit. More cells, higher recall, slower. When
+        the probed cells hold fewer than ``n_neighbors`` vectors, further
+        cells are probed: results are never padded.
     n_subquantizers : int, default=None
         Number of sub-vectors (bytes per code), a divisor of ``n_features``.
         ``None`` picks the divisor closest to ``n_features / 8``.
@@ -176,7 +185,7 @@ class IVFPQNeighbors(NeighborsBase):
 
     # -- fit ---------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, ids=None):
         """Train the coarse and product quantizers on X, then index X.
 
         Parameters
@@ -186,6 +195,9 @@ class IVFPQNeighbors(NeighborsBase):
             input are rejected.
         y : Ignored
             Not used, present for API consistency.
+        ids : array-like of shape (n_samples,), default=None
+            Non-negative, distinct integer ids returned by ``kneighbors``
+            instead of row positions. ``None``: ``0 .. n_samples - 1``.
 
         Returns
         -------
@@ -193,6 +205,7 @@ class IVFPQNeighbors(NeighborsBase):
             The fitted estimator.
         """
         X = validate_fit_data(self, X)
+        ids = check_new_ids(ids, len(X), None)
         n_samples, n_features = X.shape
         n_sub = self._check_n_subquantizers(n_features)
         ksub = 2**self.nbits
@@ -251,17 +264,105 @@ class IVFPQNeighbors(NeighborsBase):
 
         start = time.perf_counter()
         cells, codes = self._encode(X, n_threads)
-        order = np.argsort(cells, kind="stable")
-        self._list_offsets = np.concatenate(
-            [[0], np.cumsum(np.bincount(cells, minlength=self.nlist))]
-        ).astype(np.int64)
-        self._codes = np.ascontiguousarray(codes[order])
-        self._ids = order.astype(np.int64)  # ids: row positions in X
-        self._vectors = (
-            np.ascontiguousarray(X[order]) if self.refine_factor is not None else None
-        )
-        self.n_samples_fit_ = n_samples
+        self._set_store(*self._build_lists(cells, codes, ids, self._keep_vectors(X)))
         self._log(f"encoded {n_samples} vectors in {time.perf_counter() - start:.2f} s")
+        return self
+
+    def _keep_vectors(self, X: np.ndarray) -> np.ndarray | None:
+        return X if self.refine_factor is not None else None
+
+    def _build_lists(self, cells, codes, ids, vectors):
+        """Inverted lists from per-vector cells: everything sorted by cell."""
+        order = np.argsort(cells, kind="stable")
+        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
+        return (
+            offsets,
+            np.ascontiguousarray(codes[order]),
+            np.ascontiguousarray(ids[order]),
+            None if vectors is None else np.ascontiguousarray(vectors[order]),
+        )
+
+    def _set_store(self, offsets, codes, ids, vectors) -> None:
+        # One assignment replaces the whole index, so a search running in
+        # another thread sees either the old lists or the new ones.
+        self._store = {
+            "list_offsets": offsets,
+            "codes": codes,
+            "ids": ids,
+            "vectors": vectors,
+        }
+        self.n_samples_fit_ = len(ids)
+
+    def _stored_cells(self) -> np.ndarray:
+        offsets = self._store["list_offsets"]
+        return np.repeat(np.arange(self.nlist, dtype=np.int64), np.diff(offsets))
+
+    def add(self, X, ids=None):
+        """Encode and index more vectors with the fitted quantizers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_new, n_features)
+            Vectors to add, validated as in ``fit``. Nothing is retrained.
+        ids : array-like of shape (n_new,), default=None
+            Their ids: non-negative, distinct, not already in the index.
+            ``None``: consecutive ids after the largest id in the index.
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+            The estimator. On any error it is left exactly as it was. The
+            lists are rebuilt (O(n_samples_fit_) copy), so add in batches.
+        """
+        X = validate_query_data(self, X)
+        store = self._store
+        ids = check_new_ids(ids, len(X), store["ids"])
+        X = self._prepare(X)
+        cells, codes = self._encode(X, effective_n_threads(self.n_jobs))
+        vectors = None
+        if store["vectors"] is not None:
+            vectors = np.concatenate([store["vectors"], X])
+        self._set_store(
+            *self._build_lists(
+                np.concatenate([self._stored_cells(), cells]),
+                np.concatenate([store["codes"], codes]),
+                np.concatenate([store["ids"], ids]),
+                vectors,
+            )
+        )
+        return self
+
+    def remove(self, ids):
+        """Remove vectors by id; they are never returned again.
+
+        The memory is reclaimed at once (the remaining codes are copied into
+        new arrays, O(n_samples_fit_)).
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids to remove. Every one must be in the index, otherwise a
+            ``ValueError`` lists the unknown ones and nothing is removed.
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+            The estimator.
+        """
+        check_is_fitted(self)
+        store = self._store
+        keep = ~check_removed_ids(ids, store["ids"])
+        cells = self._stored_cells()[keep]
+        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
+        vectors = store["vectors"]
+        self._set_store(
+            offsets,
+            np.ascontiguousarray(store["codes"][keep]),
+            store["ids"][keep],
+            None if vectors is None else np.ascontiguousarray(vectors[keep]),
+        )
         return self
 
     def _log(self, message: str) -> None:
@@ -347,11 +448,13 @@ class IVFPQNeighbors(NeighborsBase):
 
     def _decode(self, positions: np.ndarray) -> np.ndarray:
         """Reconstructions of stored vectors (cell centre + decoded residual)."""
-        codes = self._codes[positions]
+        store = self._store
+        codes = store["codes"][positions]
         parts = [self.pq_codebooks_[m][codes[:, m]] for m in range(codes.shape[1])]
         vectors = np.hstack(parts)
         if self.by_residual:
-            cells = np.searchsorted(self._list_offsets, positions, side="right") - 1
+            offsets = store["list_offsets"]
+            cells = np.searchsorted(offsets, positions, side="right") - 1
             vectors = vectors + self.cluster_centers_[cells]
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -362,37 +465,48 @@ class IVFPQNeighbors(NeighborsBase):
     def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
         # Rows in increasing id order; the stored vectors when kept, else the
         # reconstructions from the codes.
-        positions = np.argsort(self._ids, kind="stable")
-        if self._vectors is not None:
-            queries = np.ascontiguousarray(self._vectors[positions])
+        store = self._store
+        positions = np.argsort(store["ids"], kind="stable")
+        if store["vectors"] is not None:
+            queries = np.ascontiguousarray(store["vectors"][positions])
         else:
             queries = self._decode(positions)
-        return queries, self._ids[positions]
+        return queries, store["ids"][positions]
+
+    def _graph_n_columns(self) -> int:
+        ids = self._store["ids"]
+        return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)
-        if self.refine_factor is not None and self._vectors is None:
+        store = self._store  # one consistent snapshot for the whole search
+        if self.refine_factor is not None and store["vectors"] is None:
             raise ValueError(
                 "refine_factor is set but this index was fitted with "
                 "refine_factor=None and keeps no vectors to re-rank: fit it "
                 "again with refine_factor set."
             )
+        if self.nprobe > self.nlist:
+            raise ValueError(
+                f"Expected nprobe <= nlist, but nprobe = {self.nprobe}, "
+                f"nlist = {self.nlist}."
+            )
         n_scan = n_neighbors * (self.refine_factor or 1)
         n_scan = min(n_scan, self.n_samples_fit_)
-        nprobe = min(self.nprobe, self.nlist)
-        distances, positions = self._scan(X, nprobe, n_scan, n_threads)
+        nprobe = self.nprobe
+        distances, positions = self._scan(store, X, nprobe, n_scan, n_threads)
         # Too few codes in the probed cells: probe further cells for those
         # queries (never pad with -1), doubling nprobe up to nlist.
         short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
         while len(short) and nprobe < self.nlist:
             nprobe = min(2 * nprobe, self.nlist)
-            d_more, p_more = self._scan(X[short], nprobe, n_scan, n_threads)
+            d_more, p_more = self._scan(store, X[short], nprobe, n_scan, n_threads)
             distances[short], positions[short] = d_more, p_more
             short = short[p_more[:, n_neighbors - 1] < 0]
         ip = self.metric == "inner_product"
         if self.refine_factor is not None:
             distances, positions = _ivf.refine(
-                X, self._vectors, positions, n_neighbors, ip, n_threads
+                X, store["vectors"], positions, n_neighbors, ip, n_threads
             )
         distances = distances[:, :n_neighbors]
         positions = positions[:, :n_neighbors]
@@ -402,9 +516,9 @@ class IVFPQNeighbors(NeighborsBase):
                 np.sqrt(distances, out=distances)
             elif self.metric == "cosine":
                 distances *= 0.5  # ||x - y||^2 / 2 = 1 - cos for unit vectors
-        return distances, self._ids[positions]
+        return distances, store["ids"][positions]
 
-    def _scan(self, X: np.ndarray, nprobe: int, n_scan: int, n_threads: int):
+    def _scan(self, store, X: np.ndarray, nprobe: int, n_scan: int, n_threads: int):
         base, cells = self._coarse_search(X, nprobe, n_threads)
         if not self.by_residual:
             if self.metric == "inner_product":
@@ -419,8 +533,8 @@ class IVFPQNeighbors(NeighborsBase):
                 base,
                 self.pq_codebooks_,
                 self._term2,
-                self._list_offsets,
-                self._codes,
+                store["list_offsets"],
+                store["codes"],
                 n_scan,
                 self.metric == "inner_product",
                 n_threads,

@@ -124,3 +124,74 @@ def check_n_neighbors(
             f"{n_neighbors}, n_samples_fit = {n_samples_fit}."
         )
     return n_neighbors
+
+
+def _show(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def check_new_ids(ids, n_new: int, existing: np.ndarray | None) -> np.ndarray:
+    """Validate the ids of vectors being indexed, or make default ones.
+
+    Parameters
+    ----------
+    ids : array-like of shape (n_new,) or None
+        User ids (integers). ``None``: consecutive ids after the largest
+        existing one (``0 .. n_new - 1`` for an empty index).
+    n_new : int
+        Number of vectors being indexed.
+    existing : ndarray of int64 or None
+        Ids already in the index.
+
+    Returns
+    -------
+    ids : ndarray of shape (n_new,), int64
+    """
+    if ids is None:
+        first = 0 if existing is None or len(existing) == 0 else int(existing.max()) + 1
+        return np.arange(first, first + n_new, dtype=np.int64)
+    ids_arr = np.asarray(ids)
+    if ids_arr.ndim != 1 or len(ids_arr) != n_new:
+        raise ValueError(
+            f"Expected ids of shape ({n_new},), one per vector, but got shape "
+            f"{ids_arr.shape}."
+        )
+    if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
+        raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
+    ids_arr = ids_arr.astype(np.int64)
+    if ids_arr.size and ids_arr.min() < 0:
+        raise ValueError(
+            f"Expected ids >= 0, got negative ids {_show(ids_arr[ids_arr < 0])}."
+        )
+    unique, counts = np.unique(ids_arr, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"Duplicate ids in the input: {_show(unique[counts > 1])}.")
+    if existing is not None:
+        taken = ids_arr[np.isin(ids_arr, existing)]
+        if len(taken):
+            raise ValueError(f"Ids already in the index: {_show(np.sort(taken))}.")
+    return ids_arr
+
+
+def check_removed_ids(ids, existing: np.ndarray) -> np.ndarray:
+    """Validate ids to remove: integers, all present in the index.
+
+    Returns
+    -------
+    mask : ndarray of shape (len(existing),), bool
+        True for the stored vectors to remove.
+    """
+    ids_arr = np.atleast_1d(np.asarray(ids))
+    if ids_arr.ndim != 1:
+        raise ValueError(f"Expected a 1-d array of ids, got shape {ids_arr.shape}.")
+    if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
+        raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
+    ids_arr = ids_arr.astype(np.int64)
+    unknown = np.setdiff1d(ids_arr, existing)
+    if len(unknown):
+        raise ValueError(
+            f"Cannot remove ids that are not in the index: {_show(unknown)}; "
+            "nothing was removed."
+        )
+    return np.isin(existing, ids_arr)

@@ -1,0 +1,265 @@
+"""IVFPQNeighbors: quality against exact search, mutations, errors, threads."""
+
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import joblib
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.utils._param_validation import InvalidParameterError
+
+from annlearn import FlatNeighbors, IVFPQNeighbors
+from annlearn._ivfpq import default_n_subquantizers
+from annlearn._testing import assert_knn_quasi_equal
+from annlearn.datasets import make_embeddings
+
+METRICS = ["euclidean", "sqeuclidean", "cosine", "inner_product"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    X = make_embeddings(3000, 32, n_clusters=30, random_state=0)
+    Q = make_embeddings(80, 32, n_clusters=30, random_state=1)
+    return X, Q
+
+
+def _recall(found, truth):
+    k = truth.shape[1]
+    return np.mean(
+        [len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)]
+    )
+
+
+def small(**params):
+    defaults = dict(nlist=16, nprobe=4, n_subquantizers=8, nbits=6, random_state=0)
+    defaults.update(params)
+    return IVFPQNeighbors(**defaults)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_full_probe_and_refine_equals_flat(data, metric):
+    X, Q = data
+    k = 7
+    # Every list probed, every vector re-ranked: the search is exact.
+    est = small(n_neighbors=k, metric=metric, nprobe=16, refine_factor=3000 // k + 1)
+    dist, ind = est.fit(X).kneighbors(Q)
+    ref = FlatNeighbors(n_neighbors=k, metric=metric).fit(X).kneighbors(Q)
+    assert_knn_quasi_equal(dist, ind, *ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("by_residual", [True, False])
+def test_recall_increases_with_nprobe(data, metric, by_residual):
+    X, Q = data
+    truth = (
+        FlatNeighbors(n_neighbors=10, metric=metric)
+        .fit(X)
+        .kneighbors(Q, return_distance=False)
+    )
+    est = small(n_neighbors=10, metric=metric, by_residual=by_residual).fit(X)
+    recalls = []
+    for nprobe in (1, 4, 16):
+        est.set_params(nprobe=nprobe)
+        recalls.append(_recall(est.kneighbors(Q, return_distance=False), truth))
+    assert recalls[0] <= recalls[1] + 0.02 <= recalls[2] + 0.04
+    assert recalls[-1] > 0.3
+
+
+def test_refinement_improves_recall(data):
+    X, Q = data
+    truth = FlatNeighbors(n_neighbors=10).fit(X).kneighbors(Q, return_distance=False)
+    plain = small(n_neighbors=10, nprobe=8).fit(X)
+    refined = small(n_neighbors=10, nprobe=8, refine_factor=8).fit(X)
+    r_plain = _recall(plain.kneighbors(Q, return_distance=False), truth)
+    r_refined = _recall(refined.kneighbors(Q, return_distance=False), truth)
+    assert r_refined > max(r_plain, 0.9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(64, 300),
+    d=st.sampled_from([4, 8, 12]),
+    k=st.integers(1, 8),
+    metric=st.sampled_from(METRICS),
+)
+def test_property_exhaustive_search_is_exact(seed, n, d, k, metric):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    Q = rng.standard_normal((5, d)).astype(np.float32)
+    est = IVFPQNeighbors(
+        n_neighbors=k,
+        nlist=4,
+        nprobe=4,
+        n_subquantizers=d // 4,
+        nbits=4,
+        metric=metric,
+        refine_factor=n,
+        random_state=seed,
+    ).fit(X)
+    ref = FlatNeighbors(n_neighbors=k, metric=metric).fit(X).kneighbors(Q)
+    assert_knn_quasi_equal(*est.kneighbors(Q), *ref, rtol=1e-4, atol=1e-4)
+
+
+def test_never_pads_with_minus_one(data):
+    X, _ = data
+    est = small(n_neighbors=50, nlist=64, nprobe=1).fit(X[:400])
+    ind = est.kneighbors(X[:30], return_distance=False)
+    assert np.all(ind >= 0)
+    assert all(len(set(row)) == 50 for row in ind)
+
+
+def test_query_is_train_excludes_self(data):
+    X, _ = data
+    for refine in (None, 4):
+        est = small(n_neighbors=5, nprobe=16, refine_factor=refine).fit(X[:500])
+        ind = est.kneighbors(return_distance=False)
+        assert ind.shape == (500, 5)
+        assert np.all(ind != np.arange(500)[:, None])
+
+
+def test_pipeline_classifier(data):
+    X, Q = data
+    y = (X[:, 0] > 0).astype(int)
+    pipe = make_pipeline(
+        small(n_neighbors=5, nprobe=16, refine_factor=4),
+        KNeighborsClassifier(5, metric="precomputed"),
+    ).fit(X, y)
+    exact = KNeighborsClassifier(5).fit(X, y)
+    assert np.mean(pipe.predict(Q) == exact.predict(Q)) >= 0.9
+
+
+def test_add_remove_and_ids(data):
+    X, Q = data
+    est = small(n_neighbors=5, nprobe=16, refine_factor=20)
+    est.fit(X[:2000], ids=np.arange(2000) + 10_000)
+    est.add(X[2000:], ids=np.arange(1000) + 50_000)
+    assert est.n_samples_fit_ == 3000
+    ind = est.kneighbors(Q, return_distance=False)
+    ref = FlatNeighbors(n_neighbors=5).fit(X).kneighbors(Q, return_distance=False)
+    mapped = np.where(ref < 2000, ref + 10_000, ref - 2000 + 50_000)
+    assert _recall(ind, mapped) > 0.95
+    # Removed vectors are never returned again, immediately.
+    gone = np.unique(ind[:, 0])
+    est.remove(gone)
+    assert est.n_samples_fit_ == 3000 - len(gone)
+    assert not np.isin(est.kneighbors(Q, return_distance=False), gone).any()
+    # Default ids continue after the largest one.
+    est.add(X[:2])
+    assert {51_000, 51_001} <= set(est._store["ids"])
+
+
+def test_failed_mutations_leave_index_unchanged(data):
+    X, Q = data
+    est = small(n_neighbors=5).fit(X[:1000])
+    before = est.kneighbors(Q)
+    store = est._store
+    with pytest.raises(ValueError, match="Ids already in the index"):
+        est.add(X[1000:1010], ids=np.arange(5, 15))
+    with pytest.raises(ValueError, match="Duplicate ids in the input"):
+        est.add(X[1000:1002], ids=[3000, 3000])
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        est.add(np.full((2, 32), np.nan))
+    with pytest.raises(ValueError, match="X has 3 features"):
+        est.add(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"not in the index: \[5000, 6000\]"):
+        est.remove([1, 5000, 6000])
+    assert est._store is store
+    np.testing.assert_array_equal(est.kneighbors(Q)[1], before[1])
+
+
+def test_flat_add_remove(data):
+    X, Q = data
+    est = FlatNeighbors(n_neighbors=4).fit(X[:1000])
+    est.add(X[1000:])
+    ref = FlatNeighbors(n_neighbors=4).fit(X).kneighbors(Q)
+    np.testing.assert_array_equal(est.kneighbors(Q)[1], ref[1])
+    est.remove(ref[1][:, 0])
+    assert not np.isin(est.kneighbors(Q)[1], ref[1][:, 0]).any()
+    with pytest.raises(ValueError, match="not in the index"):
+        est.remove([123_456])
+
+
+def test_errors(data):
+    X, Q = data
+    with pytest.raises(ValueError, match=r"at least max\(nlist, 2\*\*nbits\) = 64"):
+        IVFPQNeighbors(nlist=64, nbits=4).fit(X[:50])
+    with pytest.raises(ValueError, match=r"at least max\(nlist, 2\*\*nbits\) = 256"):
+        IVFPQNeighbors(nlist=4, nbits=8).fit(X[:100])
+    with pytest.raises(ValueError, match=r"Valid values: \[1, 2, 4, 8, 16, 32\]"):
+        small(n_subquantizers=5).fit(X)
+    for nbits in (3, 9):
+        with pytest.raises(InvalidParameterError, match="'nbits' parameter"):
+            small(nbits=nbits).fit(X)
+    est = small().fit(X)
+    with pytest.raises(ValueError, match="Expected nprobe <= nlist, but nprobe = 17"):
+        est.set_params(nprobe=17).kneighbors(Q)
+    est.set_params(nprobe=4)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        est.kneighbors(np.full((1, 32), np.nan))
+    with pytest.raises(ValueError, match="X has 31 features"):
+        est.kneighbors(np.ones((1, 31)))
+    with pytest.raises(ValueError, match="n_neighbors = 3001, n_samples_fit = 3000"):
+        est.kneighbors(Q, n_neighbors=3001)
+    with pytest.raises(ValueError, match="fitted with refine_factor=None"):
+        est.set_params(refine_factor=2).kneighbors(Q)
+    with pytest.raises(NotFittedError):
+        small().kneighbors(Q)
+    with pytest.raises(NotFittedError):
+        small().add(Q)
+
+
+def test_concurrent_searches_with_different_nprobe(data):
+    X, Q = data
+    base = small(n_neighbors=10).fit(X)
+    params = [1, 2, 4, 8, 16] * 4
+    expected = {}
+    for nprobe in set(params):
+        expected[nprobe] = (
+            pickle.loads(pickle.dumps(base)).set_params(nprobe=nprobe).kneighbors(Q)[1]
+        )
+    estimators = {
+        p: pickle.loads(pickle.dumps(base)).set_params(nprobe=p) for p in set(params)
+    }
+
+    def search(p):
+        return p, estimators[p].kneighbors(Q)[1]
+
+    with ThreadPoolExecutor(4) as pool:
+        for p, ind in pool.map(search, params):
+            np.testing.assert_array_equal(ind, expected[p])
+
+
+def test_persistence_and_memmap(data, tmp_path):
+    X, Q = data
+    est = small(n_neighbors=5, refine_factor=4).fit(X)
+    expected = est.kneighbors(Q)
+    path = tmp_path / "ivfpq.joblib"
+    joblib.dump(est, path)
+    loaded = joblib.load(path, mmap_mode="r")
+    assert isinstance(loaded._store["codes"], np.memmap)
+    np.testing.assert_array_equal(loaded.kneighbors(Q)[1], expected[1])
+    # Mutations after a read-only load copy what they need; the file is intact.
+    loaded.add(X[:3], ids=[10_000, 10_001, 10_002]).remove([0, 1])
+    assert loaded.n_samples_fit_ == 3001
+    np.testing.assert_array_equal(joblib.load(path).kneighbors(Q)[1], expected[1])
+
+
+def test_default_n_subquantizers():
+    assert default_n_subquantizers(784) == 98
+    assert default_n_subquantizers(128) == 16
+    assert default_n_subquantizers(3) == 1
+
+
+def test_verbose_output(data, capsys):
+    X, _ = data
+    small(verbose=1).fit(X)
+    out = capsys.readouterr().out
+    assert "coarse quantizer: 16 cells" in out and "encoded 3000 vectors" in out
+    small(verbose=0).fit(X)
+    assert capsys.readouterr().out == ""
