@@ -11,6 +11,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search
 from annlearn._base import NeighborsBase
+from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import blas_single_thread, effective_n_threads
 from annlearn._validation import (
     METRICS,
@@ -53,7 +54,7 @@ def _far_from_origin(X: np.ndarray, sqnorms: np.ndarray) -> bool:
     return mean_sq > 32.0**2 * max(spread, float(np.finfo(np.float32).tiny))
 
 
-class FlatNeighbors(NeighborsBase):
+class FlatNeighbors(PersistenceMixin, NeighborsBase):
     """Exact k-nearest-neighbour search, brute force on GEMM + top-k heaps.
 
     The ground truth for annlearn's approximate indexes, and a drop-in
@@ -187,6 +188,20 @@ class FlatNeighbors(NeighborsBase):
         # mix of the two.
         self._store = {"vectors": vectors, "sqnorms": sqnorms, "ids": ids}
         self.n_samples_fit_ = len(vectors)
+
+    def _check_state(self) -> None:
+        store = getattr(self, "_store", None)
+        if not isinstance(store, dict) or set(store) != {"vectors", "sqnorms", "ids"}:
+            raise ValueError("Corrupted FlatNeighbors state: no index arrays.")
+        n, d = self.n_samples_fit_, self.n_features_in_
+        name = "FlatNeighbors"
+        check_array_state(
+            name, "vectors", store["vectors"], dtype=np.float32, ndim=2, shape=(n, d)
+        )
+        check_array_state(
+            name, "sqnorms", store["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
+        )
+        check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
 
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""

@@ -15,7 +15,9 @@ where r_m = e_m(code_m). Term 1 comes free from the coarse search that chose
 the probed cells (its exact distances). Term 2 depends on the cell and the
 codes, not on the query: a table of nlist x M x ksub floats computed at fit.
 Term 3 depends on the query and the codes, not on the cell: one table of
-M x ksub per query, computed by M small GEMMs per block of queries. So a
+M x ksub per query (``annlearn_pq_tables`` in _utils/_simd.h, from the
+codebooks stored transposed so that its inner loop is a vectorised axpy over
+the codewords; no BLAS inside the parallel region). So a
 probed cell costs one vector addition (term 2 + term 3 into the lookup table)
 and then M lookups and adds per stored code. This is FAISS's "precomputed
 table" decomposition (``IndexIVFPQ``), derived here in the form we use.
@@ -26,9 +28,8 @@ table of codeword norms, folded into term 3 once per query.
 For the inner product, -<x, y> = -<x, c> - sum_m <x_m, r_m>: term 1 is the
 coarse search's -<x, c> and there is no term 2.
 
-Threads split the queries (FAISS's search mode 0): each owns a block of
-queries with its term-3 tables, one lookup table and the heaps, which are
-rows of the output. Nothing is shared, so concurrent calls from several
+Threads split the queries (FAISS's search mode 0): each owns its term-3
+table, one lookup table and the heaps, which are rows of the output. Nothing is shared, so concurrent calls from several
 Python threads, each with its own nprobe, cannot disturb each other.
 """
 
@@ -39,15 +40,14 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc
 
-from annlearn._utils._blas cimport gemm_abt
+cdef extern from "_simd.h" nogil:
+    float annlearn_l2sqr(const float* x, const float* y, Py_ssize_t d)
+    float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
+    void annlearn_pq_tables(const float* x, const float* codebooks_t,
+                            Py_ssize_t M, Py_ssize_t dsub, Py_ssize_t ksub,
+                            float alpha, float* table)
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
-
-cdef enum:
-    # Queries whose term-3 tables are computed together (M GEMMs of
-    # QUERY_BLOCK x dsub by dsub x ksub).
-    QUERY_BLOCK = 32
-
 
 cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
     return a if a < b else b
@@ -77,7 +77,7 @@ def ivfpq_scan(
     const float32_t[:, ::1] Q,
     const id_t[:, ::1] probe_cells,
     const float32_t[:, ::1] probe_base,
-    const float32_t[:, :, ::1] codebooks,
+    const float32_t[:, :, ::1] codebooks_t,
     const float32_t[:, :, ::1] term2,
     const id_t[::1] list_offsets,
     const code_t[:, ::1] codes,
@@ -95,8 +95,9 @@ def ivfpq_scan(
         Cells to scan per query (-1: skip).
     probe_base : ndarray of shape (n_queries, nprobe), float32
         Term 1 for each probed cell.
-    codebooks : ndarray of shape (M, ksub, dsub), float32
-        PQ codebooks, ``M * dsub == n_features``.
+    codebooks_t : ndarray of shape (M, dsub, ksub), float32
+        PQ codebooks, transposed (``codebooks.transpose(0, 2, 1)``),
+        ``M * dsub == n_features``.
     term2 : ndarray of shape (n_tables, M, ksub), float32
         Term 2 per cell (``n_tables == nlist``), or one table for every cell
         (``n_tables == 1``, folded into term 3), or ``n_tables == 0``: none.
@@ -109,7 +110,7 @@ def ivfpq_scan(
     inner_product : bool
         Rank by -<x, y> instead of ||x - y||^2.
     n_threads : int
-        OpenMP threads (the caller caps BLAS at one thread).
+        OpenMP threads.
 
     Returns
     -------
@@ -119,8 +120,8 @@ def ivfpq_scan(
         Positions of the codes in ``codes``; -1 where none.
     """
     cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
-    cdef intp_t M = codebooks.shape[0], ksub = codebooks.shape[1]
-    cdef intp_t dsub = codebooks.shape[2], nprobe = probe_cells.shape[1]
+    cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
+    cdef intp_t ksub = codebooks_t.shape[2], nprobe = probe_cells.shape[1]
     cdef intp_t nlist = list_offsets.shape[0] - 1
     cdef intp_t n_tables = term2.shape[0]
     if M * dsub != d:
@@ -145,66 +146,56 @@ def ivfpq_scan(
         return distances_arr, positions_arr
     cdef float32_t[:, ::1] distances = distances_arr
     cdef id_t[:, ::1] positions = positions_arr
-    cdef intp_t n_blocks = (n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK
-    cdef int n_threads_used = <int>_imin(n_threads, n_blocks)
     cdef intp_t table_size = M * ksub
     cdef float32_t alpha = -1.0 if inner_product else -2.0
     # One term-2 table for every cell is folded into term 3 once per query;
     # per-cell tables are added for each probed cell.
     cdef bint shared_term2 = n_tables == 1
     cdef bint per_cell_term2 = n_tables > 1
-    cdef intp_t block, q0, q1, q, m, p, i, r
+    cdef int n_threads_used = <int>_imin(n_threads, n_queries)
+    cdef intp_t q, p, i, r
     cdef id_t cell
     cdef float32_t* term3 = NULL
     cdef float32_t* lut = NULL
-    cdef float32_t* table
     cdef const float32_t* t2
     cdef int failed = 0
     cdef int* failed_ptr = &failed
 
     with nogil, parallel(num_threads=n_threads_used):
-        term3 = <float32_t*> malloc(QUERY_BLOCK * table_size * sizeof(float32_t))
+        term3 = <float32_t*> malloc(table_size * sizeof(float32_t))
         lut = <float32_t*> malloc(table_size * sizeof(float32_t))
-        for block in prange(n_blocks, schedule="dynamic"):
+        for q in prange(n_queries, schedule="dynamic", chunksize=16):
             if term3 == NULL or lut == NULL:
                 failed_ptr[0] = 1
                 continue
-            q0 = block * QUERY_BLOCK
-            q1 = _imin(q0 + QUERY_BLOCK, n_queries)
-            # Term 3 for the whole block: M GEMMs (q1 - q0) x dsub x ksub; the
-            # table of query q starts at term3 + (q - q0) * table_size.
-            for m in range(M):
-                gemm_abt(q1 - q0, ksub, dsub, alpha, &Q[q0, m * dsub], d,
-                         &codebooks[m, 0, 0], dsub, <float32_t>0.0,
-                         term3 + m * ksub, table_size)
-            for q in range(q0, q1):
-                table = term3 + (q - q0) * table_size
-                if shared_term2:
-                    t2 = &term2[0, 0, 0]
+            annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, ksub,
+                               alpha, term3)
+            if shared_term2:
+                t2 = &term2[0, 0, 0]
+                for i in range(table_size):
+                    term3[i] = term3[i] + t2[i]
+            heap_init(&distances[q, 0], &positions[q, 0], k)
+            for p in range(nprobe):
+                cell = probe_cells[q, p]
+                if cell < 0 or list_offsets[cell] == list_offsets[cell + 1]:
+                    continue
+                if per_cell_term2:
+                    t2 = &term2[cell, 0, 0]
                     for i in range(table_size):
-                        table[i] = table[i] + t2[i]
-                heap_init(&distances[q, 0], &positions[q, 0], k)
-                for p in range(nprobe):
-                    cell = probe_cells[q, p]
-                    if cell < 0 or list_offsets[cell] == list_offsets[cell + 1]:
-                        continue
-                    if per_cell_term2:
-                        t2 = &term2[cell, 0, 0]
-                        for i in range(table_size):
-                            lut[i] = table[i] + t2[i]
-                        _scan_list(&codes[0, 0], list_offsets[cell],
-                                   list_offsets[cell + 1], M, ksub, lut,
-                                   probe_base[q, p], k, &distances[q, 0],
-                                   &positions[q, 0])
-                    else:
-                        _scan_list(&codes[0, 0], list_offsets[cell],
-                                   list_offsets[cell + 1], M, ksub, table,
-                                   probe_base[q, p], k, &distances[q, 0],
-                                   &positions[q, 0])
-                heap_sort(&distances[q, 0], &positions[q, 0], k)
-                for r in range(k):
-                    if positions[q, r] == INT64_MAX:
-                        positions[q, r] = -1
+                        lut[i] = term3[i] + t2[i]
+                    _scan_list(&codes[0, 0], list_offsets[cell],
+                               list_offsets[cell + 1], M, ksub, lut,
+                               probe_base[q, p], k, &distances[q, 0],
+                               &positions[q, 0])
+                else:
+                    _scan_list(&codes[0, 0], list_offsets[cell],
+                               list_offsets[cell + 1], M, ksub, term3,
+                               probe_base[q, p], k, &distances[q, 0],
+                               &positions[q, 0])
+            heap_sort(&distances[q, 0], &positions[q, 0], k)
+            for r in range(k):
+                if positions[q, r] == INT64_MAX:
+                    positions[q, r] = -1
         free(term3)
         free(lut)
     if failed:
@@ -258,9 +249,9 @@ def refine(
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
     cdef float32_t[:, ::1] distances = distances_arr
     cdef id_t[:, ::1] positions = positions_arr
-    cdef intp_t q, c, f, r
+    cdef intp_t q, c, r
     cdef id_t row
-    cdef float64_t acc, diff
+    cdef float32_t dist
     with nogil:
         for q in prange(n_queries, num_threads=n_threads, schedule="static"):
             heap_init(&distances[q, 0], &positions[q, 0], k)
@@ -268,16 +259,11 @@ def refine(
                 row = candidates[q, c]
                 if row < 0:
                     continue
-                acc = 0.0
                 if inner_product:
-                    for f in range(d):
-                        acc = acc - <float64_t>Q[q, f] * vectors[row, f]
+                    dist = -annlearn_inner_product(&Q[q, 0], &vectors[row, 0], d)
                 else:
-                    for f in range(d):
-                        diff = <float64_t>Q[q, f] - vectors[row, f]
-                        acc = acc + diff * diff
-                heap_push(&distances[q, 0], &positions[q, 0], k,
-                          <float32_t>acc, row)
+                    dist = annlearn_l2sqr(&Q[q, 0], &vectors[row, 0], d)
+                heap_push(&distances[q, 0], &positions[q, 0], k, dist, row)
             heap_sort(&distances[q, 0], &positions[q, 0], k)
             for r in range(k):
                 if positions[q, r] == INT64_MAX:

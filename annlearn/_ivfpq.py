@@ -15,6 +15,7 @@ from annlearn import _flat_search, _ivf
 from annlearn._base import NeighborsBase
 from annlearn._clustering import train_kmeans
 from annlearn._flat import _normalize_rows
+from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import blas_single_thread, effective_n_threads
 from annlearn._validation import (
     METRICS,
@@ -40,7 +41,7 @@ def default_n_subquantizers(n_features: int) -> int:
     return min(_divisors(n_features), key=lambda m: (abs(m - n_features / 8), m))
 
 
-class IVFPQNeighbors(NeighborsBase):
+class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     """Approximate k-nearest-neighbour search with an IVF-PQ index.
 
     The vectors are partitioned into ``nlist`` cells by k-means (the coarse
@@ -260,7 +261,7 @@ class IVFPQNeighbors(NeighborsBase):
             f"product quantizer: {n_sub} x {ksub} centres trained in "
             f"{time.perf_counter() - start:.2f} s"
         )
-        self._term2 = self._term2_tables()
+        self._derive_tables()
 
         start = time.perf_counter()
         cells, codes = self._encode(X, n_threads)
@@ -408,6 +409,69 @@ class IVFPQNeighbors(NeighborsBase):
             return X
         return X - self.cluster_centers_[cells]
 
+    _derived_attributes = ("_term2", "_codebooks_t")
+
+    def _check_state(self) -> None:
+        store = getattr(self, "_store", None)
+        keys = {"list_offsets", "codes", "ids", "vectors"}
+        if not isinstance(store, dict) or set(store) != keys:
+            raise ValueError("Corrupted IVFPQNeighbors state: no inverted lists.")
+        name = "IVFPQNeighbors"
+        n, d = self.n_samples_fit_, self.n_features_in_
+        n_sub, ksub = self.n_subquantizers_, 2**self.nbits
+        check_array_state(
+            name,
+            "cluster_centers_",
+            self.cluster_centers_,
+            dtype=np.float32,
+            ndim=2,
+            shape=(self.nlist, d),
+        )
+        check_array_state(
+            name,
+            "pq_codebooks_",
+            self.pq_codebooks_,
+            dtype=np.float32,
+            ndim=3,
+            shape=(n_sub, ksub, d // n_sub),
+        )
+        offsets = store["list_offsets"]
+        check_array_state(
+            name,
+            "list_offsets",
+            offsets,
+            dtype=np.int64,
+            ndim=1,
+            shape=(self.nlist + 1,),
+        )
+        if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+            raise ValueError(
+                "Corrupted IVFPQNeighbors state: list_offsets must increase "
+                f"from 0 to n_samples_fit_ = {n}."
+            )
+        check_array_state(
+            name, "codes", store["codes"], dtype=np.uint8, ndim=2, shape=(n, n_sub)
+        )
+        check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
+        if store["vectors"] is not None:
+            check_array_state(
+                name,
+                "vectors",
+                store["vectors"],
+                dtype=np.float32,
+                ndim=2,
+                shape=(n, d),
+            )
+        if ksub < 256 and n and int(store["codes"].max()) >= ksub:
+            raise ValueError(
+                f"Corrupted IVFPQNeighbors state: codes must be < 2**nbits = {ksub}."
+            )
+
+    def _derive_tables(self) -> None:
+        """Search tables derived from the quantizers (not persisted)."""
+        self._term2 = self._term2_tables()
+        self._codebooks_t = np.ascontiguousarray(self.pq_codebooks_.transpose(0, 2, 1))
+
     def _term2_tables(self) -> np.ndarray:
         """Term 2 of the ADC decomposition (see ``_ivf.pyx``)."""
         codebooks = self.pq_codebooks_
@@ -526,16 +590,15 @@ class IVFPQNeighbors(NeighborsBase):
             else:
                 sq = _flat_search.row_sqnorms(X, n_threads)
                 base = np.ascontiguousarray(np.repeat(sq[:, None], nprobe, axis=1))
-        with blas_single_thread():
-            return _ivf.ivfpq_scan(
-                X,
-                cells,
-                base,
-                self.pq_codebooks_,
-                self._term2,
-                store["list_offsets"],
-                store["codes"],
-                n_scan,
-                self.metric == "inner_product",
-                n_threads,
-            )
+        return _ivf.ivfpq_scan(
+            X,
+            cells,
+            base,
+            self._codebooks_t,
+            self._term2,
+            store["list_offsets"],
+            store["codes"],
+            n_scan,
+            self.metric == "inner_product",
+            n_threads,
+        )

@@ -263,3 +263,39 @@ def test_verbose_output(data, capsys):
     assert "coarse quantizer: 16 cells" in out and "encoded 3000 vectors" in out
     small(verbose=0).fit(X)
     assert capsys.readouterr().out == ""
+
+
+def test_pickle_versions_and_corruption(data):
+    X, Q = data
+    est = small(n_neighbors=3).fit(X[:500])
+    state = est.__getstate__()
+    assert state["_annlearn_format"] == 1
+    assert "_term2" not in state and "_codebooks_t" not in state
+    restored = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(restored.kneighbors(Q)[1], est.kneighbors(Q)[1])
+
+    newer = dict(state, _annlearn_format=99)
+    with pytest.raises(ValueError, match="data layout version 99"):
+        IVFPQNeighbors().__setstate__(newer)
+    tampered = dict(state)
+    tampered["_store"] = dict(state["_store"], codes=state["_store"]["codes"][:-1])
+    with pytest.raises(ValueError, match="Corrupted IVFPQNeighbors state: codes"):
+        IVFPQNeighbors().__setstate__(tampered)
+    bad_codes = dict(state)
+    codes = state["_store"]["codes"].copy()
+    codes[0, 0] = 200  # nbits=6: codes must be < 64
+    bad_codes["_store"] = dict(state["_store"], codes=codes)
+    with pytest.raises(ValueError, match="codes must be < 2\\*\\*nbits = 64"):
+        IVFPQNeighbors().__setstate__(bad_codes)
+    offsets = dict(state)
+    offsets["_store"] = dict(
+        state["_store"], list_offsets=state["_store"]["list_offsets"][::-1].copy()
+    )
+    with pytest.raises(ValueError, match="list_offsets must increase"):
+        IVFPQNeighbors().__setstate__(offsets)
+
+    flat = FlatNeighbors().fit(X[:50])
+    fstate = flat.__getstate__()
+    fstate["_store"] = dict(fstate["_store"], ids=fstate["_store"]["ids"][:10])
+    with pytest.raises(ValueError, match="Corrupted FlatNeighbors state: ids"):
+        FlatNeighbors().__setstate__(fstate)

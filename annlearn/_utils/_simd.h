@@ -1,0 +1,172 @@
+/*
+ * Small vector kernels of the IVF-PQ search, with an AVX-512 version selected
+ * at run time (see _packed_gemm.h for why annlearn dispatches itself rather
+ * than compiling with -march=native).
+ *
+ * annlearn_l2sqr / annlearn_inner_product
+ *     ||x - y||^2 and <x, y> of two float32 vectors: the exact re-ranking.
+ *     The portable versions keep 8 independent partial sums so that the
+ *     compiler can vectorise them without -ffast-math.
+ *
+ * annlearn_pq_tables
+ *     The per-query lookup tables of ADC (term 3 in _ivf.pyx):
+ *         table[m * ksub + j] = alpha * <x_m, codebook_m[j]>
+ *     from the codebooks stored transposed, (M, dsub, ksub): the inner loop
+ *     runs over the ksub codewords, contiguous, as an axpy (no horizontal
+ *     reduction), which vectorises at any width.
+ */
+#ifndef ANNLEARN_SIMD_H
+#define ANNLEARN_SIMD_H
+
+#include <stddef.h>
+
+#include "_packed_gemm.h"
+
+static inline float annlearn_l2sqr_portable(const float* x, const float* y,
+                                            ptrdiff_t d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t i, j, d8 = d / 8 * 8;
+    float total = 0.0f;
+    for (i = 0; i < d8; i += 8)
+        for (j = 0; j < 8; j++) {
+            float diff = x[i + j] - y[i + j];
+            acc[j] += diff * diff;
+        }
+    for (i = d8; i < d; i++) {
+        float diff = x[i] - y[i];
+        total += diff * diff;
+    }
+    for (j = 0; j < 8; j++) total += acc[j];
+    return total;
+}
+
+static inline float annlearn_inner_product_portable(const float* x,
+                                                    const float* y,
+                                                    ptrdiff_t d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t i, j, d8 = d / 8 * 8;
+    float total = 0.0f;
+    for (i = 0; i < d8; i += 8)
+        for (j = 0; j < 8; j++) acc[j] += x[i + j] * y[i + j];
+    for (i = d8; i < d; i++) total += x[i] * y[i];
+    for (j = 0; j < 8; j++) total += acc[j];
+    return total;
+}
+
+static inline void annlearn_pq_tables_portable(
+    const float* x, const float* codebooks_t, ptrdiff_t M, ptrdiff_t dsub,
+    ptrdiff_t ksub, float alpha, float* table) {
+    ptrdiff_t m, f, j;
+    for (m = 0; m < M; m++) {
+        float* out = table + m * ksub;
+        const float* cb = codebooks_t + m * dsub * ksub;
+        for (j = 0; j < ksub; j++) out[j] = 0.0f;
+        for (f = 0; f < dsub; f++) {
+            const float xf = alpha * x[m * dsub + f];
+            const float* row = cb + f * ksub;
+            for (j = 0; j < ksub; j++) out[j] += xf * row[j];
+        }
+    }
+}
+
+#if ANNLEARN_HAVE_X86_DISPATCH
+
+__attribute__((target("avx512f")))
+static inline float annlearn_l2sqr_avx512(const float* x, const float* y,
+                                          ptrdiff_t d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+        __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i));
+        __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16),
+                                  _mm512_loadu_ps(y + i + 16));
+        a0 = _mm512_fmadd_ps(d0, d0, a0);
+        a1 = _mm512_fmadd_ps(d1, d1, a1);
+    }
+    for (; i < d; i += 16) {
+        __mmask16 mask = d - i >= 16 ? (__mmask16)0xFFFF
+                                     : (__mmask16)((1u << (d - i)) - 1u);
+        __m512 d0 = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + i),
+                                  _mm512_maskz_loadu_ps(mask, y + i));
+        a0 = _mm512_fmadd_ps(d0, d0, a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+__attribute__((target("avx512f")))
+static inline float annlearn_inner_product_avx512(const float* x,
+                                                  const float* y, ptrdiff_t d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16),
+                             _mm512_loadu_ps(y + i + 16), a1);
+    }
+    for (; i < d; i += 16) {
+        __mmask16 mask = d - i >= 16 ? (__mmask16)0xFFFF
+                                     : (__mmask16)((1u << (d - i)) - 1u);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i),
+                             _mm512_maskz_loadu_ps(mask, y + i), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+__attribute__((target("avx512f")))
+static inline void annlearn_pq_tables_avx512(
+    const float* x, const float* codebooks_t, ptrdiff_t M, ptrdiff_t dsub,
+    ptrdiff_t ksub, float alpha, float* table) {
+    ptrdiff_t m, f, j;
+    if (ksub % 16) {
+        annlearn_pq_tables_portable(x, codebooks_t, M, dsub, ksub, alpha, table);
+        return;
+    }
+    for (m = 0; m < M; m++) {
+        float* out = table + m * ksub;
+        const float* cb = codebooks_t + m * dsub * ksub;
+        for (j = 0; j < ksub; j += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (f = 0; f < dsub; f++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[m * dsub + f]),
+                                      _mm512_loadu_ps(cb + f * ksub + j), acc);
+            _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_set1_ps(alpha), acc));
+        }
+    }
+}
+
+#define ANNLEARN_DISPATCH(name, args)                                  \
+    (annlearn_simd_level() ? name##_avx512 args : name##_portable args)
+
+static int annlearn_simd_level_cache = -1;
+
+/* 1 if the AVX-512 versions may run, else 0 (computed once). */
+static inline int annlearn_simd_level(void) {
+    if (annlearn_simd_level_cache < 0)
+        annlearn_simd_level_cache = annlearn_cpu_has_avx512f() ? 1 : 0;
+    return annlearn_simd_level_cache;
+}
+
+#else
+
+#define ANNLEARN_DISPATCH(name, args) (name##_portable args)
+
+#endif
+
+static inline float annlearn_l2sqr(const float* x, const float* y, ptrdiff_t d) {
+    return ANNLEARN_DISPATCH(annlearn_l2sqr, (x, y, d));
+}
+
+static inline float annlearn_inner_product(const float* x, const float* y,
+                                           ptrdiff_t d) {
+    return ANNLEARN_DISPATCH(annlearn_inner_product, (x, y, d));
+}
+
+static inline void annlearn_pq_tables(const float* x, const float* codebooks_t,
+                                      ptrdiff_t M, ptrdiff_t dsub,
+                                      ptrdiff_t ksub, float alpha,
+                                      float* table) {
+    ANNLEARN_DISPATCH(annlearn_pq_tables,
+                      (x, codebooks_t, M, dsub, ksub, alpha, table));
+}
+
+#endif
