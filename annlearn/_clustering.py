@@ -16,7 +16,7 @@ from sklearn.utils import check_random_state
 
 from annlearn import _flat_search
 from annlearn._kmeans import centre_sums
-from annlearn._threads import blas_single_thread
+from annlearn._threads import flat_search_blas_guard
 
 __all__ = ["train_kmeans"]
 
@@ -84,7 +84,7 @@ def train_kmeans(
     threshold = tol * float(np.sum(spread**2))
     inertia = np.inf
     n_iter = 0
-    with blas_single_thread():
+    with flat_search_blas_guard():
         for n_iter in range(1, max_iter + 1):
             start = time.perf_counter()
             sqnorms = _flat_search.row_sqnorms(centers, n_threads)

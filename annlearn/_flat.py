@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from annlearn import _flat_search
 from annlearn._base import NeighborsBase
 from annlearn._persistence import PersistenceMixin, check_array_state
-from annlearn._threads import blas_single_thread, effective_n_threads
+from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
     METRICS,
     check_new_ids,
@@ -282,7 +282,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         store = self._store
         n_threads = effective_n_threads(self.n_jobs)
-        with blas_single_thread():
+        with flat_search_blas_guard():
             distances, positions = _flat_search.flat_kneighbors(
                 X,
                 store["vectors"],

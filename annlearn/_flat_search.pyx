@@ -174,7 +174,8 @@ cdef void _scan_block(
             annlearn_pack_panels_avx512(Y + y0 * n_features, n_features, ny,
                                         n_features, packed_y)
             annlearn_packed_gemm_abt(nx, ny, n_features, alpha, packed_x,
-                                     packed_y, buf, ny)
+                                     packed_y, Y_sqnorms + y0 if l2 else NULL,
+                                     buf, ny)
         elif few:
             annlearn_dot_rows_avx512(nx, ny, n_features, alpha,
                                      X + xs * n_features, n_features,
@@ -186,9 +187,10 @@ cdef void _scan_block(
             row = buf + i * ny
             values = heap_values + i * k
             ids = heap_ids + i * k
-            if l2:
+            if l2 and not packed:
                 # The GEMM wrote -2 x.y; adding ||y||^2 in place makes the
-                # scan below the same for every metric.
+                # scan below the same for every metric. (The packed GEMM
+                # adds it in its epilogue.)
                 for j in range(ny):
                     row[j] = row[j] + Y_sqnorms[y0 + j]
             _offer_row(row, ny, y0, k, values, ids)

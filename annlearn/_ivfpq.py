@@ -16,7 +16,7 @@ from annlearn._base import NeighborsBase
 from annlearn._clustering import train_kmeans
 from annlearn._flat import _normalize_rows
 from annlearn._persistence import PersistenceMixin, check_array_state
-from annlearn._threads import blas_single_thread, effective_n_threads
+from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
     METRICS,
     check_new_ids,
@@ -391,7 +391,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     def _coarse_search(self, X: np.ndarray, nprobe: int, n_threads: int):
         """(term-1 distances, cells) of the ``nprobe`` nearest cells."""
-        with blas_single_thread():
+        with flat_search_blas_guard():
             return _flat_search.flat_kneighbors(
                 X,
                 self.cluster_centers_,
@@ -497,7 +497,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             block = X[start : start + _ENCODE_BLOCK]
             cells[start : start + len(block)] = self._assign(block, n_threads)
             residuals = self._residuals(block, cells[start : start + len(block)])
-            with blas_single_thread():
+            with flat_search_blas_guard():
                 for m in range(n_sub):
                     sub = np.ascontiguousarray(residuals[:, m * dsub : (m + 1) * dsub])
                     codes[start : start + len(block), m] = _flat_search.flat_kneighbors(

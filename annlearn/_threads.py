@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from threadpoolctl import ThreadpoolController
 
 from annlearn._utils._openmp_helpers import _openmp_effective_n_threads
 
-__all__ = ["effective_n_threads", "blas_single_thread"]
+__all__ = ["effective_n_threads", "blas_single_thread", "flat_search_blas_guard"]
 
 
 def effective_n_threads(n_jobs: int | None) -> int:
@@ -75,3 +75,15 @@ def blas_single_thread() -> Iterator[None]:
             if _depth == 0 and _limiter is not None:
                 _limiter.restore_original_limits()
                 _limiter = None
+
+
+def flat_search_blas_guard() -> AbstractContextManager:
+    """The BLAS cap the flat search kernel needs: none when it runs its own
+    AVX-512 GEMM (it then calls no BLAS), ``blas_single_thread`` otherwise.
+
+    Skipping the cap when it is not needed saves the few tens of
+    microseconds threadpoolctl takes, which count for single queries.
+    """
+    from annlearn._flat_search import DEFAULT_GEMM
+
+    return blas_single_thread() if DEFAULT_GEMM == "blas" else nullcontext()

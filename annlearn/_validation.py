@@ -18,6 +18,8 @@ __all__ = [
     "check_n_neighbors",
 ]
 
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 # The metrics every annlearn estimator understands.
 METRICS = ("euclidean", "sqeuclidean", "cosine", "inner_product")
 
@@ -74,6 +76,21 @@ def validate_query_data(estimator, X) -> np.ndarray:
     X : ndarray of shape (n_queries, n_features), dtype float32
     """
     check_is_fitted(estimator)
+    if (
+        type(X) is np.ndarray
+        and X.ndim == 2
+        and X.dtype in _FAST_DTYPES
+        and X.shape[0] > 0
+        and X.shape[1] == estimator.n_features_in_
+        and not hasattr(estimator, "feature_names_in_")
+    ):
+        # Fast path for the common case (a float ndarray of the right width),
+        # which matters for single-query latency: scikit-learn's validation
+        # costs ~100 us. Anything unusual, including non-finite values, goes
+        # through validate_data below, which raises its precise errors.
+        Xc = np.ascontiguousarray(X, dtype=np.float32)
+        if np.isfinite(Xc).all():
+            return Xc
     return validate_data(
         estimator,
         X,

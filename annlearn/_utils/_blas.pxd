@@ -53,7 +53,7 @@ cdef extern from "_packed_gemm.h" nogil:
                                      Py_ssize_t rows, Py_ssize_t k, float* out)
     void annlearn_packed_gemm_abt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   float alpha, const float* Ap, const float* Bp,
-                                  float* C, Py_ssize_t ldc)
+                                  const float* bias, float* C, Py_ssize_t ldc)
     void annlearn_dot_rows_avx512(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   float alpha, const float* X, Py_ssize_t ldx,
                                   const float* Y, Py_ssize_t ldy, float* C,

@@ -54,7 +54,7 @@ def _packed_gemm_abt_wrapper(const float[:, ::1] A, const float[:, ::1] B,
     with nogil:
         annlearn_pack_rows(&A[0, 0], k, m, k, ANNLEARN_GEMM_MR, Ap)
         annlearn_pack_rows(&B[0, 0], k, n, k, ANNLEARN_GEMM_NR, Bp)
-        annlearn_packed_gemm_abt(m, n, k, alpha, Ap, Bp, &C[0, 0], n)
+        annlearn_packed_gemm_abt(m, n, k, alpha, Ap, Bp, NULL, &C[0, 0], n)
     free(Ap)
     free(Bp)
     return np.asarray(C)

@@ -15,6 +15,19 @@ def _openmp_parallelism_enabled():
     return bool(ANNLEARN_OPENMP_PARALLELISM_ENABLED)
 
 
+_cpu_counts = {}
+
+
+def _cpu_count(bint only_physical_cores):
+    # joblib's cpu_count reads cgroup files (tens of microseconds); the quota
+    # of a running process does not change, so it is read once.
+    try:
+        return _cpu_counts[only_physical_cores]
+    except KeyError:
+        count = _cpu_counts[only_physical_cores] = cpu_count(only_physical_cores)
+        return count
+
+
 cpdef int _openmp_effective_n_threads(n_threads=None, only_physical_cores=False):
     """Number of OpenMP threads a kernel should use.
 
@@ -43,9 +56,9 @@ cpdef int _openmp_effective_n_threads(n_threads=None, only_physical_cores=False)
     if os.getenv("OMP_NUM_THREADS"):
         max_n_threads = omp_get_max_threads()
     else:
-        max_n_threads = min(omp_get_max_threads(), cpu_count(only_physical_cores))
+        max_n_threads = min(omp_get_max_threads(), _cpu_count(only_physical_cores))
     if n_threads is None:
         return max(1, max_n_threads)
     if n_threads < 0:
-        return max(1, cpu_count(only_physical_cores) + n_threads + 1)
+        return max(1, _cpu_count(only_physical_cores) + n_threads + 1)
     return n_threads

@@ -88,7 +88,8 @@ static inline void annlearn_pack_rows(const float* X, ptrdiff_t ldx,
 __attribute__((target("avx512f")))
 static inline void annlearn_kernel_12x32_avx512(
     const float* Ap, const float* Bp, ptrdiff_t k, float alpha,
-    float* C, ptrdiff_t ldc, ptrdiff_t m_valid, ptrdiff_t n_valid)
+    const float* bias, float* C, ptrdiff_t ldc, ptrdiff_t m_valid,
+    ptrdiff_t n_valid)
 {
     __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
     __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
@@ -142,10 +143,18 @@ static inline void annlearn_kernel_12x32_avx512(
         } else {
             m0 = (__mmask16)((1u << n_valid) - 1u); m1 = 0;
         }
+        /* Epilogue: C = alpha * A.B^T + bias[column] (the database norms of
+         * the L2 score), saving the search a pass over C. */
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        if (bias != NULL) {
+            b0 = _mm512_maskz_loadu_ps(m0, bias);
+            b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+        }
         for (i = 0; i < m_valid; i++) {
             float* row = C + i * ldc;
-            _mm512_mask_storeu_ps(row, m0, _mm512_mul_ps(va, rows[i][0]));
-            _mm512_mask_storeu_ps(row + 16, m1, _mm512_mul_ps(va, rows[i][1]));
+            _mm512_mask_storeu_ps(row, m0, _mm512_fmadd_ps(va, rows[i][0], b0));
+            _mm512_mask_storeu_ps(row + 16, m1,
+                                  _mm512_fmadd_ps(va, rows[i][1], b1));
         }
     }
 }
@@ -233,9 +242,10 @@ static inline int annlearn_cpu_has_avx512f(void) {
 
 static inline void annlearn_kernel_12x32_avx512(
     const float* Ap, const float* Bp, ptrdiff_t k, float alpha,
-    float* C, ptrdiff_t ldc, ptrdiff_t m_valid, ptrdiff_t n_valid)
+    const float* bias, float* C, ptrdiff_t ldc, ptrdiff_t m_valid,
+    ptrdiff_t n_valid)
 {
-    (void)Ap; (void)Bp; (void)k; (void)alpha; (void)C; (void)ldc;
+    (void)Ap; (void)Bp; (void)k; (void)alpha; (void)bias; (void)C; (void)ldc;
     (void)m_valid; (void)n_valid;
 }
 
@@ -258,12 +268,14 @@ static inline int annlearn_cpu_has_avx512f(void) { return 0; }
 
 #endif
 
-/* C[:m, :n] = alpha * A . B^T from packed operands (see annlearn_pack_rows):
- * Ap holds round_up(m, MR) rows in groups of MR, Bp round_up(n, NR) rows in
- * panels of NR. Requires annlearn_cpu_has_avx512f(). */
+/* C[:m, :n] = alpha * A . B^T (+ bias[j] on column j when bias is not NULL)
+ * from packed operands (see annlearn_pack_rows): Ap holds round_up(m, MR)
+ * rows in groups of MR, Bp round_up(n, NR) rows in panels of NR. Requires
+ * annlearn_cpu_has_avx512f(). */
 static inline void annlearn_packed_gemm_abt(
     ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
-    const float* Ap, const float* Bp, float* C, ptrdiff_t ldc)
+    const float* Ap, const float* Bp, const float* bias, float* C,
+    ptrdiff_t ldc)
 {
     ptrdiff_t g, q;
     const ptrdiff_t MR = ANNLEARN_GEMM_MR, NR = ANNLEARN_GEMM_NR;
@@ -275,6 +287,7 @@ static inline void annlearn_packed_gemm_abt(
             ptrdiff_t m_valid = m - g * MR < MR ? m - g * MR : MR;
             annlearn_kernel_12x32_avx512(
                 Ap + g * MR * k, Bp + q * NR * k, k, alpha,
+                bias == NULL ? NULL : bias + q * NR,
                 C + g * MR * ldc + q * NR, ldc, m_valid, n_valid);
         }
     }
