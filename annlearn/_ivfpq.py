@@ -30,6 +30,12 @@ __all__ = ["IVFPQNeighbors"]
 # Rows encoded at once: bounds the residual buffer (ENCODE_BLOCK x n_features).
 _ENCODE_BLOCK = 65_536
 
+# Lloyd iterations of the coarse quantizer and of each sub-quantizer: FAISS's
+# defaults for IndexIVFPQ (cp.niter = 10, pq.cp.niter = 25). The cells only
+# need to spread the data evenly; the codebooks decide the distances.
+_COARSE_MAX_ITER = 10
+_PQ_MAX_ITER = 25
+
 
 def _divisors(n: int) -> list[int]:
     return [m for m in range(1, n + 1) if n % m == 0]
@@ -229,6 +235,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         centers, _, _ = train_kmeans(
             train,
             self.nlist,
+            max_iter=_COARSE_MAX_ITER,
             random_state=rng,
             n_threads=n_threads,
             verbose=self.verbose > 1,
@@ -250,6 +257,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             codebooks[m], _, _ = train_kmeans(
                 np.ascontiguousarray(residuals[:, m * dsub : (m + 1) * dsub]),
                 ksub,
+                max_iter=_PQ_MAX_ITER,
                 random_state=rng,
                 n_threads=n_threads,
                 verbose=self.verbose > 1,

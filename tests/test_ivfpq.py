@@ -1,5 +1,6 @@
 """IVFPQNeighbors: quality against exact search, mutations, errors, threads."""
 
+import copy
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
@@ -218,21 +219,47 @@ def test_concurrent_searches_with_different_nprobe(data):
     X, Q = data
     base = small(n_neighbors=10).fit(X)
     params = [1, 2, 4, 8, 16] * 4
-    expected = {}
-    for nprobe in set(params):
-        expected[nprobe] = (
-            pickle.loads(pickle.dumps(base)).set_params(nprobe=nprobe).kneighbors(Q)[1]
-        )
-    estimators = {
-        p: pickle.loads(pickle.dumps(base)).set_params(nprobe=p) for p in set(params)
-    }
+    # Shallow copies share the fitted index (the same arrays); only the
+    # search-time parameter differs between them.
+    views = {p: copy.copy(base).set_params(nprobe=p) for p in set(params)}
+    assert all(v._store is base._store for v in views.values())
+    expected = {p: views[p].kneighbors(Q)[1] for p in views}
 
     def search(p):
-        return p, estimators[p].kneighbors(Q)[1]
+        return p, views[p].kneighbors(Q)[1]
 
     with ThreadPoolExecutor(4) as pool:
         for p, ind in pool.map(search, params):
             np.testing.assert_array_equal(ind, expected[p])
+    # And many threads on the very same estimator.
+    with ThreadPoolExecutor(4) as pool:
+        for ind in pool.map(lambda _: base.kneighbors(Q)[1], range(8)):
+            np.testing.assert_array_equal(ind, base.kneighbors(Q)[1])
+
+
+def test_search_during_mutations_sees_a_consistent_index(data):
+    X, Q = data
+    est = small(n_neighbors=5).fit(X[:1000])
+    stop = False
+    errors = []
+
+    def searcher():
+        while not stop:
+            try:
+                ind = est.kneighbors(Q[:5], return_distance=False)
+                assert ind.shape == (5, 5) and np.all(ind >= 0)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(searcher) for _ in range(2)]
+        for start in range(1000, 3000, 250):
+            est.add(X[start : start + 250])
+            est.remove(np.arange(start - 1000, start - 900))
+        stop = True
+        for f in futures:
+            f.result()
+    assert errors == []
 
 
 def test_persistence_and_memmap(data, tmp_path):
