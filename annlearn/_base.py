@@ -46,9 +46,10 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         raise NotImplementedError
 
     def _graph_n_columns(self) -> int:
-        """Columns of ``kneighbors_graph``: one per id (ids are row positions
-        unless the index says otherwise)."""
-        return self.n_samples_fit_
+        """Columns of ``kneighbors_graph``: one per id, up to the largest id
+        in the index (with the default ids, ``n_samples_fit_``)."""
+        ids = self._store["ids"]
+        return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(
         self, X: np.ndarray, n_neighbors: int

@@ -275,10 +275,6 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         order = np.argsort(store["ids"], kind="stable")
         return np.ascontiguousarray(store["vectors"][order]), store["ids"][order]
 
-    def _graph_n_columns(self) -> int:
-        ids = self._store["ids"]
-        return int(ids.max()) + 1 if len(ids) else 0
-
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         store = self._store
         n_threads = effective_n_threads(self.n_jobs)

@@ -283,14 +283,18 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _build_lists(self, cells, codes, ids, vectors):
         """Inverted lists from per-vector cells: everything sorted by cell."""
         order = np.argsort(cells, kind="stable")
-        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
-        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
         return (
-            offsets,
+            self._offsets_from_cells(cells),
             np.ascontiguousarray(codes[order]),
             np.ascontiguousarray(ids[order]),
             None if vectors is None else np.ascontiguousarray(vectors[order]),
         )
+
+    def _offsets_from_cells(self, cells: np.ndarray) -> np.ndarray:
+        """List offsets (nlist + 1,) of vectors sorted by their cells."""
+        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
+        return offsets
 
     def _set_store(self, offsets, codes, ids, vectors) -> None:
         # One assignment replaces the whole index, so a search running in
@@ -362,12 +366,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         check_is_fitted(self)
         store = self._store
         keep = ~check_removed_ids(ids, store["ids"])
-        cells = self._stored_cells()[keep]
-        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
-        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
         vectors = store["vectors"]
         self._set_store(
-            offsets,
+            self._offsets_from_cells(self._stored_cells()[keep]),
             np.ascontiguousarray(store["codes"][keep]),
             store["ids"][keep],
             None if vectors is None else np.ascontiguousarray(vectors[keep]),
@@ -544,10 +545,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         else:
             queries = self._decode(positions)
         return queries, store["ids"][positions]
-
-    def _graph_n_columns(self) -> int:
-        ids = self._store["ids"]
-        return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)

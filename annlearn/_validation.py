@@ -148,6 +148,16 @@ def _show(values: np.ndarray, limit: int = 10) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
+def _as_int64_ids(ids) -> np.ndarray:
+    """A 1-d int64 array of ids, or a ValueError saying what is wrong."""
+    ids_arr = np.asarray(ids)
+    if ids_arr.ndim != 1:
+        raise ValueError(f"Expected a 1-d array of ids, got shape {ids_arr.shape}.")
+    if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
+        raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
+    return ids_arr.astype(np.int64)
+
+
 def check_new_ids(ids, n_new: int, existing: np.ndarray | None) -> np.ndarray:
     """Validate the ids of vectors being indexed, or make default ones.
 
@@ -168,15 +178,12 @@ def check_new_ids(ids, n_new: int, existing: np.ndarray | None) -> np.ndarray:
     if ids is None:
         first = 0 if existing is None or len(existing) == 0 else int(existing.max()) + 1
         return np.arange(first, first + n_new, dtype=np.int64)
-    ids_arr = np.asarray(ids)
-    if ids_arr.ndim != 1 or len(ids_arr) != n_new:
+    ids_arr = _as_int64_ids(ids)
+    if len(ids_arr) != n_new:
         raise ValueError(
             f"Expected ids of shape ({n_new},), one per vector, but got shape "
             f"{ids_arr.shape}."
         )
-    if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
-        raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
-    ids_arr = ids_arr.astype(np.int64)
     if ids_arr.size and ids_arr.min() < 0:
         raise ValueError(
             f"Expected ids >= 0, got negative ids {_show(ids_arr[ids_arr < 0])}."
@@ -199,12 +206,7 @@ def check_removed_ids(ids, existing: np.ndarray) -> np.ndarray:
     mask : ndarray of shape (len(existing),), bool
         True for the stored vectors to remove.
     """
-    ids_arr = np.atleast_1d(np.asarray(ids))
-    if ids_arr.ndim != 1:
-        raise ValueError(f"Expected a 1-d array of ids, got shape {ids_arr.shape}.")
-    if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
-        raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
-    ids_arr = ids_arr.astype(np.int64)
+    ids_arr = _as_int64_ids(np.atleast_1d(np.asarray(ids)))
     unknown = np.setdiff1d(ids_arr, existing)
     if len(unknown):
         raise ValueError(

@@ -96,3 +96,31 @@ def test_bad_parameters(params, match):
 def test_bad_graph_mode(fitted):
     with pytest.raises(ValueError, match="Unsupported mode, must be one of"):
         fitted.kneighbors_graph(mode="weights")
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([0, 1, 2], r"Expected ids of shape \(4,\), one per vector"),
+        ([[0, 1], [2, 3]], "Expected a 1-d array of ids"),
+        ([0.5, 1, 2, 3], "Expected integer ids, got dtype float64"),
+        ([0, -1, 2, 3], r"Expected ids >= 0, got negative ids \[-1\]"),
+        ([0, 1, 1, 3], r"Duplicate ids in the input: \[1\]"),
+    ],
+)
+def test_bad_ids(ids, match):
+    with pytest.raises(ValueError, match=match):
+        FlatNeighbors().fit(np.ones((4, 2)), ids=ids)
+
+
+def test_user_ids_are_returned_and_graph_is_indexed_by_id():
+    X = np.array([[0.0], [1.0], [10.0]])
+    est = FlatNeighbors(n_neighbors=1).fit(X, ids=[7, 3, 5])
+    assert est.kneighbors([[0.9]], return_distance=False)[0, 0] == 3
+    graph = est.kneighbors_graph([[0.9]])
+    assert graph.shape == (1, 8) and graph[0, 3] == 1
+    with pytest.raises(ValueError, match=r"not in the index: \[4\]"):
+        est.remove([3, 4])
+    assert est.n_samples_fit_ == 3
+    with pytest.raises(ValueError, match="Expected integer ids"):
+        est.remove(["a"])
