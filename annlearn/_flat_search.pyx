@@ -53,13 +53,15 @@ from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc
 
 from annlearn._utils._blas cimport (
-    ANNLEARN_GEMM_MR,
-    ANNLEARN_GEMM_NR,
-    annlearn_cpu_has_avx512f,
-    annlearn_dot_rows_avx512,
-    annlearn_pack_panels_avx512,
+    ANNLEARN_ISA_AVX512,
+    annlearn_dot_rows,
+    annlearn_gemm_mr,
+    annlearn_gemm_nr,
+    annlearn_isa,
+    annlearn_pack_panels,
     annlearn_pack_rows,
     annlearn_packed_gemm_abt,
+    annlearn_packed_gemm_available,
     annlearn_packed_size,
     gemm_abt,
 )
@@ -75,17 +77,19 @@ cpdef enum:
 
 # Which GEMM computes the inner products of a block:
 #
-# - "packed": annlearn's packed GEMM with an AVX-512 micro-kernel
-#   (_utils/_packed_gemm.h), used when the CPU has AVX-512F. It does not depend
+# - "packed": annlearn's packed GEMM with an AVX-512 or AVX2+FMA micro-kernel
+#   (_utils/_packed_gemm.h), used when the CPU has either. It does not depend
 #   on which kernel the BLAS library picked (OpenBLAS may be told by
-#   OPENBLAS_CORETYPE to run its AVX2 kernel on an AVX-512 CPU).
+#   OPENBLAS_CORETYPE to run its AVX2 kernel on an AVX-512 CPU), adds the
+#   database norms in its epilogue, and keeps its output block in L2.
 #   Blocks of fewer than PACKED_MIN_QUERIES queries are memory-bound: packing
-#   the database block would only add traffic, so an AVX-512 row-dot kernel
-#   streams the database rows directly instead.
-# - "blas": sgemm from SciPy's BLAS, on CPUs without AVX-512F.
+#   the database block would only add traffic, so a row-dot kernel streams
+#   the database rows directly instead.
+# - "blas": sgemm from SciPy's BLAS, on CPUs with neither.
 #
-# ANNLEARN_GEMM=blas in the environment forces BLAS (for comparisons).
-PACKED_GEMM_AVAILABLE = bool(annlearn_cpu_has_avx512f())
+# ANNLEARN_GEMM=blas in the environment forces BLAS (for comparisons);
+# ANNLEARN_ISA=avx2 forces the AVX2 kernels on an AVX-512 CPU.
+PACKED_GEMM_AVAILABLE = bool(annlearn_packed_gemm_available())
 DEFAULT_GEMM = (
     "packed"
     if PACKED_GEMM_AVAILABLE and os.environ.get("ANNLEARN_GEMM", "auto") != "blas"
@@ -95,12 +99,17 @@ DEFAULT_GEMM = (
 cdef enum:
     PACKED_MIN_QUERIES = 48
 
-# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features, 2 cores
-# with 1 MiB L2 each and a shared 32 MiB L3; 1020 x 256 beat 1020 x 128/512,
-# 504 x 256 and 2040 x 256 by 2-20%). Packed: a block of ~1000 queries is packed
-# once and stays in L3 while 256-row database blocks (packed per block, in L2)
-# stream past it. BLAS: a 512 x 2048 float32 output block (4 MiB).
-DEFAULT_CHUNKS = {"packed": (1020, 256), "blas": (512, 2048)}
+# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features, 2 cores,
+# a shared 32 MiB L3). Packed: a block of ~1000 queries is packed once and
+# stays in L3 while database blocks (packed per block, in L2) stream past it:
+# 256 rows with the AVX-512 kernel (1 MiB of L2 per core: 1020 x 256 beat
+# 1020 x 128/512, 504 x 256 and 2040 x 256 by 2-20%), 128 rows with the AVX2
+# kernel (tuned on 512 KiB of L2 per core: 1020 x 128 beat 510 x 128 and
+# 1020 x 192/256). BLAS: a 512 x 2048 float32 output block (4 MiB).
+DEFAULT_CHUNKS = {
+    "packed": (1020, 256) if annlearn_isa() == ANNLEARN_ISA_AVX512 else (1020, 128),
+    "blas": (512, 2048),
+}
 
 
 cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
@@ -159,27 +168,27 @@ cdef void _scan_block(
     # alpha = -2 folds the factor of the L2 score into the GEMM.
     cdef float32_t alpha = -2.0 if l2 else -1.0
     # Packed GEMM for blocks of many queries; below PACKED_MIN_QUERIES the
-    # work is memory-bound and the AVX-512 row-dot kernel streams Y directly.
+    # work is memory-bound and the row-dot kernel streams Y directly.
     cdef bint packed = packed_x != NULL and nx >= PACKED_MIN_QUERIES
     cdef bint few = packed_x != NULL and not packed
     if packed:
         # The query block is packed once and reused for every database block.
         annlearn_pack_rows(X + xs * n_features, n_features, nx, n_features,
-                           ANNLEARN_GEMM_MR, packed_x)
+                           annlearn_gemm_mr(), packed_x)
     y0 = ys
     while y0 < ye:
         y1 = _imin(y0 + y_chunk, ye)
         ny = y1 - y0
         if packed:
-            annlearn_pack_panels_avx512(Y + y0 * n_features, n_features, ny,
-                                        n_features, packed_y)
+            annlearn_pack_panels(Y + y0 * n_features, n_features, ny,
+                                 n_features, packed_y)
             annlearn_packed_gemm_abt(nx, ny, n_features, alpha, packed_x,
                                      packed_y, Y_sqnorms + y0 if l2 else NULL,
                                      buf, ny)
         elif few:
-            annlearn_dot_rows_avx512(nx, ny, n_features, alpha,
-                                     X + xs * n_features, n_features,
-                                     Y + y0 * n_features, n_features, buf, ny)
+            annlearn_dot_rows(nx, ny, n_features, alpha, X + xs * n_features,
+                              n_features, Y + y0 * n_features, n_features,
+                              buf, ny)
         else:
             gemm_abt(nx, ny, n_features, alpha, X + xs * n_features, n_features,
                      Y + y0 * n_features, n_features, <float32_t>0.0, buf, ny)
@@ -326,7 +335,8 @@ def flat_kneighbors(
     if gemm not in DEFAULT_CHUNKS:
         raise ValueError(f"Unknown gemm {gemm!r}.")
     if gemm == "packed" and not PACKED_GEMM_AVAILABLE:
-        raise ValueError("The packed GEMM needs a CPU with AVX-512F.")
+        raise ValueError("The packed GEMM needs a CPU with AVX-512F or AVX2+FMA.")
+    balance = x_chunk is None
     x_chunk = DEFAULT_CHUNKS[gemm][0] if x_chunk is None else int(x_chunk)
     y_chunk = DEFAULT_CHUNKS[gemm][1] if y_chunk is None else int(y_chunk)
     if n_threads < 1 or x_chunk < 1 or y_chunk < 1:
@@ -349,6 +359,13 @@ def flat_kneighbors(
         strategy = (
             "parallel_on_X" if n_queries >= n_threads * x_chunk else "parallel_on_Y"
         )
+    if balance and strategy == "parallel_on_X":
+        # Blocks of at most the default size, as many as a multiple of the
+        # number of threads: 10,000 queries on 2 threads make 10 blocks of
+        # 1000, not 9 of 1020 and one of 820 (one thread idle at the end).
+        n_blocks = -(-n_queries // x_chunk)
+        n_blocks = -(-n_blocks // n_threads) * n_threads
+        x_chunk = -(-n_queries // n_blocks)
     if strategy == "parallel_on_X":
         _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
                        packed, distances, indices)
@@ -386,8 +403,8 @@ cdef void _parallel_on_X(
         # each thread first-touches its own pages. (Assigned here, not through
         # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, n_features, ANNLEARN_GEMM_MR, packed)
-        packed_y = _alloc_packed(y_chunk, n_features, ANNLEARN_GEMM_NR, packed)
+        packed_x = _alloc_packed(x_chunk, n_features, annlearn_gemm_mr(), packed)
+        packed_y = _alloc_packed(y_chunk, n_features, annlearn_gemm_nr(), packed)
         for chunk in prange(n_chunks, schedule="static"):
             if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1
@@ -437,8 +454,8 @@ cdef void _parallel_on_Y(
         # each thread first-touches its own pages. (Assigned here, not through
         # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, n_features, ANNLEARN_GEMM_MR, packed)
-        packed_y = _alloc_packed(y_chunk, n_features, ANNLEARN_GEMM_NR, packed)
+        packed_x = _alloc_packed(x_chunk, n_features, annlearn_gemm_mr(), packed)
+        packed_y = _alloc_packed(y_chunk, n_features, annlearn_gemm_nr(), packed)
         for t in prange(n_threads_used, schedule="static", chunksize=1):
             if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1

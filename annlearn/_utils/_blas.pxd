@@ -42,20 +42,26 @@ cdef inline void gemm_abt(
               <double*>A, &LDB, &beta, C, &LDC)
 
 
-# annlearn's own packed GEMM with an AVX-512 micro-kernel (see _packed_gemm.h).
+# annlearn's own packed GEMM with AVX-512 and AVX2 micro-kernels (see
+# _packed_gemm.h): the tile shape is a run-time value, annlearn_gemm_mr() x
+# annlearn_gemm_nr().
 cdef extern from "_packed_gemm.h" nogil:
-    const int ANNLEARN_GEMM_MR
-    const int ANNLEARN_GEMM_NR
+    const int ANNLEARN_ISA_NONE
+    const int ANNLEARN_ISA_AVX2
+    const int ANNLEARN_ISA_AVX512
+    int annlearn_isa()
+    int annlearn_packed_gemm_available()
+    Py_ssize_t annlearn_gemm_mr()
+    Py_ssize_t annlearn_gemm_nr()
     Py_ssize_t annlearn_packed_size(Py_ssize_t rows, Py_ssize_t k, Py_ssize_t width)
     void annlearn_pack_rows(const float* X, Py_ssize_t ldx, Py_ssize_t rows,
                             Py_ssize_t k, Py_ssize_t width, float* out)
-    void annlearn_pack_panels_avx512(const float* X, Py_ssize_t ldx,
-                                     Py_ssize_t rows, Py_ssize_t k, float* out)
+    void annlearn_pack_panels(const float* X, Py_ssize_t ldx, Py_ssize_t rows,
+                              Py_ssize_t k, float* out)
     void annlearn_packed_gemm_abt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   float alpha, const float* Ap, const float* Bp,
                                   const float* bias, float* C, Py_ssize_t ldc)
-    void annlearn_dot_rows_avx512(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                  float alpha, const float* X, Py_ssize_t ldx,
-                                  const float* Y, Py_ssize_t ldy, float* C,
-                                  Py_ssize_t ldc)
-    int annlearn_cpu_has_avx512f()
+    void annlearn_dot_rows(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                           float alpha, const float* X, Py_ssize_t ldx,
+                           const float* Y, Py_ssize_t ldy, float* C,
+                           Py_ssize_t ldc)

@@ -1,7 +1,7 @@
 /*
- * Small vector kernels of the IVF-PQ search, with an AVX-512 version selected
- * at run time (see _packed_gemm.h for why annlearn dispatches itself rather
- * than compiling with -march=native).
+ * Small vector kernels of the IVF-PQ search, with AVX-512 and AVX2+FMA
+ * versions selected at run time by annlearn_isa() (see _packed_gemm.h for why
+ * annlearn dispatches itself rather than compiling with -march=native).
  *
  * annlearn_l2sqr / annlearn_inner_product
  *     ||x - y||^2 and <x, y> of two float32 vectors: the exact re-ranking.
@@ -134,17 +134,84 @@ static inline void annlearn_pq_tables_avx512(
     }
 }
 
-#define ANNLEARN_DISPATCH(name, args)                                  \
-    (annlearn_simd_level() ? name##_avx512 args : name##_portable args)
-
-static int annlearn_simd_level_cache = -1;
-
-/* 1 if the AVX-512 versions may run, else 0 (computed once). */
-static inline int annlearn_simd_level(void) {
-    if (annlearn_simd_level_cache < 0)
-        annlearn_simd_level_cache = annlearn_cpu_has_avx512f() ? 1 : 0;
-    return annlearn_simd_level_cache;
+__attribute__((target("avx2,fma")))
+static inline float annlearn_l2sqr_avx2(const float* x, const float* y,
+                                        ptrdiff_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    float total;
+    for (; i + 16 <= d; i += 16) {
+        __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i));
+        __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + i + 8),
+                                  _mm256_loadu_ps(y + i + 8));
+        a0 = _mm256_fmadd_ps(d0, d0, a0);
+        a1 = _mm256_fmadd_ps(d1, d1, a1);
+    }
+    for (; i + 8 <= d; i += 8) {
+        __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i));
+        a0 = _mm256_fmadd_ps(d0, d0, a0);
+    }
+    total = annlearn_hsum_avx2(_mm256_add_ps(a0, a1));
+    for (; i < d; i++) total += (x[i] - y[i]) * (x[i] - y[i]);
+    return total;
 }
+
+__attribute__((target("avx2,fma")))
+static inline float annlearn_inner_product_avx2(const float* x, const float* y,
+                                                ptrdiff_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    float total;
+    for (; i + 16 <= d; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8),
+                             _mm256_loadu_ps(y + i + 8), a1);
+    }
+    for (; i + 8 <= d; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+    total = annlearn_hsum_avx2(_mm256_add_ps(a0, a1));
+    for (; i < d; i++) total += x[i] * y[i];
+    return total;
+}
+
+__attribute__((target("avx2,fma")))
+static inline void annlearn_pq_tables_avx2(
+    const float* x, const float* codebooks_t, ptrdiff_t M, ptrdiff_t dsub,
+    ptrdiff_t ksub, float alpha, float* table) {
+    ptrdiff_t m, f, j;
+    if (ksub % 32) {
+        annlearn_pq_tables_portable(x, codebooks_t, M, dsub, ksub, alpha, table);
+        return;
+    }
+    for (m = 0; m < M; m++) {
+        float* out = table + m * ksub;
+        const float* cb = codebooks_t + m * dsub * ksub;
+        /* Four accumulators (32 codewords) per pass over the sub-vector: four
+         * independent FMA chains, one broadcast for four loads. */
+        for (j = 0; j < ksub; j += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            const __m256 va = _mm256_set1_ps(alpha);
+            for (f = 0; f < dsub; f++) {
+                const __m256 xf = _mm256_set1_ps(x[m * dsub + f]);
+                const float* row = cb + f * ksub + j;
+                a0 = _mm256_fmadd_ps(xf, _mm256_loadu_ps(row), a0);
+                a1 = _mm256_fmadd_ps(xf, _mm256_loadu_ps(row + 8), a1);
+                a2 = _mm256_fmadd_ps(xf, _mm256_loadu_ps(row + 16), a2);
+                a3 = _mm256_fmadd_ps(xf, _mm256_loadu_ps(row + 24), a3);
+            }
+            _mm256_storeu_ps(out + j, _mm256_mul_ps(va, a0));
+            _mm256_storeu_ps(out + j + 8, _mm256_mul_ps(va, a1));
+            _mm256_storeu_ps(out + j + 16, _mm256_mul_ps(va, a2));
+            _mm256_storeu_ps(out + j + 24, _mm256_mul_ps(va, a3));
+        }
+    }
+}
+
+#define ANNLEARN_DISPATCH(name, args)                                  \
+    (annlearn_isa() == ANNLEARN_ISA_AVX512 ? name##_avx512 args        \
+     : annlearn_isa() == ANNLEARN_ISA_AVX2 ? name##_avx2 args          \
+                                           : name##_portable args)
 
 #else
 
