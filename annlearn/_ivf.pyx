@@ -46,6 +46,7 @@ cdef extern from "_simd.h" nogil:
     void annlearn_pq_tables(const float* x, const float* codebooks_t,
                             Py_ssize_t M, Py_ssize_t dsub, Py_ssize_t ksub,
                             float alpha, float* table)
+    void annlearn_add(const float* x, const float* y, Py_ssize_t n, float* out)
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
 
@@ -53,24 +54,62 @@ cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
     return a if a < b else b
 
 
+cdef inline void _offer(
+    float32_t dist, intp_t position, float32_t* threshold,
+    intp_t k, float32_t* values, id_t* positions,
+) noexcept nogil:
+    if dist <= threshold[0]:
+        heap_push(values, positions, k, dist, <id_t>position)
+        threshold[0] = values[0]
+
+
 cdef void _scan_list(
     const code_t* codes, intp_t start, intp_t end, intp_t M, intp_t ksub,
     const float32_t* table, float32_t base,
     intp_t k, float32_t* values, id_t* positions,
 ) noexcept nogil:
-    """Offer the ADC distance of every code of one list to a heap."""
-    cdef intp_t j, m
-    cdef const code_t* code
-    cdef float32_t dist
+    """Offer the ADC distance of every code of one list to a heap.
+
+    Four codes at a time: the M lookups of one code form a chain of dependent
+    additions (latency-bound), so four interleaved chains keep the adder and
+    the load ports busy. Each code's sum keeps the order m = 0..M-1.
+    """
+    cdef intp_t j = start, m
+    cdef const code_t* c0
+    cdef const code_t* c1
+    cdef const code_t* c2
+    cdef const code_t* c3
+    cdef const float32_t* t
+    cdef float32_t d0, d1, d2, d3
     cdef float32_t threshold = values[0]
-    for j in range(start, end):
-        code = codes + j * M
-        dist = base
+    while j + 4 <= end:
+        c0 = codes + j * M
+        c1 = c0 + M
+        c2 = c1 + M
+        c3 = c2 + M
+        d0 = base
+        d1 = base
+        d2 = base
+        d3 = base
+        t = table
         for m in range(M):
-            dist = dist + table[m * ksub + code[m]]
-        if dist <= threshold:
-            heap_push(values, positions, k, dist, <id_t>j)
-            threshold = values[0]
+            d0 = d0 + t[c0[m]]
+            d1 = d1 + t[c1[m]]
+            d2 = d2 + t[c2[m]]
+            d3 = d3 + t[c3[m]]
+            t = t + ksub
+        _offer(d0, j, &threshold, k, values, positions)
+        _offer(d1, j + 1, &threshold, k, values, positions)
+        _offer(d2, j + 2, &threshold, k, values, positions)
+        _offer(d3, j + 3, &threshold, k, values, positions)
+        j = j + 4
+    while j < end:
+        c0 = codes + j * M
+        d0 = base
+        for m in range(M):
+            d0 = d0 + table[m * ksub + c0[m]]
+        _offer(d0, j, &threshold, k, values, positions)
+        j = j + 1
 
 
 def ivfpq_scan(
@@ -153,11 +192,10 @@ def ivfpq_scan(
     cdef bint shared_term2 = n_tables == 1
     cdef bint per_cell_term2 = n_tables > 1
     cdef int n_threads_used = <int>_imin(n_threads, n_queries)
-    cdef intp_t q, p, i, r
+    cdef intp_t q, p, r
     cdef id_t cell
     cdef float32_t* term3 = NULL
     cdef float32_t* lut = NULL
-    cdef const float32_t* t2
     cdef int failed = 0
     cdef int* failed_ptr = &failed
 
@@ -171,18 +209,14 @@ def ivfpq_scan(
             annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, ksub,
                                alpha, term3)
             if shared_term2:
-                t2 = &term2[0, 0, 0]
-                for i in range(table_size):
-                    term3[i] = term3[i] + t2[i]
+                annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
             heap_init(&distances[q, 0], &positions[q, 0], k)
             for p in range(nprobe):
                 cell = probe_cells[q, p]
                 if cell < 0 or list_offsets[cell] == list_offsets[cell + 1]:
                     continue
                 if per_cell_term2:
-                    t2 = &term2[cell, 0, 0]
-                    for i in range(table_size):
-                        lut[i] = term3[i] + t2[i]
+                    annlearn_add(term3, &term2[cell, 0, 0], table_size, lut)
                     _scan_list(&codes[0, 0], list_offsets[cell],
                                list_offsets[cell + 1], M, ksub, lut,
                                probe_base[q, p], k, &distances[q, 0],

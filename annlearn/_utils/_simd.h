@@ -69,7 +69,33 @@ static inline void annlearn_pq_tables_portable(
     }
 }
 
+static inline void annlearn_add_portable(const float* x, const float* y,
+                                         ptrdiff_t n, float* out) {
+    ptrdiff_t i;
+    for (i = 0; i < n; i++) out[i] = x[i] + y[i];
+}
+
 #if ANNLEARN_HAVE_X86_DISPATCH
+
+__attribute__((target("avx512f")))
+static inline void annlearn_add_avx512(const float* x, const float* y,
+                                       ptrdiff_t n, float* out) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(x + i),
+                                                _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) out[i] = x[i] + y[i];
+}
+
+__attribute__((target("avx2,fma")))
+static inline void annlearn_add_avx2(const float* x, const float* y,
+                                     ptrdiff_t n, float* out) {
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) out[i] = x[i] + y[i];
+}
 
 __attribute__((target("avx512f")))
 static inline float annlearn_l2sqr_avx512(const float* x, const float* y,
@@ -226,6 +252,12 @@ static inline float annlearn_l2sqr(const float* x, const float* y, ptrdiff_t d) 
 static inline float annlearn_inner_product(const float* x, const float* y,
                                            ptrdiff_t d) {
     return ANNLEARN_DISPATCH(annlearn_inner_product, (x, y, d));
+}
+
+/* out[i] = x[i] + y[i] (out may be x): term 2 into the lookup table. */
+static inline void annlearn_add(const float* x, const float* y, ptrdiff_t n,
+                                float* out) {
+    ANNLEARN_DISPATCH(annlearn_add, (x, y, n, out));
 }
 
 static inline void annlearn_pq_tables(const float* x, const float* codebooks_t,
