@@ -178,6 +178,38 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """
         return self.fit(X).transform(X)
 
+    def score(self, X, y=None) -> float:
+        """Recall@k of ``kneighbors(X)`` against exact search.
+
+        The exact neighbours are searched among the same indexed vectors
+        (for an exact index the score is 1.0). It is what
+        :class:`~sklearn.model_selection.GridSearchCV` maximises when given
+        no ``scoring``: fit on the training split (the database), score on
+        the held-out split (the queries). See
+        :func:`annlearn.metrics.recall_at_k` for the rule on ties and
+        :mod:`annlearn.metrics` for the cache of exact answers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Queries.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        recall : float
+            Mean fraction of the ``n_neighbors`` exact neighbours returned.
+        """
+        from annlearn.metrics import _estimator_recall
+
+        check_is_fitted(self)
+        return _estimator_recall(self, X)
+
+    def _exact_reference(self):  # pragma: no cover
+        """A fitted exact index over the same vectors and ids (see score)."""
+        raise NotImplementedError
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = False

@@ -267,6 +267,10 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return self
 
     # -- hooks of NeighborsBase -------------------------------------------
+    def _exact_reference(self) -> FlatNeighbors:
+        check_is_fitted(self)
+        return self
+
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare_vectors(X)
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+import weakref
 from numbers import Integral
 
 import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, check_memory
 
 from annlearn import _flat_search, _ivf
 from annlearn._base import NeighborsBase
 from annlearn._clustering import train_kmeans
-from annlearn._flat import _normalize_rows
+from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
@@ -35,6 +36,29 @@ _ENCODE_BLOCK = 65_536
 # need to spread the data evenly; the codebooks decide the distances.
 _COARSE_MAX_ITER = 10
 _PQ_MAX_ITER = 25
+
+
+def _train_and_encode(
+    X: np.ndarray, params: dict, n_threads: int, verbose: int
+) -> dict:
+    """Train the quantizers of ``IVFPQNeighbors(**params)`` on prepared X and
+    encode X: the part of ``fit`` that ``memory`` caches."""
+    index = IVFPQNeighbors(**params, verbose=verbose)
+    cells, codes = index._train(X, n_threads)
+    return {
+        "cluster_centers": index.cluster_centers_,
+        "pq_codebooks": index.pq_codebooks_,
+        "cells": cells,
+        "codes": codes,
+    }
+
+
+def _weak_source(X, ids: np.ndarray):
+    """(weak reference to X, ids, shape), or None if X cannot be referenced."""
+    try:
+        return weakref.ref(X), ids, getattr(X, "shape", None)
+    except TypeError:
+        return None
 
 
 def _divisors(n: int) -> list[int]:
@@ -93,6 +117,18 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         ``256 * max(nlist, 2**nbits)``. Every row is encoded.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
+    memory : str, joblib.Memory or None, default=None
+        Caches the trained quantizers and the codes of the training data
+        (the expensive part of ``fit``), keyed by the data and the training
+        parameters (``nlist``, ``n_subquantizers``, ``nbits``, ``metric``,
+        ``by_residual``, ``max_train_samples``, ``random_state``): a ``fit``
+        that differs from a cached one only in search-time parameters
+        (``n_neighbors``, ``nprobe``, ``refine_factor``, ``mode``,
+        ``n_jobs``) loads them instead of training again. This is what makes
+        a :class:`~sklearn.model_selection.GridSearchCV` over ``nprobe``
+        cheap. A path or a :class:`joblib.Memory`, as for
+        :class:`sklearn.pipeline.Pipeline`; ``None`` caches nothing. With
+        ``random_state=None`` a cached training is reused as is.
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and k-means.
     n_jobs : int, default=None
@@ -154,6 +190,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         "by_residual": ["boolean"],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "mode": [StrOptions({"distance", "connectivity"})],
+        "memory": [None, str, HasMethods(["cache"])],
         "random_state": ["random_state"],
         "n_jobs": [Integral, None],
         "verbose": ["verbose"],
@@ -172,6 +209,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         by_residual=True,
         max_train_samples=None,
         mode="distance",
+        memory=None,
         random_state=None,
         n_jobs=None,
         verbose=0,
@@ -186,6 +224,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.by_residual = by_residual
         self.max_train_samples = max_train_samples
         self.mode = mode
+        self.memory = memory
         self.random_state = random_state
         self.n_jobs = n_jobs
         self.verbose = verbose
@@ -211,6 +250,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self : IVFPQNeighbors
             The fitted estimator.
         """
+        source = X
         X = validate_fit_data(self, X)
         ids = check_new_ids(ids, len(X), None)
         n_samples, n_features = X.shape
@@ -224,8 +264,45 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 f"nbits = {self.nbits}), but n_samples = {n_samples}."
             )
         n_threads = effective_n_threads(self.n_jobs)
-        rng = check_random_state(self.random_state)
         X = self._prepare(X)
+        train = check_memory(self.memory).cache(
+            _train_and_encode, ignore=["n_threads", "verbose"]
+        )
+        trained = train(X, self._training_params(n_sub), n_threads, self.verbose)
+        self.cluster_centers_ = trained["cluster_centers"]
+        self.pq_codebooks_ = trained["pq_codebooks"]
+        self.n_subquantizers_ = n_sub
+        self._center_sqnorms = _flat_search.row_sqnorms(
+            self.cluster_centers_, n_threads
+        )
+        self._derive_tables()
+        cells, codes = trained["cells"], trained["codes"]
+        self._set_store(*self._build_lists(cells, codes, ids, self._keep_vectors(X)))
+        self._fit_source = _weak_source(source, ids)
+        return self
+
+    def _training_params(self, n_sub: int) -> dict:
+        """The parameters that determine the trained quantizers and codes."""
+        return {
+            "nlist": self.nlist,
+            "n_subquantizers": n_sub,
+            "nbits": self.nbits,
+            "metric": self.metric,
+            "by_residual": self.by_residual,
+            "max_train_samples": self.max_train_samples,
+            "random_state": self.random_state,
+        }
+
+    def _train(self, X: np.ndarray, n_threads: int):
+        """Train both quantizers on (a sample of) prepared X, then encode X.
+
+        Returns the cell and the codes of every row of X.
+        """
+        n_samples, n_features = X.shape
+        n_sub = self.n_subquantizers
+        ksub = 2**self.nbits
+        needed = max(self.nlist, ksub)
+        rng = check_random_state(self.random_state)
 
         n_train = self.max_train_samples or 256 * needed
         n_train = max(min(n_train, n_samples), needed)
@@ -273,9 +350,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
         start = time.perf_counter()
         cells, codes = self._encode(X, n_threads)
-        self._set_store(*self._build_lists(cells, codes, ids, self._keep_vectors(X)))
         self._log(f"encoded {n_samples} vectors in {time.perf_counter() - start:.2f} s")
-        return self
+        return cells, codes
 
     def _keep_vectors(self, X: np.ndarray) -> np.ndarray | None:
         return X if self.refine_factor is not None else None
@@ -306,6 +382,42 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             "vectors": vectors,
         }
         self.n_samples_fit_ = len(ids)
+        # The vectors given to fit no longer describe the index.
+        self._fit_source = None
+
+    def _exact_reference(self) -> FlatNeighbors:
+        """An exact index over the indexed vectors, for ``score``.
+
+        From the stored vectors when ``refine_factor`` keeps them; otherwise
+        from the array given to ``fit``, referenced weakly (the index does
+        not keep a copy of what it compresses), as long as it is alive and
+        the index was not changed since.
+        """
+        check_is_fitted(self)
+        store = self._store
+        cached = getattr(self, "_exact_ref", None)
+        if cached is not None and cached[0] is store:
+            return cached[1]
+        if store["vectors"] is not None:
+            vectors, ids = store["vectors"], store["ids"]
+        else:
+            source = getattr(self, "_fit_source", None)
+            X = source[0]() if source is not None else None
+            if X is None or getattr(X, "shape", None) != source[2]:
+                raise ValueError(
+                    "IVFPQNeighbors.score needs the indexed vectors to find the "
+                    "exact neighbours, but this index does not store them "
+                    "(refine_factor=None) and the array given to fit is gone, "
+                    "could not be referenced (a list), or the index changed since "
+                    "(add/remove). Keep the array given to fit alive, or set "
+                    "refine_factor to store the vectors."
+                )
+            vectors = self._prepare(validate_query_data(self, X))
+            ids = source[1]
+        reference = FlatNeighbors(metric=self.metric, n_jobs=self.n_jobs)
+        reference.fit(vectors, ids=ids)
+        self._exact_ref = (store, reference)
+        return reference
 
     def _stored_cells(self) -> np.ndarray:
         offsets = self._store["list_offsets"]

@@ -41,11 +41,13 @@ class PersistenceMixin:
     """
 
     _derived_attributes: tuple[str, ...] = ()
+    # Process-local helpers (weak references, caches), never saved.
+    _transient_attributes: tuple[str, ...] = ("_fit_source", "_exact_ref")
 
     def __getstate__(self):
         # A copy: object.__getstate__ may return the instance __dict__ itself.
         state = dict(super().__getstate__())
-        for name in self._derived_attributes:
+        for name in self._derived_attributes + self._transient_attributes:
             state.pop(name, None)
         state["_annlearn_version"] = __version__
         state["_annlearn_format"] = FORMAT_VERSION
