@@ -135,6 +135,49 @@ def test_pipeline_classifier(data):
     assert np.mean(pipe.predict(Q) == exact.predict(Q)) >= 0.9
 
 
+def test_pipeline_regressor(data):
+    from sklearn.neighbors import KNeighborsRegressor
+
+    X, Q = data
+    y = X[:, 0] + 0.5 * X[:, 1]
+    pipe = make_pipeline(
+        small(n_neighbors=5, nprobe=16, refine_factor=4),
+        KNeighborsRegressor(5, metric="precomputed"),
+    ).fit(X, y)
+    exact = KNeighborsRegressor(5).fit(X, y)
+    y_q = Q[:, 0] + 0.5 * Q[:, 1]
+    assert pipe.score(Q, y_q) > exact.score(Q, y_q) - 0.05
+
+
+def test_sparse_graph_consumers(data):
+    # Isomap and DBSCAN take the precomputed neighbour graph of transform.
+    from sklearn.cluster import DBSCAN
+    from sklearn.datasets import make_swiss_roll
+    from sklearn.manifold import Isomap
+
+    roll = make_swiss_roll(800, random_state=0)[0]
+    index = small(n_neighbors=10, nlist=8, n_subquantizers=3, nbits=4, refine_factor=4)
+    graph = index.fit_transform(roll)
+    exact_graph = FlatNeighbors(n_neighbors=10).fit_transform(roll)
+    emb = Isomap(n_neighbors=10, metric="precomputed").fit_transform(graph)
+    ref = Isomap(n_neighbors=10, metric="precomputed").fit_transform(exact_graph)
+    assert emb.shape == ref.shape == (800, 2)
+    # Same embedding up to sign and small perturbations.
+    corr = [abs(np.corrcoef(emb[:, i], ref[:, i])[0, 1]) for i in range(2)]
+    assert min(corr) > 0.9
+    X = data[0][:800]
+    graph = small(n_neighbors=10, nprobe=16, refine_factor=4).fit_transform(X)
+    exact_graph = FlatNeighbors(n_neighbors=10).fit_transform(X)
+    eps = np.median(exact_graph.data)
+    labels = DBSCAN(eps=eps, min_samples=5, metric="precomputed").fit_predict(graph)
+    exact = DBSCAN(eps=eps, min_samples=5, metric="precomputed").fit_predict(
+        exact_graph
+    )
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(exact, labels) > 0.8
+
+
 def test_add_remove_and_ids(data):
     X, Q = data
     est = small(n_neighbors=5, nprobe=16, refine_factor=20)

@@ -187,7 +187,9 @@ def test_grid_search_with_default_score(data):
     params = search.cv_results_["params"]
     for nlist in (4, 8):
         by_nprobe = {
-            p["nprobe"]: s for p, s in zip(params, scores) if p["nlist"] == nlist
+            p["nprobe"]: s
+            for p, s in zip(params, scores, strict=True)
+            if p["nlist"] == nlist
         }
         assert by_nprobe[4] >= by_nprobe[1]
 
