@@ -8,7 +8,15 @@ approximate indexes, all with the scikit-learn API: ``fit``,
 
 from annlearn._flat import FlatNeighbors
 from annlearn._ivfpq import IVFPQNeighbors
+from annlearn._persistence import load, save
 from annlearn._show_versions import show_versions
 from annlearn._version import __version__
 
-__all__ = ["FlatNeighbors", "IVFPQNeighbors", "show_versions", "__version__"]
+__all__ = [
+    "FlatNeighbors",
+    "IVFPQNeighbors",
+    "load",
+    "save",
+    "show_versions",
+    "__version__",
+]
