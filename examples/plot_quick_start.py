@@ -1,0 +1,57 @@
+"""
+==========================================
+Quick start: exact and approximate search
+==========================================
+
+Index Fashion-MNIST (or generated data) with the exact ``FlatNeighbors`` and
+the approximate ``IVFPQNeighbors``, query both, and compare their recall@10
+(``score``: against exact search) and their speed.
+"""
+
+import argparse
+import time
+
+from _data import load
+
+from annlearn import FlatNeighbors, IVFPQNeighbors
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-train", type=int, default=60_000)
+    parser.add_argument("--n-test", type=int, default=10_000)
+    parser.add_argument("--nlist", type=int, default=256)
+    parser.add_argument("--n-subquantizers", type=int, default=None)
+    parser.add_argument("--nbits", type=int, default=8)
+    args = parser.parse_args(argv)
+    pq = dict(n_subquantizers=args.n_subquantizers, nbits=args.nbits)
+    X, Q = load(args.n_train, args.n_test)
+
+    for index in [
+        FlatNeighbors(n_neighbors=10),
+        IVFPQNeighbors(
+            n_neighbors=10, nlist=args.nlist, nprobe=8, random_state=0, **pq
+        ),
+        IVFPQNeighbors(
+            n_neighbors=10,
+            nlist=args.nlist,
+            nprobe=8,
+            refine_factor=8,
+            random_state=0,
+            **pq,
+        ),
+    ]:
+        start = time.perf_counter()
+        index.fit(X)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        distances, ids = index.kneighbors(Q)
+        qps = len(Q) / (time.perf_counter() - start)
+        print(
+            f"{index!r:>70}: fit {fit_s:6.2f} s, {qps:8.0f} queries/s, "
+            f"recall@10 {index.score(Q):.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
