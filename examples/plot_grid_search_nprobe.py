@@ -40,7 +40,7 @@ def pareto_front(recall, qps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n-train", type=int, default=60_000)
+    parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--test-size", type=int, default=2_000)
     parser.add_argument("--target-recall", type=float, default=0.6)
     parser.add_argument("--output", default="grid_search_nprobe.png")

@@ -19,7 +19,7 @@ from annlearn import FlatNeighbors, IVFPQNeighbors
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-train", type=int, default=60_000)
-    parser.add_argument("--n-test", type=int, default=10_000)
+    parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--n-subquantizers", type=int, default=None)
     parser.add_argument("--nbits", type=int, default=8)
