@@ -24,7 +24,11 @@ from sklearn.model_selection import GridSearchCV, ShuffleSplit  # noqa: E402
 
 from annlearn import IVFPQNeighbors  # noqa: E402
 from annlearn.metrics import qps_scorer, recall_scorer  # noqa: E402
-from annlearn.model_selection import fastest_above, ivfpq_param_grid  # noqa: E402
+from annlearn.model_selection import (  # noqa: E402
+    fastest_above,
+    ivfpq_param_grid,
+    suggest_nprobe,
+)
 
 
 def pareto_front(recall, qps):
@@ -44,12 +48,19 @@ def main(argv=None):
     parser.add_argument("--test-size", type=int, default=2_000)
     parser.add_argument("--target-recall", type=float, default=0.6)
     parser.add_argument("--output", default="grid_search_nprobe.png")
-    parser.add_argument("--n-subquantizers", type=int, default=None)
+    parser.add_argument("--n-subquantizers", type=int, default=28)
     parser.add_argument("--nbits", type=int, default=8)
     args = parser.parse_args(argv)
     pq = dict(n_subquantizers=args.n_subquantizers, nbits=args.nbits)
     X, _ = load(args.n_train, 0)
-    grid = ivfpq_param_grid(len(X) - args.test_size, n_nlist=3, n_nprobe=5)
+    # ivfpq_param_grid(n_samples) proposes nlist from the number of samples
+    # (sqrt(n) to 16 sqrt(n), at least 39 points per cell); here, three cell
+    # counts around it, each with the nprobe values suggest_nprobe proposes.
+    grid = [
+        {"nlist": [nlist], "nprobe": suggest_nprobe(nlist, 5)}
+        for nlist in (64, 128, 256)
+    ]
+    print("ivfpq_param_grid would propose:", ivfpq_param_grid(len(X)))
 
     with tempfile.TemporaryDirectory() as cache:
         search = GridSearchCV(

@@ -30,7 +30,7 @@ PQ = ["--n-subquantizers", "16", "--nbits", "4"]
 def test_quick_start(capsys):
     _run("plot_quick_start", [*SMALL, *PQ, "--n-test", "100", "--nlist", "16"])
     out = capsys.readouterr().out
-    assert out.count("recall@10") == 3
+    assert out.count("recall@10") == 4
     assert "recall@10 1.0000" in out  # FlatNeighbors is exact
 
 
