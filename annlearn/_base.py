@@ -219,6 +219,14 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return tags
 
 
+def _megabytes(n_bytes: int) -> str:
+    """A byte count in the largest binary unit that keeps it >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
 def _drop_self(
     distances: np.ndarray, indices: np.ndarray, self_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

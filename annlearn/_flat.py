@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search
-from annlearn._base import NeighborsBase
+from annlearn._base import NeighborsBase, _megabytes
 from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
@@ -267,6 +267,35 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return self
 
     # -- hooks of NeighborsBase -------------------------------------------
+    def summary(self) -> str:
+        """What the fitted index holds: vectors, bytes per vector, memory.
+
+        Returns
+        -------
+        summary : str
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from annlearn import FlatNeighbors
+        >>> print(FlatNeighbors().fit(np.ones((1000, 8))).summary())
+        FlatNeighbors: 1,000 vectors of 8 features, metric='euclidean'
+          bytes per vector: 44 (float32 vector 32, squared norm 4, id 8)
+          memory: 43.0 KiB
+        """
+        check_is_fitted(self)
+        store = self._store
+        n, d = self.n_samples_fit_, self.n_features_in_
+        total = sum(a.nbytes for a in store.values())
+        return "\n".join(
+            [
+                f"FlatNeighbors: {n:,} vectors of {d} features, metric={self.metric!r}",
+                f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
+                "norm 4, id 8)",
+                f"  memory: {_megabytes(total)}",
+            ]
+        )
+
     def _exact_reference(self) -> FlatNeighbors:
         check_is_fitted(self)
         return self

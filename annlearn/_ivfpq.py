@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from numbers import Integral
 
@@ -13,7 +14,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from annlearn import _flat_search, _ivf
-from annlearn._base import NeighborsBase
+from annlearn._base import NeighborsBase, _megabytes
 from annlearn._clustering import train_kmeans
 from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._persistence import PersistenceMixin, check_array_state
@@ -36,6 +37,10 @@ _ENCODE_BLOCK = 65_536
 # need to spread the data evenly; the codebooks decide the distances.
 _COARSE_MAX_ITER = 10
 _PQ_MAX_ITER = 25
+# k-means needs about this many training rows per centre (FAISS warns below).
+_MIN_POINTS_PER_CENTRE = 39
+# Warn above this imbalance factor of the cells (1.0: equal cells).
+_MAX_IMBALANCE = 4.0
 
 
 def _train_and_encode(
@@ -263,6 +268,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 f"samples to train its quantizers (nlist = {self.nlist}, "
                 f"nbits = {self.nbits}), but n_samples = {n_samples}."
             )
+        self._warn_small_training(self._n_train(n_samples))
         n_threads = effective_n_threads(self.n_jobs)
         X = self._prepare(X)
         train = check_memory(self.memory).cache(
@@ -279,7 +285,109 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         cells, codes = trained["cells"], trained["codes"]
         self._set_store(*self._build_lists(cells, codes, ids, self._keep_vectors(X)))
         self._fit_source = _weak_source(source, ids)
+        imbalance = self._imbalance_factor()
+        largest = int(np.diff(self._store["list_offsets"]).max())
+        if imbalance > _MAX_IMBALANCE:
+            warnings.warn(
+                f"IVFPQNeighbors cells are badly unbalanced: imbalance factor "
+                f"{imbalance:.1f} (1.0 when every cell holds n_samples / nlist "
+                f"vectors; the largest holds {largest} of {n_samples}). "
+                "Queries that probe the large cells are slow; "
+                "duplicated or clustered data, or too many cells for the data, "
+                "cause this. Try a smaller nlist.",
+                UserWarning,
+                stacklevel=3,
+            )
         return self
+
+    def _imbalance_factor(self) -> float:
+        """nlist * sum(cell sizes**2) / n**2: 1.0 for equal cells (FAISS's
+        measure); the expected number of codes a probe scans, relative."""
+        sizes = np.diff(self._store["list_offsets"]).astype(np.float64)
+        n = sizes.sum()
+        return float(self.nlist * (sizes**2).sum() / n**2) if n else 1.0
+
+    def summary(self) -> str:
+        """What the fitted index holds: vectors, cells, bytes, memory.
+
+        Returns
+        -------
+        summary : str
+            Several lines: the number of vectors and features, the cell
+            sizes and their imbalance factor, the code size, the bytes per
+            vector, and the memory of the index by part.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from annlearn import IVFPQNeighbors
+        >>> X = np.random.default_rng(0).standard_normal((2000, 16))
+        >>> index = IVFPQNeighbors(nlist=8, nbits=4, random_state=0).fit(X)
+        >>> print(index.summary())  # doctest: +ELLIPSIS
+        IVFPQNeighbors: 2,000 vectors of 16 features, metric='euclidean'
+          cells: 8 (vectors per cell: min ..., median ..., max ...; imbalance ...)
+          codes: 2 sub-vectors x 4 bits per vector, stored one byte each
+          bytes per vector: 10 in the lists (+ ... for the quantizers)
+          memory: ... (lists ..., quantizers ..., lookup tables ...)
+        """
+        check_is_fitted(self)
+        store = self._store
+        n, d = self.n_samples_fit_, self.n_features_in_
+        sizes = np.diff(store["list_offsets"])
+        vectors = store["vectors"]
+        lists = sum(
+            a.nbytes for a in (store["list_offsets"], store["codes"], store["ids"])
+        ) + (0 if vectors is None else vectors.nbytes)
+        quantizers = self.cluster_centers_.nbytes + self.pq_codebooks_.nbytes
+        tables = self._term2.nbytes + self._codebooks_t.nbytes
+        per_vector = self.n_subquantizers_ + 8 + (0 if vectors is None else 4 * d)
+        stored = "" if vectors is None else " + float32 vectors for re-ranking"
+        return "\n".join(
+            [
+                f"IVFPQNeighbors: {n:,} vectors of {d} features, "
+                f"metric={self.metric!r}",
+                f"  cells: {self.nlist} (vectors per cell: min {sizes.min()}, "
+                f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
+                f"{self._imbalance_factor():.2f}, 1.00 is even)",
+                f"  codes: {self.n_subquantizers_} sub-vectors x {self.nbits} bits "
+                f"per vector, stored one byte each{stored}",
+                f"  bytes per vector: {per_vector} in the lists (+ "
+                f"{quantizers / max(n, 1):.1f} for the quantizers)",
+                f"  memory: {_megabytes(lists + quantizers + tables)} (lists "
+                f"{_megabytes(lists)}, quantizers {_megabytes(quantizers)}, "
+                f"lookup tables {_megabytes(tables)})",
+            ]
+        )
+
+    def _n_train(self, n_samples: int) -> int:
+        """Rows the quantizers are trained on."""
+        needed = max(self.nlist, 2**self.nbits)
+        n_train = self.max_train_samples or 256 * needed
+        return max(min(n_train, n_samples), needed)
+
+    def _warn_small_training(self, n_train: int) -> None:
+        """Warn when k-means gets fewer than ~39 rows per centre."""
+        per_centre = _MIN_POINTS_PER_CENTRE
+        if n_train < per_centre * self.nlist:
+            warnings.warn(
+                f"IVFPQNeighbors trains nlist = {self.nlist} cells on {n_train} "
+                f"rows, {n_train / self.nlist:.1f} per cell; k-means needs about "
+                f"{per_centre} per cell to place them well. Give more rows "
+                f"(max_train_samples) or use nlist <= {max(n_train // per_centre, 1)}.",
+                UserWarning,
+                stacklevel=4,
+            )
+        ksub = 2**self.nbits
+        if n_train < per_centre * ksub:
+            fit_bits = int(np.log2(max(n_train // per_centre, 1)))
+            warnings.warn(
+                f"IVFPQNeighbors trains 2**nbits = {ksub} centres per sub-quantizer "
+                f"on {n_train} rows, {n_train / ksub:.1f} per centre; k-means needs "
+                f"about {per_centre} per centre. Give more rows (max_train_samples) "
+                f"or use nbits <= {max(fit_bits, 4)}.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _training_params(self, n_sub: int) -> dict:
         """The parameters that determine the trained quantizers and codes."""
@@ -301,11 +409,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         n_samples, n_features = X.shape
         n_sub = self.n_subquantizers
         ksub = 2**self.nbits
-        needed = max(self.nlist, ksub)
         rng = check_random_state(self.random_state)
 
-        n_train = self.max_train_samples or 256 * needed
-        n_train = max(min(n_train, n_samples), needed)
+        n_train = self._n_train(n_samples)
         train_rows = np.sort(rng.choice(n_samples, n_train, replace=False))
         train = X[train_rows] if n_train < n_samples else X
         start = time.perf_counter()

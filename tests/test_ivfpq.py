@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import joblib
@@ -369,3 +370,36 @@ def test_pickle_versions_and_corruption(data):
     fstate["_store"] = dict(fstate["_store"], ids=fstate["_store"]["ids"][:10])
     with pytest.raises(ValueError, match="Corrupted FlatNeighbors state: ids"):
         FlatNeighbors().__setstate__(fstate)
+
+
+def test_training_size_warnings():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1000, 8)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"nlist = 64 cells on 1000 rows, 15\.6 per"):
+        IVFPQNeighbors(nlist=64, n_subquantizers=2, nbits=4, random_state=0).fit(X)
+    with pytest.warns(UserWarning, match=r"2\*\*nbits = 64 centres .* nbits <= 4"):
+        IVFPQNeighbors(nlist=8, n_subquantizers=2, nbits=6, random_state=0).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IVFPQNeighbors(nlist=8, n_subquantizers=2, nbits=4, random_state=0).fit(X)
+
+
+def test_unbalanced_cells_warning():
+    rng = np.random.default_rng(0)
+    X = np.vstack([np.zeros((1900, 8)), rng.standard_normal((100, 8))])
+    X += 1e-3 * rng.standard_normal(X.shape)
+    with pytest.warns(UserWarning, match=r"badly unbalanced: imbalance factor"):
+        IVFPQNeighbors(nlist=8, n_subquantizers=2, nbits=4, random_state=0).fit(X)
+
+
+def test_summary(data):
+    X, _ = data
+    with pytest.raises(NotFittedError):
+        IVFPQNeighbors().summary()
+    est = small(refine_factor=2).fit(X)
+    text = est.summary()
+    assert text.startswith("IVFPQNeighbors: 3,000 vectors of 32 features")
+    assert "cells: 16" in text and "8 sub-vectors x 6 bits" in text
+    assert "bytes per vector: 144 in the lists" in text  # 8 codes + 8 id + 128
+    flat = FlatNeighbors().fit(X).summary()
+    assert "bytes per vector: 140" in flat  # 128 + 4 + 8
