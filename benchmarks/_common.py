@@ -146,6 +146,7 @@ def environment() -> dict:
         for info in threadpool_info()
     ]
     from annlearn._flat_search import DEFAULT_GEMM
+    from annlearn._utils._blas import _simd_isa
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -153,6 +154,7 @@ def environment() -> dict:
         "n_cpus": os.cpu_count(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "unset"),
         "annlearn_gemm": DEFAULT_GEMM,
+        "annlearn_isa": _simd_isa(),
         "versions": versions,
         "threadpools": pools,
     }
@@ -192,4 +194,52 @@ def write_json(name: str, payload: dict) -> str:
     path = os.path.join(folder, f"{name}-{stamp}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
+    return path
+
+
+def write_recall_qps_plot(rows: list[dict], path: str, title: str) -> str | None:
+    """Recall against queries/second (log scale), one curve per system and
+    configuration, each point labelled with its nprobe; None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        points = sorted(
+            (r for r in rows if r["system"] == system), key=lambda r: r["nprobe"]
+        )
+        style = "-" if system.startswith("annlearn") else "--"
+        line = ax.plot(
+            [r["recall"] for r in points],
+            [r["qps"] for r in points],
+            style,
+            marker="o",
+            label=system,
+        )[0]
+        for r in points:
+            ax.annotate(
+                str(r["nprobe"]),
+                (r["recall"], r["qps"]),
+                fontsize=7,
+                color=line.get_color(),
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@10")
+    ax.set_ylabel("queries / second (log)")
+    import textwrap
+
+    wrapped = "\n".join(textwrap.fill(line, 95) for line in title.splitlines())
+    ax.set_title(wrapped, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

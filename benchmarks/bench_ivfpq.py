@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     recall_at_k,
     tie_aware_recall,
     write_json,
+    write_recall_qps_plot,
 )
 
 
@@ -207,6 +208,15 @@ def main(argv=None):
             )
     path = write_json("ivfpq", {"args": vars(args), "environment": env, "rows": rows})
     print(f"\nresults written to {path}")
+    title = (
+        f"IVF-PQ nlist={args.nlist} M={args.m} nbits={args.nbits}, {args.data}, "
+        f"k={args.k}, {args.threads} threads; labels: nprobe\n"
+        f"{env['cpu']} ({env['n_cpus']} CPUs), {env['date']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    )
+    png = write_recall_qps_plot(rows, path[: -len(".json")] + ".png", title)
+    if png:
+        print(f"plot written to {png}")
 
 
 if __name__ == "__main__":
