@@ -1,0 +1,35 @@
+"""The documentation builds with warnings as errors, so that it cannot rot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "doc")
+
+
+def test_sphinx_build(tmp_path):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("numpydoc")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(tmp_path / "doctrees"),
+            DOC,
+            str(tmp_path / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "html" / "from_faiss.html").exists()
