@@ -12,6 +12,7 @@ DOC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "doc")
 def test_sphinx_build(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("numpydoc")
+    pytest.importorskip("sphinx_gallery")
     result = subprocess.run(
         [
             sys.executable,
@@ -22,6 +23,10 @@ def test_sphinx_build(tmp_path):
             "-q",
             "-b",
             "html",
+            # Render the example gallery without running the examples (each
+            # takes up to a minute; tests/test_examples.py runs them small).
+            "-D",
+            "plot_gallery=0",
             "-d",
             str(tmp_path / "doctrees"),
             DOC,
@@ -33,3 +38,4 @@ def test_sphinx_build(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "html" / "from_faiss.html").exists()
+    assert (tmp_path / "html" / "auto_examples" / "index.html").exists()
