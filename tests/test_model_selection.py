@@ -237,27 +237,31 @@ def test_suggested_grids():
 
 
 # -- training cache --------------------------------------------------------
-def test_memory_reuses_training_across_search_time_parameters(data, tmp_path):
+@pytest.fixture
+def trainings(monkeypatch):
+    """The nlist of every IVF-PQ training (cache misses) during a test."""
+    calls = []
+    original = IVFPQNeighbors._train
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.nlist)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IVFPQNeighbors, "_train", counting)
+    return calls
+
+
+def test_memory_reuses_training_across_search_time_parameters(
+    data, tmp_path, trainings
+):
     X = data[:2000]
     memory = joblib.Memory(tmp_path, verbose=0)
     first = _ivfpq(memory=memory, nprobe=1).fit(X)
-    calls = []
-    from annlearn import _ivfpq as module
-
-    original = module.IVFPQNeighbors._train
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    module.IVFPQNeighbors._train = counting
-    try:
-        second = _ivfpq(memory=memory, nprobe=4, refine_factor=2).fit(X)
-        assert calls == []  # search-time parameters only: a cache hit
-        _ivfpq(memory=memory, nlist=4).fit(X)
-        assert calls == [1]  # a training parameter changed: trained
-    finally:
-        module.IVFPQNeighbors._train = original
+    assert trainings == [8]
+    second = _ivfpq(memory=memory, nprobe=4, refine_factor=2).fit(X)
+    assert trainings == [8]  # search-time parameters only: a cache hit
+    _ivfpq(memory=memory, nlist=4).fit(X)
+    assert trainings == [8, 4]  # a training parameter changed: trained
     np.testing.assert_array_equal(first.cluster_centers_, second.cluster_centers_)
     # Same results as an uncached fit.
     plain = _ivfpq(nprobe=4, refine_factor=2).fit(X)
@@ -268,25 +272,12 @@ def test_memory_reuses_training_across_search_time_parameters(data, tmp_path):
         )
 
 
-def test_grid_search_with_memory_trains_once_per_nlist(data, tmp_path):
-    from annlearn import _ivfpq as module
-
-    calls = []
-    original = module.IVFPQNeighbors._train
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.nlist)
-        return original(self, *args, **kwargs)
-
-    module.IVFPQNeighbors._train = counting
-    try:
-        search = GridSearchCV(
-            _ivfpq(memory=str(tmp_path)),
-            {"nlist": [4, 8], "nprobe": [1, 2, 4]},
-            cv=ShuffleSplit(n_splits=1, test_size=200, random_state=0),
-            refit=False,
-        )
-        search.fit(data)
-    finally:
-        module.IVFPQNeighbors._train = original
-    assert sorted(calls) == [4, 8]
+def test_grid_search_with_memory_trains_once_per_nlist(data, tmp_path, trainings):
+    search = GridSearchCV(
+        _ivfpq(memory=str(tmp_path)),
+        {"nlist": [4, 8], "nprobe": [1, 2, 4]},
+        cv=ShuffleSplit(n_splits=1, test_size=200, random_state=0),
+        refit=False,
+    )
+    search.fit(data)
+    assert sorted(trainings) == [4, 8]
