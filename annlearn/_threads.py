@@ -79,7 +79,8 @@ def blas_single_thread() -> Iterator[None]:
 
 def flat_search_blas_guard() -> AbstractContextManager:
     """The BLAS cap the flat search kernel needs: none when it runs its own
-    AVX-512 GEMM (it then calls no BLAS), ``blas_single_thread`` otherwise.
+    packed GEMM (AVX-512 or AVX2; it then calls no BLAS),
+    ``blas_single_thread`` otherwise.
 
     Skipping the cap when it is not needed saves the few tens of
     microseconds threadpoolctl takes, which count for single queries.

@@ -169,6 +169,28 @@ static inline void annlearn_kernel_12x32_avx512(
     }
 }
 
+/* The AVX-512 loop nest (tuned with 1 MiB of L2 per core): panel-major, one
+ * B panel (NR x k) is reused by every group of A while it is hot in L2. */
+__attribute__((target("avx512f")))
+static inline void annlearn_packed_gemm_abt_avx512(
+    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
+    const float* Ap, const float* Bp, const float* bias, float* C,
+    ptrdiff_t ldc)
+{
+    const ptrdiff_t MR = ANNLEARN_GEMM_MR, NR = ANNLEARN_GEMM_NR;
+    ptrdiff_t g, q;
+    for (q = 0; q * NR < n; q++) {
+        ptrdiff_t n_valid = n - q * NR < NR ? n - q * NR : NR;
+        for (g = 0; g * MR < m; g++) {
+            ptrdiff_t m_valid = m - g * MR < MR ? m - g * MR : MR;
+            annlearn_kernel_12x32_avx512(
+                Ap + g * MR * k, Bp + q * NR * k, k, alpha,
+                bias == NULL ? NULL : bias + q * NR,
+                C + g * MR * ldc + q * NR, ldc, m_valid, n_valid);
+        }
+    }
+}
+
 /* Pack like annlearn_pack_rows for width == NR, gathering each k-slice of
  * 16 rows with one instruction: several times faster than the scalar
  * transpose, and packing the database block is on the search's hot path. */
@@ -331,12 +353,8 @@ static inline void annlearn_kernel_6x16_avx2(
  * of an A block of ANNLEARN_GEMM_MC_AVX2 rows (MC x kc, ~150 KiB, in L2). The
  * packed layouts are those of the unblocked kernels: a k-block of a group or
  * a panel is a contiguous slice of it. */
-#ifndef ANNLEARN_GEMM_KC_AVX2
 #define ANNLEARN_GEMM_KC_AVX2 512
-#endif
-#ifndef ANNLEARN_GEMM_MC_AVX2
 #define ANNLEARN_GEMM_MC_AVX2 144
-#endif
 
 __attribute__((target("avx2,fma")))
 static inline void annlearn_packed_gemm_abt_avx2(
@@ -464,54 +482,6 @@ static inline int annlearn_isa(void) {
 
 #else
 
-static inline void annlearn_kernel_12x32_avx512(
-    const float* Ap, const float* Bp, ptrdiff_t k, float alpha,
-    const float* bias, float* C, ptrdiff_t ldc, ptrdiff_t m_valid,
-    ptrdiff_t n_valid)
-{
-    (void)Ap; (void)Bp; (void)k; (void)alpha; (void)bias; (void)C; (void)ldc;
-    (void)m_valid; (void)n_valid;
-}
-
-static inline void annlearn_pack_panels_avx512(const float* X, ptrdiff_t ldx,
-                                               ptrdiff_t rows, ptrdiff_t k,
-                                               float* out) {
-    annlearn_pack_rows(X, ldx, rows, k, ANNLEARN_GEMM_NR, out);
-}
-
-static inline void annlearn_dot_rows_avx512(
-    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
-    const float* X, ptrdiff_t ldx, const float* Y, ptrdiff_t ldy,
-    float* C, ptrdiff_t ldc)
-{
-    (void)m; (void)n; (void)k; (void)alpha; (void)X; (void)ldx; (void)Y;
-    (void)ldy; (void)C; (void)ldc;
-}
-
-static inline void annlearn_packed_gemm_abt_avx2(
-    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
-    const float* Ap, const float* Bp, const float* bias, float* C,
-    ptrdiff_t ldc)
-{
-    (void)m; (void)n; (void)k; (void)alpha; (void)Ap; (void)Bp; (void)bias;
-    (void)C; (void)ldc;
-}
-
-static inline void annlearn_pack_panels_avx2(const float* X, ptrdiff_t ldx,
-                                             ptrdiff_t rows, ptrdiff_t k,
-                                             float* out) {
-    annlearn_pack_rows(X, ldx, rows, k, ANNLEARN_GEMM_NR_AVX2, out);
-}
-
-static inline void annlearn_dot_rows_avx2(
-    ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, float alpha,
-    const float* X, ptrdiff_t ldx, const float* Y, ptrdiff_t ldy,
-    float* C, ptrdiff_t ldc)
-{
-    (void)m; (void)n; (void)k; (void)alpha; (void)X; (void)ldx; (void)Y;
-    (void)ldy; (void)C; (void)ldc;
-}
-
 static inline int annlearn_isa(void) { return ANNLEARN_ISA_NONE; }
 
 #endif
@@ -536,12 +506,17 @@ static inline ptrdiff_t annlearn_gemm_nr(void) {
 static inline void annlearn_pack_panels(const float* X, ptrdiff_t ldx,
                                         ptrdiff_t rows, ptrdiff_t k,
                                         float* out) {
-    if (annlearn_isa() == ANNLEARN_ISA_AVX512)
+#if ANNLEARN_HAVE_X86_DISPATCH
+    if (annlearn_isa() == ANNLEARN_ISA_AVX512) {
         annlearn_pack_panels_avx512(X, ldx, rows, k, out);
-    else if (annlearn_isa() == ANNLEARN_ISA_AVX2)
+        return;
+    }
+    if (annlearn_isa() == ANNLEARN_ISA_AVX2) {
         annlearn_pack_panels_avx2(X, ldx, rows, k, out);
-    else
-        annlearn_pack_rows(X, ldx, rows, k, annlearn_gemm_nr(), out);
+        return;
+    }
+#endif
+    annlearn_pack_rows(X, ldx, rows, k, annlearn_gemm_nr(), out);
 }
 
 /* C[:m, :n] = alpha * A . B^T (+ bias[j] on column j when bias is not NULL)
@@ -554,24 +529,12 @@ static inline void annlearn_packed_gemm_abt(
     const float* Ap, const float* Bp, const float* bias, float* C,
     ptrdiff_t ldc)
 {
-    ptrdiff_t g, q;
-    const ptrdiff_t MR = ANNLEARN_GEMM_MR, NR = ANNLEARN_GEMM_NR;
-    if (annlearn_isa() != ANNLEARN_ISA_AVX512) {
+#if ANNLEARN_HAVE_X86_DISPATCH
+    if (annlearn_isa() == ANNLEARN_ISA_AVX512)
+        annlearn_packed_gemm_abt_avx512(m, n, k, alpha, Ap, Bp, bias, C, ldc);
+    else if (annlearn_isa() == ANNLEARN_ISA_AVX2)
         annlearn_packed_gemm_abt_avx2(m, n, k, alpha, Ap, Bp, bias, C, ldc);
-        return;
-    }
-    /* AVX-512 (1 MiB of L2 per core where it was tuned): panel-major, one B
-     * panel (NR x k) is reused by every group of A while it is hot in L2. */
-    for (q = 0; q * NR < n; q++) {
-        ptrdiff_t n_valid = n - q * NR < NR ? n - q * NR : NR;
-        for (g = 0; g * MR < m; g++) {
-            ptrdiff_t m_valid = m - g * MR < MR ? m - g * MR : MR;
-            annlearn_kernel_12x32_avx512(
-                Ap + g * MR * k, Bp + q * NR * k, k, alpha,
-                bias == NULL ? NULL : bias + q * NR,
-                C + g * MR * ldc + q * NR, ldc, m_valid, n_valid);
-        }
-    }
+#endif
 }
 
 /* C[i * ldc + j] = alpha * <X[i], Y[j]> without packing, for a few queries.
@@ -581,10 +544,12 @@ static inline void annlearn_dot_rows(
     const float* X, ptrdiff_t ldx, const float* Y, ptrdiff_t ldy,
     float* C, ptrdiff_t ldc)
 {
+#if ANNLEARN_HAVE_X86_DISPATCH
     if (annlearn_isa() == ANNLEARN_ISA_AVX512)
         annlearn_dot_rows_avx512(m, n, k, alpha, X, ldx, Y, ldy, C, ldc);
-    else
+    else if (annlearn_isa() == ANNLEARN_ISA_AVX2)
         annlearn_dot_rows_avx2(m, n, k, alpha, X, ldx, Y, ldy, C, ldc);
+#endif
 }
 
 #endif
