@@ -21,27 +21,14 @@ def data():
 
 
 def _estimators():
+    ivfpq = dict(
+        n_neighbors=4, nlist=8, nprobe=4, n_subquantizers=4, nbits=5, random_state=0
+    )
     return [
         FlatNeighbors(n_neighbors=4),
         FlatNeighbors(n_neighbors=4, metric="cosine"),
-        IVFPQNeighbors(
-            n_neighbors=4,
-            nlist=8,
-            nprobe=4,
-            n_subquantizers=4,
-            nbits=5,
-            random_state=0,
-        ),
-        IVFPQNeighbors(
-            n_neighbors=4,
-            nlist=8,
-            nprobe=4,
-            n_subquantizers=4,
-            nbits=5,
-            refine_factor=3,
-            metric="inner_product",
-            random_state=0,
-        ),
+        IVFPQNeighbors(**ivfpq),
+        IVFPQNeighbors(**ivfpq, refine_factor=3, metric="inner_product"),
     ]
 
 
