@@ -23,6 +23,7 @@ from annlearn._validation import (
     METRICS,
     check_new_ids,
     check_removed_ids,
+    user_stacklevel,
     validate_fit_data,
     validate_query_data,
 )
@@ -296,7 +297,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 "duplicated or clustered data, or too many cells for the data, "
                 "cause this. Try a smaller nlist.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return self
 
@@ -375,7 +376,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 f"{per_centre} per cell to place them well. Give more rows "
                 f"(max_train_samples) or use nlist <= {max(n_train // per_centre, 1)}.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         ksub = 2**self.nbits
         if n_train < per_centre * ksub:
@@ -386,7 +387,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 f"about {per_centre} per centre. Give more rows (max_train_samples) "
                 f"or use nbits <= {max(fit_bits, 4)}.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def _training_params(self, n_sub: int) -> dict:

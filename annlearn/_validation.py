@@ -7,8 +7,15 @@ Estimators call these once per public call; kernels then trust their inputs
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
+import weakref
 
+import joblib
 import numpy as np
+import sklearn
+from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "validate_fit_data",
     "validate_query_data",
     "check_n_neighbors",
+    "user_stacklevel",
 ]
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -23,14 +31,71 @@ _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # The metrics every annlearn estimator understands.
 METRICS = ("euclidean", "sqeuclidean", "cosine", "inner_product")
 
+# Frames in these folders are not the user's code (warnings skip them):
+# annlearn, and scikit-learn and joblib, through which pipelines and
+# searches call it.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (__file__, sklearn.__file__, joblib.__file__)
+)
+
+# Estimators that have already warned about a float64 conversion. Weak, so
+# that it holds no estimator alive; not an attribute, so that kneighbors and
+# transform leave the estimator's __dict__ unchanged.
+_WARNED_FLOAT64: weakref.WeakSet = weakref.WeakSet()
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line.
+
+    For a ``warnings.warn`` call made in the function that calls this one:
+    skips every frame of annlearn, scikit-learn and joblib (``fit`` wrappers,
+    pipelines, cached steps), so that the warning names the line that called into them,
+    however deep the call that warns.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _is_float64(X) -> bool:
+    dtype = getattr(X, "dtype", None)
+    if dtype is not None:
+        return dtype == np.float64
+    dtypes = getattr(X, "dtypes", None)  # pandas DataFrame
+    try:
+        return dtypes is not None and any(dt == np.float64 for dt in dtypes)
+    except TypeError:
+        return False
+
+
+def _warn_float64_once(estimator, X) -> None:
+    """DataConversionWarning the first time ``estimator`` converts float64."""
+    if not _is_float64(X) or estimator in _WARNED_FLOAT64:
+        return
+    _WARNED_FLOAT64.add(estimator)
+    warnings.warn(
+        f"{type(estimator).__name__} works in float32: float64 input is "
+        "converted, which copies it and rounds it to float32 precision. Pass "
+        "float32 arrays (X.astype(np.float32)) to avoid the copy. This warning "
+        "is shown once per estimator.",
+        DataConversionWarning,
+        stacklevel=user_stacklevel(),
+    )
+
 
 def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
     """Validate training data and convert it to float32, C order.
 
     float32 C-contiguous input is not copied; float64 and integer input are
-    converted once. Sparse input, NaN or infinity, fewer than ``min_samples``
-    rows, or no feature raise a ``ValueError`` or ``TypeError`` naming the
-    problem. Sets ``n_features_in_`` (and ``feature_names_in_``).
+    converted once. The first float64 input an estimator converts raises a
+    ``DataConversionWarning`` (once per estimator, in ``fit`` or in a query).
+    Sparse input, NaN or infinity, fewer than ``min_samples`` rows, or no
+    feature raise a ``ValueError`` or ``TypeError`` naming the problem.
+    Sets ``n_features_in_`` (and ``feature_names_in_``).
 
     Parameters
     ----------
@@ -45,6 +110,7 @@ def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
     -------
     X : ndarray of shape (n_samples, n_features), dtype float32
     """
+    _warn_float64_once(estimator, X)
     return validate_data(
         estimator,
         X,
@@ -76,6 +142,7 @@ def validate_query_data(estimator, X) -> np.ndarray:
     X : ndarray of shape (n_queries, n_features), dtype float32
     """
     check_is_fitted(estimator)
+    _warn_float64_once(estimator, X)
     if (
         type(X) is np.ndarray
         and X.ndim == 2

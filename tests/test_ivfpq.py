@@ -375,8 +375,11 @@ def test_pickle_versions_and_corruption(data):
 def test_training_size_warnings():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1000, 8)).astype(np.float32)
-    with pytest.warns(UserWarning, match=r"nlist = 64 cells on 1000 rows, 15\.6 per"):
+    with pytest.warns(
+        UserWarning, match=r"nlist = 64 cells on 1000 rows, 15\.6 per"
+    ) as record:
         IVFPQNeighbors(nlist=64, n_subquantizers=2, nbits=4, random_state=0).fit(X)
+    assert record[0].filename == __file__  # points at the user's fit line
     with pytest.warns(UserWarning, match=r"2\*\*nbits = 64 centres .* nbits <= 4"):
         IVFPQNeighbors(nlist=8, n_subquantizers=2, nbits=6, random_state=0).fit(X)
     with warnings.catch_warnings():

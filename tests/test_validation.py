@@ -1,12 +1,18 @@
 """Every bad input gets a precise error."""
 
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from scipy import sparse
-from sklearn.exceptions import NotFittedError
+from sklearn.base import clone
+from sklearn.exceptions import DataConversionWarning, NotFittedError
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
 from sklearn.utils._param_validation import InvalidParameterError
 
-from annlearn import FlatNeighbors
+from annlearn import FlatNeighbors, IVFPQNeighbors
 
 
 @pytest.fixture
@@ -124,3 +130,66 @@ def test_user_ids_are_returned_and_graph_is_indexed_by_id():
     assert est.n_samples_fit_ == 3
     with pytest.raises(ValueError, match="Expected integer ids"):
         est.remove(["a"])
+
+
+def _conversion_warnings(record):
+    return [w for w in record if issubclass(w.category, DataConversionWarning)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FlatNeighbors(n_neighbors=3),
+        lambda: IVFPQNeighbors(
+            n_neighbors=3,
+            nlist=4,
+            nprobe=2,
+            n_subquantizers=2,
+            nbits=4,
+            random_state=0,
+        ),
+    ],
+    ids=["flat", "ivfpq"],
+)
+def test_float64_conversion_warns_once_per_estimator(make):
+    X = np.random.default_rng(0).standard_normal((700, 4))
+    est = make()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        est.fit(X)  # the line the warning must name
+        line = sys._getframe().f_lineno - 1
+        est.kneighbors(X[:5])
+        est.transform(X[:5])
+        est.score(X[:20])
+    found = _conversion_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert message.startswith(f"{type(est).__name__} works in float32")
+    assert "once per estimator" in message
+    assert found[0].filename == __file__ and found[0].lineno == line
+
+    # A first float64 query warns too; float32 and integer input never do.
+    fresh = make().fit(X.astype(np.float32))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make().fit(X.astype(np.float32))
+        make().fit((100 * X).astype(np.int64))
+        fresh.kneighbors(X[:5].astype(np.float32))
+        assert not _conversion_warnings(record)
+        fresh.kneighbors(X[:5])
+        fresh.kneighbors(X[:5])
+    assert len(_conversion_warnings(record)) == 1
+    # A clone is a new estimator: it warns again.
+    with pytest.warns(DataConversionWarning, match="works in float32"):
+        clone(est).fit(X)
+
+
+def test_float64_warning_names_the_user_line_through_a_pipeline():
+    X = np.random.default_rng(0).standard_normal((200, 4))
+    y = np.arange(200) % 2
+    pipe = make_pipeline(
+        FlatNeighbors(n_neighbors=3), KNeighborsClassifier(3, metric="precomputed")
+    )
+    with pytest.warns(DataConversionWarning, match="FlatNeighbors works") as record:
+        pipe.fit(X, y)
+    assert _conversion_warnings(record)[0].filename == __file__
