@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -197,10 +198,46 @@ def write_json(name: str, payload: dict) -> str:
     return path
 
 
-def write_recall_qps_plot(rows: list[dict], path: str, title: str) -> str | None:
+# Where --publish puts a benchmark's latest results for the doc site
+# (doc/benchmarks.rst shows them).
+PUBLISHED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "doc",
+    "_static",
+    "benchmarks",
+)
+
+
+def publish(name: str, *paths: str) -> list[str]:
+    """Copy a run's result files to ``doc/_static/benchmarks/<name>-latest.*``."""
+    os.makedirs(PUBLISHED, exist_ok=True)
+    out = []
+    for path in paths:
+        if path is None:
+            continue
+        target = os.path.join(PUBLISHED, f"{name}-latest{os.path.splitext(path)[1]}")
+        shutil.copyfile(path, target)
+        out.append(target)
+    return out
+
+
+def environment_line(env: dict) -> str:
+    """One line naming the machine and the versions a run was measured with."""
+    return (
+        f"{env['cpu']} ({env['n_cpus']} CPUs, annlearn ISA {env.get('annlearn_isa')},"
+        f" OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}), {env['date']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    )
+
+
+def write_recall_qps_plot(
+    rows: list[dict], path: str, title: str, footer: str = ""
+) -> str | None:
     """Recall against queries/second (log scale), one curve per system and
-    configuration, each point labelled with its nprobe; None without
-    matplotlib."""
+    configuration, each point labelled with its nprobe (exact search is a
+    star); systems of the same ``config`` share a colour, annlearn solid and
+    the peer dashed. ``footer`` (the machine and versions) is printed under
+    the axes. None without matplotlib."""
     try:
         import matplotlib
 
@@ -208,20 +245,30 @@ def write_recall_qps_plot(rows: list[dict], path: str, title: str) -> str | None
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    configs = list(dict.fromkeys(r.get("config", r["system"]) for r in rows))
     for system in dict.fromkeys(r["system"] for r in rows):
         points = sorted(
-            (r for r in rows if r["system"] == system), key=lambda r: r["nprobe"]
+            (r for r in rows if r["system"] == system),
+            key=lambda r: -1 if r["nprobe"] is None else r["nprobe"],
         )
+        exact = all(r["nprobe"] is None for r in points)
         style = "-" if system.startswith("annlearn") else "--"
         line = ax.plot(
             [r["recall"] for r in points],
             [r["qps"] for r in points],
             style,
-            marker="o",
+            marker="*" if exact else "o",
+            markersize=12 if exact else 6,
+            markerfacecolor=None if style == "-" else "white",
+            color=f"C{configs.index(points[0].get('config', system)) % 10}",
             label=system,
         )[0]
         for r in points:
+            if r["nprobe"] is None:
+                continue
             ax.annotate(
                 str(r["nprobe"]),
                 (r["recall"], r["qps"]),
@@ -233,13 +280,15 @@ def write_recall_qps_plot(rows: list[dict], path: str, title: str) -> str | None
     ax.set_yscale("log")
     ax.set_xlabel("recall@10")
     ax.set_ylabel("queries / second (log)")
-    import textwrap
-
-    wrapped = "\n".join(textwrap.fill(line, 95) for line in title.splitlines())
-    ax.set_title(wrapped, fontsize=8)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    if footer:
+        wrapped = textwrap.fill(footer, 120)
+        lines = wrapped.count("\n") + 1
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.03 * lines)
+        fig.text(0.01, 0.01, wrapped, fontsize=6, color="#555555", va="bottom")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -28,6 +28,7 @@ from _common import (  # noqa: E402
     numpy_gemm_gflops,
     print_environment,
     print_table,
+    publish,
     recall_at_k,
     tie_aware_recall,
     write_json,
@@ -46,6 +47,12 @@ def main(argv=None):
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--sklearn-queries", type=int, default=2000)
     parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the results to doc/_static/benchmarks/flat-latest.json "
+        "(the doc site's benchmark page shows them)",
+    )
     args = parser.parse_args(argv)
 
     from annlearn import FlatNeighbors
@@ -140,18 +147,15 @@ def main(argv=None):
     by_name = {row["system"]: row for row in rows}
     ours = by_name["annlearn FlatNeighbors(sqeuclidean)"]
     faiss_row = by_name["faiss IndexFlatL2"]
-    print("\nratios (annlearn FlatNeighbors(sqeuclidean) / peer, same run):")
-    print(
-        f"  batch QPS / faiss IndexFlatL2        : {ours['qps'] / faiss_row['qps']:.2f}"
-    )
+    ratios = {"batch QPS / faiss IndexFlatL2": ours["qps"] / faiss_row["qps"]}
     if "sklearn NearestNeighbors(brute)" in by_name:
         sk = by_name["sklearn NearestNeighbors(brute)"]
-        print(f"  batch QPS / sklearn brute            : {ours['qps'] / sk['qps']:.2f}")
-    print(
-        "  p50 latency / faiss IndexFlatL2 p50  : "
-        f"{ours['p50_us'] / faiss_row['p50_us']:.2f}"
-    )
-    print(f"  effective GFLOP/s / numpy GEMM       : {ours['gflops'] / gemm:.2f}")
+        ratios["batch QPS / sklearn brute"] = ours["qps"] / sk["qps"]
+    ratios["p50 latency / faiss IndexFlatL2 p50"] = ours["p50_us"] / faiss_row["p50_us"]
+    ratios["effective GFLOP/s / numpy GEMM"] = ours["gflops"] / gemm
+    print("\nratios (annlearn FlatNeighbors(sqeuclidean) / peer, same run):")
+    for name, value in ratios.items():
+        print(f"  {name:<37}: {value:.2f}")
     path = write_json(
         "flat",
         {
@@ -159,9 +163,13 @@ def main(argv=None):
             "environment": env,
             "rows": rows,
             "numpy_gemm_gflops": gemm,
+            "ratios": ratios,
         },
     )
     print(f"\nresults written to {path}")
+    if args.publish:
+        for target in publish("flat", path):
+            print(f"published {target}")
 
 
 if __name__ == "__main__":

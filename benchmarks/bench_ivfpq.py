@@ -24,11 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     best_time,
     environment,
+    environment_line,
     exact_ground_truth,
     latencies_us,
     load_data,
     print_environment,
     print_table,
+    publish,
     recall_at_k,
     tie_aware_recall,
     write_json,
@@ -57,6 +59,17 @@ def main(argv=None):
     parser.add_argument("--nprobes", default="1,2,4,8,16,32,64")
     parser.add_argument("--refine-factors", default="8")
     parser.add_argument("--refine-nprobes", default="4,8,16")
+    parser.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="skip the exact baselines (FlatNeighbors, faiss IndexFlatL2)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the results and plot to doc/_static/benchmarks/ "
+        "(the doc site's benchmark page shows them)",
+    )
     args = parser.parse_args(argv)
 
     import faiss
@@ -77,17 +90,19 @@ def main(argv=None):
     nprobes = [int(v) for v in args.nprobes.split(",")]
     rows = []
 
-    def run(system, config, index_search, set_nprobe, build_s, nbytes):
-        for nprobe in nprobes if config == "ivfpq" else refine_nprobes:
+    def run(system, config, index_search, set_nprobe, build_s, nbytes, label=None):
+        probes = {"ivfpq": nprobes, "refine": refine_nprobes, "exact": [None]}
+        for nprobe in probes[config]:
             set_nprobe(nprobe)
             seconds, found = best_time(lambda: index_search(Q), args.repeats)
             lat = latencies_us(index_search, Q[: args.latency_queries])
             rows.append(
                 {
                     "system": system,
+                    "config": label or config,
                     "nprobe": nprobe,
                     "build_s": build_s,
-                    "bytes_per_vector": nbytes / n,
+                    "bytes_per_vector": nbytes / n if config != "exact" else nbytes,
                     "qps": len(Q) / seconds,
                     "p50_us": float(np.percentile(lat, 50)),
                     "recall": recall_at_k(found, true_ids),
@@ -95,12 +110,42 @@ def main(argv=None):
                 }
             )
             print(
-                f"#   {system} nprobe={nprobe}: {rows[-1]['qps']:.0f} q/s, "
+                f"#   {system} nprobe={nprobe or '-'}: {rows[-1]['qps']:.0f} q/s, "
                 f"recall {rows[-1]['recall']:.4f}",
                 flush=True,
             )
 
     refine_nprobes = [int(v) for v in args.refine_nprobes.split(",")]
+    # --- exact baselines: the recall = 1 end of the plot -----------------------
+    if not args.no_exact:
+        from annlearn import FlatNeighbors
+
+        for system, build, search in (
+            (
+                "faiss IndexFlatL2",
+                lambda: _faiss_flat(faiss, X),
+                lambda index, q: index.search(q, k)[1],
+            ),
+            (
+                "annlearn FlatNeighbors",
+                lambda: FlatNeighbors(
+                    n_neighbors=k, metric="sqeuclidean", n_jobs=args.threads
+                ).fit(X),
+                lambda index, q: index.kneighbors(q, return_distance=False),
+            ),
+        ):
+            start = time.perf_counter()
+            index = build()
+            build_s = time.perf_counter() - start
+            run(
+                system,
+                "exact",
+                lambda q, index=index, search=search: search(index, q),
+                lambda p: None,
+                build_s,
+                4 * d + 8,
+            )
+
     # --- plain IVF-PQ --------------------------------------------------------
     start = time.perf_counter()
     quantizer = faiss.IndexFlatL2(d)
@@ -167,6 +212,7 @@ def main(argv=None):
             lambda p, index=ivf: setattr(index, "nprobe", p),
             f_build,
             f_bytes,
+            label=f"refine {factor}",
         )
         run(
             f"annlearn IVFPQ refine_factor={factor}",
@@ -175,6 +221,7 @@ def main(argv=None):
             lambda p, est=est_r: est.set_params(nprobe=p),
             o_build,
             annlearn_bytes(est_r),
+            label=f"refine {factor}",
         )
 
     print()
@@ -193,30 +240,57 @@ def main(argv=None):
     )
     print("\nratios annlearn / faiss (same run, same nprobe):")
     by_key = {(r["system"], r["nprobe"]): r for r in rows}
-    pairs = [("annlearn IVFPQ", "faiss IVFPQ")] + [
+    pairs = [("annlearn FlatNeighbors", "faiss IndexFlatL2")] * (not args.no_exact)
+    pairs += [("annlearn IVFPQ", "faiss IVFPQ")] + [
         (f"annlearn IVFPQ refine_factor={f}", f"faiss IVFPQ+RefineFlat k_factor={f}")
         for f in args.refine_factors.split(",")
     ]
+    ratios = []
     for ours_name, theirs_name in pairs:
         for nprobe in sorted({p for s, p in by_key if s == ours_name}):
             a, b = by_key[(ours_name, nprobe)], by_key[(theirs_name, nprobe)]
+            probe = "exact" if nprobe is None else nprobe
+            ratios.append(
+                {
+                    "annlearn": ours_name,
+                    "faiss": theirs_name,
+                    "nprobe": probe,
+                    "qps_ratio": a["qps"] / b["qps"],
+                    "recall_annlearn": a["recall"],
+                    "recall_faiss": b["recall"],
+                    "fit_ratio": a["build_s"] / b["build_s"],
+                }
+            )
             print(
-                f"  {ours_name:<34} nprobe={nprobe:<3} qps x{a['qps'] / b['qps']:.2f}  "
+                f"  {ours_name:<34} nprobe={probe:<5} qps x{a['qps'] / b['qps']:.2f}  "
                 f"recall {a['recall']:.4f} vs {b['recall']:.4f} "
                 f"({a['recall'] - b['recall']:+.4f})  "
                 f"fit x{a['build_s'] / b['build_s']:.2f}"
             )
-    path = write_json("ivfpq", {"args": vars(args), "environment": env, "rows": rows})
+    path = write_json(
+        "ivfpq",
+        {"args": vars(args), "environment": env, "rows": rows, "ratios": ratios},
+    )
     print(f"\nresults written to {path}")
     title = (
-        f"IVF-PQ nlist={args.nlist} M={args.m} nbits={args.nbits}, {args.data}, "
-        f"k={args.k}, {args.threads} threads; labels: nprobe\n"
-        f"{env['cpu']} ({env['n_cpus']} CPUs), {env['date']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        f"{args.data}: {n} x {d} database, {len(Q)} queries, k={k}, "
+        f"{args.threads} threads. IVF-PQ nlist={args.nlist}, M={args.m}, "
+        f"nbits={args.nbits}; point labels: nprobe"
     )
-    png = write_recall_qps_plot(rows, path[: -len(".json")] + ".png", title)
+    png = write_recall_qps_plot(
+        rows, path[: -len(".json")] + ".png", title, footer=environment_line(env)
+    )
     if png:
         print(f"plot written to {png}")
+    if args.publish:
+        for target in publish("ivfpq", path, png):
+            print(f"published {target}")
+
+
+def _faiss_flat(faiss, X):
+    index = faiss.IndexFlatL2(X.shape[1])
+    index.add(X)
+    return index
 
 
 if __name__ == "__main__":
