@@ -9,7 +9,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from annlearn import _flat_search
+from annlearn import _flat_search, _pca_bound
 from annlearn._base import NeighborsBase, _megabytes
 from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import effective_n_threads, flat_search_blas_guard
@@ -82,6 +82,21 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
           metric, and can be negative.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph: distances, or ones.
+    algorithm : {"auto", "brute", "pca_bound"}, default="auto"
+        How the exact search avoids work (the neighbours and distances are
+        the same either way):
+
+        - ``"brute"``: every query against every vector with one GEMM;
+        - ``"pca_bound"``: a GEMM on the first principal components (plus
+          one column) gives a lower bound of every score, and only the
+          candidates whose bound beats a query's current k-th best are
+          scored in full. Costs ``4 * (d1 + 1)`` bytes per vector (``d1``
+          components, at most ``n_features / 4``) and a principal-axes
+          estimate at ``fit``;
+        - ``"auto"``: ``"pca_bound"`` when there are at least 4,096 vectors
+          of at least 32 features whose variance sits in few directions
+          (the first ``n_features / 4`` axes explain 85% of it: images and
+          most learnt embeddings), else ``"brute"``.
     n_jobs : int, default=None
         Number of OpenMP threads of the search kernel (not joblib processes).
         ``None`` honours ``OMP_NUM_THREADS``, threadpoolctl limits and the
@@ -96,6 +111,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during ``fit``, when X has string column names.
+    n_bound_components_ : int
+        Principal components of the ``"pca_bound"`` search, 0 for brute force.
 
     See Also
     --------
@@ -137,15 +154,23 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions(set(METRICS))],
         "mode": [StrOptions({"distance", "connectivity"})],
+        "algorithm": [StrOptions({"auto", "brute", "pca_bound"})],
         "n_jobs": [Integral, None],
     }
 
     def __init__(
-        self, n_neighbors=5, *, metric="euclidean", mode="distance", n_jobs=None
+        self,
+        n_neighbors=5,
+        *,
+        metric="euclidean",
+        mode="distance",
+        algorithm="auto",
+        n_jobs=None,
     ):
         self.n_neighbors = n_neighbors
         self.metric = metric
         self.mode = mode
+        self.algorithm = algorithm
         self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -179,19 +204,35 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
             X = np.ascontiguousarray(X - self._center)
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
-        self._set_store(X, sqnorms, ids)
+        bound = None
+        if self.algorithm != "brute":
+            bound = _pca_bound.fit_bound(
+                X, sqnorms, self.metric, force=self.algorithm == "pca_bound"
+            )
+        self._set_store(X, sqnorms, ids, bound)
         return self
 
-    def _set_store(self, vectors, sqnorms, ids) -> None:
+    def _set_store(self, vectors, sqnorms, ids, bound) -> None:
         # One assignment replaces the whole index, so a search running in
         # another thread sees either the old index or the new one, never a
         # mix of the two.
         self._store = {"vectors": vectors, "sqnorms": sqnorms, "ids": ids}
+        self._store["bound"] = bound
         self.n_samples_fit_ = len(vectors)
+        self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
+
+    def __setstate__(self, state):
+        store = state.get("_store")
+        if isinstance(store, dict) and set(store) == {"vectors", "sqnorms", "ids"}:
+            # Written before the bound existed: brute force, as then.
+            state = {**state, "_store": {**store, "bound": None}}
+            state.setdefault("n_bound_components_", 0)
+        super().__setstate__(state)
 
     def _check_state(self) -> None:
         store = getattr(self, "_store", None)
-        if not isinstance(store, dict) or set(store) != {"vectors", "sqnorms", "ids"}:
+        keys = {"vectors", "sqnorms", "ids", "bound"}
+        if not isinstance(store, dict) or set(store) != keys:
             raise ValueError("Corrupted FlatNeighbors state: no index arrays.")
         n, d = self.n_samples_fit_, self.n_features_in_
         name = "FlatNeighbors"
@@ -202,6 +243,23 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             name, "sqnorms", store["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
         )
         check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
+        bound = store["bound"]
+        if bound is not None:
+            d1 = self.n_bound_components_
+            for key, dtype, shape in (
+                ("mean", np.float64, (d,)),
+                ("rotation", np.float64, (d, d1)),
+                ("vectors", np.float32, (n, d1 + 1)),
+                ("sqnorms", np.float32, (n,)),
+            ):
+                check_array_state(
+                    name,
+                    f"bound {key}",
+                    bound.get(key),
+                    dtype=dtype,
+                    ndim=len(shape),
+                    shape=shape,
+                )
 
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""
@@ -232,10 +290,12 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         ids = check_new_ids(ids, len(X), store["ids"])
         vectors = self._prepare_vectors(X)
         sqnorms = _flat_search.row_sqnorms(vectors, effective_n_threads(self.n_jobs))
+        bound = store["bound"]
         self._set_store(
             np.concatenate([store["vectors"], vectors]),
             np.concatenate([store["sqnorms"], sqnorms]),
             np.concatenate([store["ids"], ids]),
+            None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
         )
         return self
 
@@ -259,10 +319,12 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         check_is_fitted(self)
         store = self._store
         keep = ~check_removed_ids(ids, store["ids"])
+        bound = store["bound"]
         self._set_store(
             np.ascontiguousarray(store["vectors"][keep]),
             store["sqnorms"][keep],
             store["ids"][keep],
+            None if bound is None else _pca_bound.subset(bound, keep),
         )
         return self
 
@@ -281,20 +343,30 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         >>> print(FlatNeighbors().fit(np.ones((1000, 8))).summary())
         FlatNeighbors: 1,000 vectors of 8 features, metric='euclidean'
           bytes per vector: 44 (float32 vector 32, squared norm 4, id 8)
+          search: brute
           memory: 43.0 KiB
         """
         check_is_fitted(self)
         store = self._store
         n, d = self.n_samples_fit_, self.n_features_in_
-        total = sum(a.nbytes for a in store.values())
-        return "\n".join(
-            [
-                f"FlatNeighbors: {n:,} vectors of {d} features, metric={self.metric!r}",
-                f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
-                "norm 4, id 8)",
-                f"  memory: {_megabytes(total)}",
-            ]
-        )
+        bound = store["bound"]
+        arrays = [store["vectors"], store["sqnorms"], store["ids"]]
+        lines = [
+            f"FlatNeighbors: {n:,} vectors of {d} features, metric={self.metric!r}",
+            f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
+            "norm 4, id 8)",
+        ]
+        if bound is not None:
+            d1 = self.n_bound_components_
+            arrays += [bound[key] for key in ("mean", "rotation", "vectors", "sqnorms")]
+            lines.append(
+                f"  search: pca_bound on {d1} principal components, "
+                f"+{4 * (d1 + 2)} bytes per vector"
+            )
+        else:
+            lines.append("  search: brute")
+        lines.append(f"  memory: {_megabytes(sum(a.nbytes for a in arrays))}")
+        return "\n".join(lines)
 
     def _exact_reference(self) -> FlatNeighbors:
         check_is_fitted(self)
@@ -311,6 +383,10 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         store = self._store
         n_threads = effective_n_threads(self.n_jobs)
+        bound = store["bound"]
+        if bound is not None:
+            l2 = self.metric in ("euclidean", "sqeuclidean")
+            bound = _pca_bound.query_bounds(bound, X, l2)
         with flat_search_blas_guard():
             distances, positions = _flat_search.flat_kneighbors(
                 X,
@@ -319,5 +395,6 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                 n_neighbors,
                 _METRIC_CODES[self.metric],
                 n_threads,
+                bound=bound,
             )
         return distances, store["ids"][positions]

@@ -66,6 +66,10 @@ from annlearn._utils._blas cimport (
     gemm_abt,
 )
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
+
+
+cdef extern from "_simd.h" nogil:
+    float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 # Metric codes understood by the kernel (the Python side maps names to these).
@@ -146,12 +150,55 @@ cdef inline void _offer_row(
         j0 = j1
 
 
+cdef struct Bound:
+    # The scan computes lower bounds of the scores (module docstring) from
+    # short projected vectors; a candidate whose bound may beat the heap's
+    # root gets its exact score from the full vectors below.
+    const float32_t* X          # full queries (n_queries, n_features)
+    const float32_t* Y          # full database (n_database, n_features)
+    const float32_t* Y_sqnorms  # their squared norms (L2 metrics)
+    const float32_t* shift      # per query: bound <= root + shift[q] survives
+    intp_t n_features
+    bint l2
+
+
+cdef inline void _offer_row_bounded(
+    const float32_t* bounds, intp_t n, intp_t first_id,
+    intp_t k, float32_t* values, id_t* ids, const Bound* b, intp_t query,
+) noexcept nogil:
+    """Offer the candidates whose lower bound ``bounds[j]`` may beat the
+    heap's root, with their exact scores."""
+    cdef intp_t j0 = 0, j1, j, row
+    cdef int hit
+    cdef float32_t shift = b.shift[query], score
+    cdef float32_t limit = values[0] + shift
+    cdef const float32_t* x = b.X + query * b.n_features
+    while j0 < n:
+        j1 = _imin(j0 + SCREEN, n)
+        hit = 0
+        for j in range(j0, j1):
+            hit = hit | (bounds[j] <= limit)
+        if hit:
+            for j in range(j0, j1):
+                if bounds[j] <= limit:
+                    row = first_id + j
+                    score = -annlearn_inner_product(
+                        x, b.Y + row * b.n_features, b.n_features)
+                    if b.l2:
+                        score = b.Y_sqnorms[row] + 2.0 * score
+                    if score <= values[0]:
+                        heap_push(values, ids, k, score, <id_t>row)
+                        limit = values[0] + shift
+        j0 = j1
+
+
 cdef void _scan_block(
     const float32_t* X, intp_t n_features, intp_t xs, intp_t xe,
     const float32_t* Y, intp_t ys, intp_t ye,
     const float32_t* Y_sqnorms, bint l2,
     intp_t k, float32_t* heap_values, id_t* heap_ids,
     float32_t* buf, float32_t* packed_x, float32_t* packed_y, intp_t y_chunk,
+    const Bound* bound,
 ) noexcept nogil:
     """Offer every (x in X[xs:xe], y in Y[ys:ye]) score to the rows' heaps.
 
@@ -159,7 +206,8 @@ cdef void _scan_block(
     of query ``xs + i`` starts ``i * k`` further. Heaps are not initialised
     here: a caller may scan several database ranges into the same heaps.
     ``packed_x``/``packed_y`` are the packing buffers of the packed GEMM, or
-    NULL to use BLAS.
+    NULL to use BLAS. With a ``bound``, X and Y are the projected vectors
+    whose scores bound the exact ones from below (see ``Bound``).
     """
     cdef intp_t nx = xe - xs, ny, y0, y1, i, j
     cdef float32_t* row
@@ -202,7 +250,10 @@ cdef void _scan_block(
                 # adds it in its epilogue.)
                 for j in range(ny):
                     row[j] = row[j] + Y_sqnorms[y0 + j]
-            _offer_row(row, ny, y0, k, values, ids)
+            if bound != NULL:
+                _offer_row_bounded(row, ny, y0, k, values, ids, bound, xs + i)
+            else:
+                _offer_row(row, ny, y0, k, values, ids)
         y0 = y1
 
 
@@ -288,6 +339,7 @@ def flat_kneighbors(
     y_chunk=None,
     str strategy="auto",
     str gemm="auto",
+    bound=None,
 ):
     """k nearest rows of ``Y`` for every row of ``X``, exactly.
 
@@ -312,6 +364,12 @@ def flat_kneighbors(
         How threads share the work; results do not depend on it.
     gemm : {"auto", "packed", "blas"}
         Which GEMM computes the inner products (see ``DEFAULT_GEMM``).
+    bound : tuple (X_proj, Y_proj, Y_proj_sqnorms, shift), default=None
+        Projected queries and database whose GEMM scores bound the exact
+        scores from below, and the per-query float32 margin under which a
+        candidate is scored exactly (``annlearn/_pca_bound.py``). Only the
+        survivors' exact scores are computed from ``X`` and ``Y``; the
+        result is the same as without.
 
     Returns
     -------
@@ -366,12 +424,31 @@ def flat_kneighbors(
         n_blocks = -(-n_queries // x_chunk)
         n_blocks = -(-n_blocks // n_threads) * n_threads
         x_chunk = -(-n_queries // n_blocks)
+    cdef const float32_t[:, ::1] GX = X
+    cdef const float32_t[:, ::1] GY = Y
+    cdef const float32_t[::1] G_sqnorms = Y_sqnorms
+    cdef const float32_t[::1] shift
+    cdef Bound b
+    cdef Bound* bound_ptr = NULL
+    if bound is not None:
+        GX, GY, G_sqnorms, shift = bound
+        if (GX.shape[0] != n_queries or GY.shape[0] != n_database
+                or GX.shape[1] != GY.shape[1] or G_sqnorms.shape[0] != n_database
+                or shift.shape[0] != n_queries):
+            raise ValueError("bound arrays do not match X and Y.")
+        b.X = &X[0, 0]
+        b.Y = &Y[0, 0]
+        b.Y_sqnorms = &Y_sqnorms[0]
+        b.shift = &shift[0]
+        b.n_features = n_features
+        b.l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+        bound_ptr = &b
     if strategy == "parallel_on_X":
         _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       packed, distances, indices)
+                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr)
     elif strategy == "parallel_on_Y":
         _parallel_on_Y(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       packed, distances, indices)
+                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr)
     else:
         raise ValueError(f"Unknown strategy {strategy!r}.")
     return distances_arr, indices_arr
@@ -386,9 +463,13 @@ cdef void _parallel_on_X(
     const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
     intp_t x_chunk, intp_t y_chunk, bint packed,
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
+    const float32_t[:, ::1] GX, const float32_t[:, ::1] GY,
+    const float32_t[::1] G_sqnorms, const Bound* bound,
 ) except *:
+    # GX, GY, G_sqnorms: what the GEMM scans (X, Y, Y_sqnorms themselves, or
+    # their projections with a bound); X and Y: the exact final scores.
     cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
-    cdef intp_t n_features = X.shape[1]
+    cdef intp_t n_features = X.shape[1], gd = GX.shape[1]
     cdef intp_t n_chunks = (n_queries + x_chunk - 1) // x_chunk
     cdef intp_t chunk, xs, xe, i
     cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
@@ -403,8 +484,8 @@ cdef void _parallel_on_X(
         # each thread first-touches its own pages. (Assigned here, not through
         # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, n_features, annlearn_gemm_mr(), packed)
-        packed_y = _alloc_packed(y_chunk, n_features, annlearn_gemm_nr(), packed)
+        packed_x = _alloc_packed(x_chunk, gd, annlearn_gemm_mr(), packed)
+        packed_y = _alloc_packed(y_chunk, gd, annlearn_gemm_nr(), packed)
         for chunk in prange(n_chunks, schedule="static"):
             if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1
@@ -413,9 +494,9 @@ cdef void _parallel_on_X(
             xe = _imin(xs + x_chunk, n_queries)
             for i in range(xs, xe):
                 heap_init(&distances[i, 0], &indices[i, 0], k)
-            _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], 0, n_database,
-                        &Y_sqnorms[0], l2, k, &distances[xs, 0], &indices[xs, 0],
-                        buf, packed_x, packed_y, y_chunk)
+            _scan_block(&GX[0, 0], gd, xs, xe, &GY[0, 0], 0, n_database,
+                        &G_sqnorms[0], l2, k, &distances[xs, 0], &indices[xs, 0],
+                        buf, packed_x, packed_y, y_chunk, bound)
             for i in range(xs, xe):
                 _finalize_row(&X[i, 0], &Y[0, 0], n_features, k,
                               &distances[i, 0], &indices[i, 0], metric)
@@ -429,9 +510,13 @@ cdef void _parallel_on_Y(
     const float32_t[::1] Y_sqnorms, intp_t k, int metric, int n_threads,
     intp_t x_chunk, intp_t y_chunk, bint packed,
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
+    const float32_t[:, ::1] GX, const float32_t[:, ::1] GY,
+    const float32_t[::1] G_sqnorms, const Bound* bound,
 ) except *:
+    # GX, GY, G_sqnorms: what the GEMM scans (X, Y, Y_sqnorms themselves, or
+    # their projections with a bound); X and Y: the exact final scores.
     cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
-    cdef intp_t n_features = X.shape[1]
+    cdef intp_t n_features = X.shape[1], gd = GX.shape[1]
     cdef intp_t n_y_chunks = (n_database + y_chunk - 1) // y_chunk
     cdef int n_threads_used = <int>_imin(n_threads, n_y_chunks)
     cdef intp_t chunks_per_thread = (n_y_chunks + n_threads_used - 1) // n_threads_used
@@ -454,8 +539,8 @@ cdef void _parallel_on_Y(
         # each thread first-touches its own pages. (Assigned here, not through
         # a pointer: Cython makes variables assigned in the region private.)
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, n_features, annlearn_gemm_mr(), packed)
-        packed_y = _alloc_packed(y_chunk, n_features, annlearn_gemm_nr(), packed)
+        packed_x = _alloc_packed(x_chunk, gd, annlearn_gemm_mr(), packed)
+        packed_y = _alloc_packed(y_chunk, gd, annlearn_gemm_nr(), packed)
         for t in prange(n_threads_used, schedule="static", chunksize=1):
             if not _workspace_ok(buf, packed_x, packed_y, packed):
                 failed_ptr[0] = 1
@@ -467,10 +552,10 @@ cdef void _parallel_on_Y(
             xs = 0
             while xs < n_queries:
                 xe = _imin(xs + x_chunk, n_queries)
-                _scan_block(&X[0, 0], n_features, xs, xe, &Y[0, 0], ys, ye,
-                            &Y_sqnorms[0], l2, k, &local_values[t, xs, 0],
+                _scan_block(&GX[0, 0], gd, xs, xe, &GY[0, 0], ys, ye,
+                            &G_sqnorms[0], l2, k, &local_values[t, xs, 0],
                             &local_ids[t, xs, 0], buf, packed_x, packed_y,
-                            y_chunk)
+                            y_chunk, bound)
                 xs = xe
         _free_workspace(buf, packed_x, packed_y)
     if failed:

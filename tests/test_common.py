@@ -7,6 +7,7 @@ ESTIMATORS = [
     FlatNeighbors(metric="sqeuclidean", mode="connectivity"),
     FlatNeighbors(metric="cosine"),
     FlatNeighbors(metric="inner_product", n_jobs=1),
+    FlatNeighbors(algorithm="pca_bound"),
     IVFPQNeighbors(nlist=2, nprobe=2, nbits=4, n_subquantizers=1, random_state=0),
     IVFPQNeighbors(
         nlist=2, nprobe=1, nbits=4, metric="cosine", refine_factor=2, random_state=0

@@ -30,20 +30,22 @@ def _reference(X, Q, metric, k):
     return np.take_along_axis(d, ind, axis=1), ind
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     data=st.data(),
     n=st.integers(2, 60),
     d=st.integers(1, 20),
     metric=st.sampled_from(["euclidean", "sqeuclidean", "cosine", "inner_product"]),
+    algorithm=st.sampled_from(["brute", "pca_bound"]),
 )
-def test_flat_equals_brute_force(data, n, d, metric):
+def test_flat_equals_brute_force(data, n, d, metric, algorithm):
     X = data.draw(arrays(np.float32, (n, d), elements=finite))
     Q = data.draw(
         arrays(np.float32, (data.draw(st.integers(1, 10)), d), elements=finite)
     )
     k = data.draw(st.integers(1, n))
-    dist, ind = FlatNeighbors(n_neighbors=k, metric=metric).fit(X).kneighbors(Q)
+    index = FlatNeighbors(n_neighbors=k, metric=metric, algorithm=algorithm).fit(X)
+    dist, ind = index.kneighbors(Q)
     assert np.all(np.diff(dist, axis=1) >= 0)
     ref_dist, ref_ind = _reference(X, Q, metric, k)
     scale = max(1.0, float(np.abs(X).max()) ** 2, float(np.abs(Q).max()) ** 2) * d

@@ -1,0 +1,141 @@
+"""The "pca_bound" exact search returns exactly what brute force returns."""
+
+import numpy as np
+import pytest
+
+from annlearn import FlatNeighbors, load, save
+
+METRICS = ["euclidean", "sqeuclidean", "cosine", "inner_product"]
+
+
+def low_rank(n, d=96, rank=8, noise=0.05, seed=0, offset=0.0):
+    """Data whose variance sits in ``rank`` directions (like images)."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((rank, d))
+    X = rng.standard_normal((n, rank)) * np.linspace(3, 1, rank) @ basis
+    X += noise * rng.standard_normal((n, d)) + offset
+    return X.astype(np.float32)
+
+
+def _exact(X, Q, ind, metric):
+    """float64 distances of the pairs (Q[i], X[ind[i, j]])."""
+    X, Q = X.astype(np.float64), Q.astype(np.float64)
+    if metric == "cosine":
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        Q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    Y = X[ind]
+    if metric in ("inner_product", "cosine"):
+        dots = np.einsum("qd,qkd->qk", Q, Y)
+        return -dots if metric == "inner_product" else 1 - dots
+    sq = ((Y - Q[:, None, :]) ** 2).sum(-1)
+    return np.sqrt(sq) if metric == "euclidean" else sq
+
+
+def assert_same(a, b, X, Q, metric="euclidean"):
+    """Equally good answers: the same distances, and every returned id at the
+    distance returned for it. (Where two candidates' scores are equal to
+    float32 rounding either may be returned: the bound scores its survivors
+    with a dot product, brute force with GEMM; with norms large next to the
+    distances, as at offset 50, that is ~1e-4 relative.)"""
+    scale = np.abs(b[0]).max() + 1e-3
+    for dist, ind in (a, b):
+        np.testing.assert_allclose(dist, b[0], rtol=1e-4, atol=1e-5 * scale + 2e-6)
+        np.testing.assert_allclose(
+            _exact(X, Q, ind, metric), dist, rtol=1e-4, atol=1e-5 * scale + 2e-6
+        )
+        assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_same_neighbours_as_brute_force(metric, offset):
+    X = low_rank(5000, offset=offset)
+    Q = np.vstack([low_rank(300, seed=1, offset=offset), 10 * low_rank(20, seed=2)])
+    brute = FlatNeighbors(n_neighbors=10, metric=metric, algorithm="brute").fit(X)
+    auto = FlatNeighbors(n_neighbors=10, metric=metric).fit(X)
+    assert brute.n_bound_components_ == 0
+    assert auto.n_bound_components_ == 24  # d / 4: the cap for 96 features
+    assert "search: pca_bound on 24 principal components" in auto.summary()
+    assert_same(auto.kneighbors(Q), brute.kneighbors(Q), X, Q, metric)
+    # Few queries (split over database blocks) and large k.
+    assert_same(auto.kneighbors(Q[:3]), brute.kneighbors(Q[:3]), X, Q[:3], metric)
+    assert_same(
+        auto.kneighbors(Q[:50], 700), brute.kneighbors(Q[:50], 700), X, Q[:50], metric
+    )
+    # The training set itself: same distances (each point without itself).
+    got, want = auto.kneighbors(n_neighbors=5), brute.kneighbors(n_neighbors=5)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_keeps_brute_force_where_the_bound_would_not_pay():
+    rng = np.random.default_rng(0)
+    isotropic = rng.standard_normal((5000, 64)).astype(np.float32)
+    assert FlatNeighbors().fit(isotropic).n_bound_components_ == 0
+    assert FlatNeighbors().fit(low_rank(1000)).n_bound_components_ == 0  # small
+    forced = FlatNeighbors(algorithm="pca_bound").fit(isotropic)
+    assert forced.n_bound_components_ == 16
+    brute = FlatNeighbors(algorithm="brute").fit(isotropic)
+    Q = isotropic[:100]
+    assert_same(forced.kneighbors(Q), brute.kneighbors(Q), isotropic, Q)
+
+
+def test_duplicates_and_ties():
+    X = np.repeat(low_rank(1000), 5, axis=0)
+    index = FlatNeighbors(n_neighbors=12, algorithm="pca_bound").fit(X)
+    brute = FlatNeighbors(n_neighbors=12, algorithm="brute").fit(X)
+    assert_same(index.kneighbors(X[:200]), brute.kneighbors(X[:200]), X, X[:200])
+
+
+def test_add_and_remove_keep_the_bound_exact():
+    X = low_rank(6000)
+    index = FlatNeighbors(n_neighbors=8).fit(X[:5000])
+    brute = FlatNeighbors(n_neighbors=8, algorithm="brute").fit(X[:5000])
+    # Added vectors far from the fitted axes: the bound stays valid.
+    far = 3 * low_rank(1000, seed=5)
+    for est in (index, brute):
+        est.add(np.vstack([X[5000:5500], far[:500]]))
+        est.remove(np.arange(0, 5000, 3))
+    assert index.n_bound_components_ > 0
+    Q = np.vstack([X[5500:], far[500:600]])
+    got, want = index.kneighbors(Q), brute.kneighbors(Q)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(want[1], axis=1))
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_persistence_keeps_the_bound(tmp_path, mmap_mode):
+    X = low_rank(5000)
+    index = FlatNeighbors(n_neighbors=5).fit(X)
+    path = tmp_path / "flat.joblib"
+    save(index, path)
+    loaded = load(path, mmap_mode=mmap_mode)
+    assert loaded.n_bound_components_ == index.n_bound_components_ > 0
+    got, want = loaded.kneighbors(X[:50]), index.kneighbors(X[:50])
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_without_bound_loads_as_brute_force():
+    """Files written before the bound existed search by brute force."""
+    index = FlatNeighbors(n_neighbors=3).fit(low_rank(5000))
+    state = index.__getstate__()
+    store = state["_store"]
+    state["_store"] = {k: store[k] for k in ("vectors", "sqnorms", "ids")}
+    state.pop("n_bound_components_")
+    old = FlatNeighbors.__new__(FlatNeighbors)
+    old.__setstate__(state)
+    assert old.n_bound_components_ == 0
+    Q = low_rank(10, seed=3)
+    np.testing.assert_array_equal(old.kneighbors(Q)[1], index.kneighbors(Q)[1])
+
+
+def test_corrupted_bound_is_rejected():
+    index = FlatNeighbors().fit(low_rank(5000))
+    state = index.__getstate__()
+    bound = dict(state["_store"]["bound"])
+    bound["vectors"] = bound["vectors"][:, :-1]
+    state["_store"] = {**state["_store"], "bound": bound}
+    with pytest.raises(
+        ValueError, match="Corrupted FlatNeighbors state: bound vectors"
+    ):
+        FlatNeighbors.__new__(FlatNeighbors).__setstate__(state)
