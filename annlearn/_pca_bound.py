@@ -149,17 +149,18 @@ def query_bounds(bound: dict, queries: np.ndarray, l2: bool) -> tuple:
     ``g <= root + shift_q``, ``shift_q = margin_q - c_q``.
     """
     mean, rotation = bound["mean"], bound["rotation"]
-    q64 = queries.astype(np.float64)
-    q_sq = np.einsum("ij,ij->i", q64, q64)
+    # float32 products (no float64 copy of the queries): their rounding is
+    # far inside the margin below.
+    q_sq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)
+    q_mean = (queries @ mean.astype(np.float32)).astype(np.float64)
+    p1 = (queries @ rotation.astype(np.float32)).astype(np.float64)
     if l2:
-        centred_sq = q_sq - 2.0 * (q64 @ mean) + mean @ mean
-        p1 = q64 @ rotation - mean @ rotation
-        total = centred_sq
-        offset = centred_sq - q_sq
+        total = q_sq - 2.0 * q_mean + mean @ mean
+        p1 -= mean @ rotation
+        offset = total - q_sq
     else:
-        p1 = q64 @ rotation
         total = q_sq
-        offset = -(q64 @ mean)
+        offset = -q_mean
     head = np.einsum("ij,ij->i", p1, p1)
     rest = np.sqrt(np.clip(total - head, 0.0, None) + 1e-6 * (total + 1.0))
     projected = np.empty((len(queries), p1.shape[1] + 1), dtype=np.float32)
