@@ -190,6 +190,19 @@ def load(path, *, mmap_mode=None):
         If the file is truncated, not a joblib file, holds something else
         than an annlearn estimator, or its arrays are inconsistent (the
         message says which), or it was written with a newer data layout.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from annlearn import FlatNeighbors, load, save
+    >>> X = np.random.default_rng(0).standard_normal((100, 8), dtype=np.float32)
+    >>> path = os.path.join(tempfile.mkdtemp(), "index.joblib")
+    >>> save(FlatNeighbors(n_neighbors=3).fit(X), path)
+    >>> index = load(path, mmap_mode="r")
+    >>> index.kneighbors(X[:2], return_distance=False)
+    array([[ 0, 65, 39],
+           [ 1, 90, 10]])
     """
     path = os.fspath(path)
     try:

@@ -32,6 +32,18 @@ def show_versions() -> None:
     It lists every BLAS and OpenMP runtime loaded in the process (through
     threadpoolctl), which is where thread over-subscription and duplicate
     OpenMP runtimes show up.
+
+    Examples
+    --------
+    >>> import annlearn
+    >>> annlearn.show_versions()  # doctest: +ELLIPSIS
+    <BLANKLINE>
+    System:
+    ...
+    Python dependencies:
+          annlearn: ...
+    Built with OpenMP: True
+    SIMD kernels: ...
     """
     from threadpoolctl import threadpool_info
 
@@ -45,6 +57,9 @@ def show_versions() -> None:
     for name, ver in _dependencies().items():
         print(f"{name:>14}: {ver}")
     print("\nBuilt with OpenMP:", _openmp_parallelism_enabled())
+    from annlearn._utils._blas import _simd_isa
+
+    print("SIMD kernels:", _simd_isa(), "(ANNLEARN_ISA lowers it)")
     print("\nThread pools (threadpoolctl):")
     for info in threadpool_info():
         print()

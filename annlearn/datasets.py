@@ -68,6 +68,13 @@ def load_fashion_mnist(path: str = FASHION_MNIST_PATH, *, return_labels: bool = 
         If the files are missing (install ``dataset-fashion-mnist``).
     ValueError
         If a file is truncated or is not the expected idx file.
+
+    Examples
+    --------
+    >>> from annlearn.datasets import load_fashion_mnist
+    >>> X, Q = load_fashion_mnist()
+    >>> X.shape, Q.shape, X.dtype
+    ((60000, 784), (10000, 784), dtype('float32'))
     """
     names = {
         "X_train": "train-images-idx3-ubyte.gz",
@@ -122,6 +129,13 @@ def make_embeddings(
     Returns
     -------
     X : ndarray of shape (n_samples, n_features), float32
+
+    Examples
+    --------
+    >>> from annlearn.datasets import make_embeddings
+    >>> X = make_embeddings(1000, 64, n_clusters=10, random_state=0)
+    >>> X.shape, X.dtype
+    ((1000, 64), dtype('float32'))
     """
     rng = np.random.default_rng(random_state)
     centres = rng.standard_normal((n_clusters, n_features))

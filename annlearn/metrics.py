@@ -267,6 +267,21 @@ def make_recall_scorer(n_neighbors: int | None = None):
     -------
     scorer : callable
         ``scorer(estimator, X, y=None) -> float``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from annlearn import IVFPQNeighbors
+    >>> from annlearn.metrics import make_recall_scorer
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((2000, 16), dtype=np.float32)
+    >>> index = IVFPQNeighbors(nlist=16, nprobe=16, n_subquantizers=8, nbits=4,
+    ...                        refine_factor=8, random_state=0).fit(X[:1500])
+    >>> recall_at_5 = make_recall_scorer(n_neighbors=5)
+    >>> print(f"{recall_at_5(index, X[1500:]):.2f}")  # every cell probed
+    0.99
+    >>> print(f"{recall_at_5(index.set_params(nprobe=2), X[1500:]):.2f}")
+    0.56
     """
     return _RecallScorer(n_neighbors)
 
@@ -289,6 +304,17 @@ def make_qps_scorer(n_neighbors: int | None = None, repeats: int = 1):
     -------
     scorer : callable
         ``scorer(estimator, X, y=None) -> float``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from annlearn import FlatNeighbors
+    >>> from annlearn.metrics import make_qps_scorer
+    >>> X = np.random.default_rng(0).standard_normal((2000, 16), dtype=np.float32)
+    >>> index = FlatNeighbors(n_neighbors=10).fit(X[:1500])
+    >>> qps = make_qps_scorer(repeats=3)(index, X[1500:])
+    >>> qps > 0
+    True
     """
     if not isinstance(repeats, Integral) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}.")

@@ -209,6 +209,21 @@ def fastest_above(
     -------
     refit : callable
         ``refit(cv_results) -> best_index``.
+
+    Examples
+    --------
+    What it picks from a search's results (``GridSearchCV(...,
+    scoring={"recall": recall_scorer, "qps": qps_scorer},
+    refit=fastest_above(0.9))`` passes it ``cv_results_``):
+
+    >>> import numpy as np
+    >>> from annlearn.model_selection import fastest_above
+    >>> cv_results = {
+    ...     "mean_test_recall": np.array([0.62, 0.91, 0.98]),
+    ...     "mean_test_qps": np.array([24000.0, 12000.0, 5000.0]),
+    ... }
+    >>> int(fastest_above(recall=0.9)(cv_results))
+    1
     """
     if not isinstance(recall, Real) or not 0 <= recall <= 1:
         raise ValueError(f"recall must be in [0, 1], got {recall!r}.")
