@@ -221,13 +221,13 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self.n_samples_fit_ = len(vectors)
         self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
 
-    def __setstate__(self, state):
+    def _upgrade_state(self, state: dict, layout: int) -> dict:
         store = state.get("_store")
-        if isinstance(store, dict) and set(store) == {"vectors", "sqnorms", "ids"}:
+        if layout < 2 and isinstance(store, dict):
             # Written before the bound existed: brute force, as then.
             state = {**state, "_store": {**store, "bound": None}}
-            state.setdefault("n_bound_components_", 0)
-        super().__setstate__(state)
+            state["n_bound_components_"] = 0
+        return state
 
     def _check_state(self) -> None:
         store = getattr(self, "_store", None)

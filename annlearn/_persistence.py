@@ -43,15 +43,19 @@ from annlearn._version import __version__
 __all__ = ["FORMAT_VERSION", "PersistenceMixin", "load", "save"]
 
 # Version of the data layout written by this annlearn.
-FORMAT_VERSION = 1
+# 1: the first layout.
+# 2: FlatNeighbors also stores its principal-component bound
+#    (``_store["bound"]``, None for brute force).
+FORMAT_VERSION = 2
 
 
 class PersistenceMixin:
     """Versioned ``__getstate__``/``__setstate__`` for annlearn estimators.
 
     Subclasses list their derived attributes in ``_derived_attributes``,
-    rebuild them in ``_derive_tables`` and check their arrays in
-    ``_check_state``.
+    rebuild them in ``_derive_tables``, check their arrays in
+    ``_check_state`` and bring older layouts up to date in
+    ``_upgrade_state``.
     """
 
     _derived_attributes: tuple[str, ...] = ()
@@ -78,10 +82,18 @@ class PersistenceMixin:
                 f"layouts up to version {FORMAT_VERSION}. Upgrade annlearn to "
                 "load it."
             )
+        if "n_samples_fit_" in state:
+            # States written before layouts were versioned are layout 1.
+            state = self._upgrade_state(state, 1 if layout is None else layout)
         super().__setstate__(state)
         if "n_samples_fit_" in state:
             self._check_state()
             self._derive_tables()
+
+    def _upgrade_state(self, state: dict, layout: int) -> dict:
+        """A fitted state written with data layout ``layout``, brought to
+        ``FORMAT_VERSION``."""
+        return state
 
     def _derive_tables(self) -> None:
         """Rebuild the attributes listed in ``_derived_attributes``."""

@@ -340,10 +340,14 @@ def test_pickle_versions_and_corruption(data):
     X, Q = data
     est = small(n_neighbors=3).fit(X[:500])
     state = est.__getstate__()
-    assert state["_annlearn_format"] == 1
+    assert state["_annlearn_format"] == 2
     assert "_term2" not in state and "_codebooks_t" not in state
     restored = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(restored.kneighbors(Q)[1], est.kneighbors(Q)[1])
+    # IVF-PQ's arrays are the same in layout 1.
+    old = IVFPQNeighbors.__new__(IVFPQNeighbors)
+    old.__setstate__(dict(state, _annlearn_format=1))
+    np.testing.assert_array_equal(old.kneighbors(Q)[1], est.kneighbors(Q)[1])
 
     newer = dict(state, _annlearn_format=99)
     with pytest.raises(ValueError, match="data layout version 99"):

@@ -116,12 +116,17 @@ def test_persistence_keeps_the_bound(tmp_path, mmap_mode):
 
 
 def test_state_without_bound_loads_as_brute_force():
-    """Files written before the bound existed search by brute force."""
+    """Files written before the bound existed (data layout 1) search by brute
+    force; a layout-2 state without it is corrupted."""
     index = FlatNeighbors(n_neighbors=3).fit(low_rank(5000))
     state = index.__getstate__()
+    assert state["_annlearn_format"] == 2
     store = state["_store"]
     state["_store"] = {k: store[k] for k in ("vectors", "sqnorms", "ids")}
     state.pop("n_bound_components_")
+    with pytest.raises(ValueError, match="Corrupted FlatNeighbors state"):
+        FlatNeighbors.__new__(FlatNeighbors).__setstate__(dict(state))
+    state["_annlearn_format"] = 1
     old = FlatNeighbors.__new__(FlatNeighbors)
     old.__setstate__(state)
     assert old.n_bound_components_ == 0
