@@ -207,7 +207,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         bound = None
         if self.algorithm != "brute":
             bound = _pca_bound.fit_bound(
-                X, sqnorms, self.metric, force=self.algorithm == "pca_bound"
+                X, sqnorms, force=self.algorithm == "pca_bound"
             )
         self._set_store(X, sqnorms, ids, bound)
         return self
@@ -216,8 +216,12 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         # One assignment replaces the whole index, so a search running in
         # another thread sees either the old index or the new one, never a
         # mix of the two.
-        self._store = {"vectors": vectors, "sqnorms": sqnorms, "ids": ids}
-        self._store["bound"] = bound
+        self._store = {
+            "vectors": vectors,
+            "sqnorms": sqnorms,
+            "ids": ids,
+            "bound": bound,
+        }
         self.n_samples_fit_ = len(vectors)
         self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
 
@@ -245,6 +249,10 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
         bound = store["bound"]
         if bound is not None:
+            if not isinstance(bound, dict) or not isinstance(
+                bound.get("max_sqnorm"), float
+            ):
+                raise ValueError("Corrupted FlatNeighbors state: bound.")
             d1 = self.n_bound_components_
             for key, dtype, shape in (
                 ("mean", np.float64, (d,)),

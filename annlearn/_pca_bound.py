@@ -45,7 +45,7 @@ _RTOL = 1e-4
 
 
 def fit_bound(
-    vectors: np.ndarray, sqnorms: np.ndarray, metric: str, *, force: bool = False
+    vectors: np.ndarray, sqnorms: np.ndarray, *, force: bool = False
 ) -> dict | None:
     """The projection for ``vectors``, or None where it would not pay.
 
@@ -55,8 +55,6 @@ def fit_bound(
         The stored (prepared) vectors.
     sqnorms : ndarray of shape (n_samples,), float32
         Their squared norms.
-    metric : str
-        The estimator's metric.
     force : bool, default=False
         Build it whatever the size and spectrum (tests).
 
@@ -70,7 +68,11 @@ def fit_bound(
     if not force and (n < _MIN_SAMPLES or d < _MIN_FEATURES):
         return None
     rng = np.random.default_rng(0)
-    sample = vectors if n <= _MAX_SAMPLE else vectors[rng.choice(n, _MAX_SAMPLE)]
+    sample = (
+        vectors
+        if n <= _MAX_SAMPLE
+        else vectors[rng.choice(n, _MAX_SAMPLE, replace=False)]
+    )
     mean = sample.mean(axis=0, dtype=np.float64)
     centred = sample - mean.astype(np.float32)
     cov = (centred.T @ centred).astype(np.float64)
@@ -85,7 +87,6 @@ def fit_bound(
     # until about 64 columns: never fewer (the cap is n_features / 4).
     d1 = max(good[0] if good else dims[0], min(64, d // 4))
     bound = {
-        "metric": metric,
         "mean": mean,
         "rotation": np.ascontiguousarray(eigenvectors[:, ::-1][:, :d1]),
     }
