@@ -144,3 +144,11 @@ def test_corrupted_bound_is_rejected():
         ValueError, match="Corrupted FlatNeighbors state: bound vectors"
     ):
         FlatNeighbors.__new__(FlatNeighbors).__setstate__(state)
+
+
+@pytest.mark.parametrize("bad", ["not a dict", {"mean": None}])
+def test_malformed_bound_is_rejected(bad):
+    state = FlatNeighbors().fit(low_rank(5000)).__getstate__()
+    state["_store"] = {**state["_store"], "bound": bad}
+    with pytest.raises(ValueError, match="Corrupted FlatNeighbors state: bound"):
+        FlatNeighbors.__new__(FlatNeighbors).__setstate__(state)
