@@ -40,6 +40,13 @@ the vectors (sum of squared differences, accumulated in float64): the
 ||x||^2 + ||y||^2 - 2 x.y form loses precision by cancellation when x and y
 are close, the winners are re-sorted on the exact values, and the returned
 distances are accurate to float32 rounding.
+
+With a ``bound`` (``annlearn/_pca_bound.py``) the same loops run the GEMM on
+short projections of the queries and the database, whose scores bound the
+exact ones from below; ``_offer_row_bounded`` computes the exact score (a
+dot product on the full vectors) only of the candidates whose bound may beat
+the query's current k-th best. Heaps, finalisation and results are those of
+brute force.
 """
 
 import os
@@ -66,11 +73,11 @@ from annlearn._utils._blas cimport (
     gemm_abt,
 )
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
+from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 
 cdef extern from "_simd.h" nogil:
     float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
-from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 # Metric codes understood by the kernel (the Python side maps names to these).
 cpdef enum:
@@ -151,9 +158,9 @@ cdef inline void _offer_row(
 
 
 cdef struct Bound:
-    # The scan computes lower bounds of the scores (module docstring) from
-    # short projected vectors; a candidate whose bound may beat the heap's
-    # root gets its exact score from the full vectors below.
+    # The scan computes lower bounds of the scores from short projected
+    # vectors (annlearn/_pca_bound.py); a candidate whose bound may beat the
+    # heap's root gets its exact score from the full vectors below.
     const float32_t* X          # full queries (n_queries, n_features)
     const float32_t* Y          # full database (n_database, n_features)
     const float32_t* Y_sqnorms  # their squared norms (L2 metrics)
