@@ -43,7 +43,7 @@ distances are accurate to float32 rounding.
 
 With a ``bound`` (``annlearn/_pca_bound.py``) the same loops run the GEMM on
 short projections of the queries and the database, whose scores bound the
-exact ones from below; ``_offer_row_bounded`` computes the exact score (a
+exact ones from below; ``_offer_row`` then computes the exact score (a
 dot product on the full vectors) only of the candidates whose bound may beat
 the query's current k-th best. Heaps, finalisation and results are those of
 brute force.
@@ -134,29 +134,6 @@ cdef enum:
     SCREEN = 16
 
 
-cdef inline void _offer_row(
-    const float32_t* scores, intp_t n, intp_t first_id,
-    intp_t k, float32_t* values, id_t* ids,
-) noexcept nogil:
-    """Offer ``scores[j]`` with id ``first_id + j`` to one query's heap."""
-    cdef intp_t j0 = 0, j1, j
-    cdef int hit
-    cdef float32_t threshold = values[0]
-    while j0 < n:
-        j1 = _imin(j0 + SCREEN, n)
-        hit = 0
-        for j in range(j0, j1):
-            hit = hit | (scores[j] <= threshold)
-        if hit:
-            for j in range(j0, j1):
-                # Ids arrive in increasing order, so "<=" lets heap_push
-                # settle exact ties on the id.
-                if scores[j] <= threshold:
-                    heap_push(values, ids, k, scores[j], <id_t>(first_id + j))
-                    threshold = values[0]
-        j0 = j1
-
-
 cdef struct Bound:
     # The scan computes lower bounds of the scores from short projected
     # vectors (annlearn/_pca_bound.py); a candidate whose bound may beat the
@@ -169,32 +146,42 @@ cdef struct Bound:
     bint l2
 
 
-cdef inline void _offer_row_bounded(
-    const float32_t* bounds, intp_t n, intp_t first_id,
+cdef inline float32_t _exact_score(
+    const Bound* b, intp_t query, intp_t row
+) noexcept nogil:
+    """The score brute force ranks by: ||y||^2 - 2 x.y (L2) or -x.y."""
+    cdef float32_t dot = annlearn_inner_product(
+        b.X + query * b.n_features, b.Y + row * b.n_features, b.n_features)
+    return b.Y_sqnorms[row] - 2.0 * dot if b.l2 else -dot
+
+
+cdef inline void _offer_row(
+    const float32_t* scores, intp_t n, intp_t first_id,
     intp_t k, float32_t* values, id_t* ids, const Bound* b, intp_t query,
 ) noexcept nogil:
-    """Offer the candidates whose lower bound ``bounds[j]`` may beat the
-    heap's root, with their exact scores."""
-    cdef intp_t j0 = 0, j1, j, row
+    """Offer ``scores[j]`` with id ``first_id + j`` to one query's heap.
+
+    With a bound ``b``, ``scores`` are lower bounds: a candidate whose bound
+    may beat the root (``<= root + shift``) is offered with its exact score.
+    """
+    cdef intp_t j0 = 0, j1, j
     cdef int hit
-    cdef float32_t shift = b.shift[query], score
+    cdef float32_t shift = 0.0 if b == NULL else b.shift[query], score
     cdef float32_t limit = values[0] + shift
-    cdef const float32_t* x = b.X + query * b.n_features
     while j0 < n:
         j1 = _imin(j0 + SCREEN, n)
         hit = 0
         for j in range(j0, j1):
-            hit = hit | (bounds[j] <= limit)
+            hit = hit | (scores[j] <= limit)
         if hit:
             for j in range(j0, j1):
-                if bounds[j] <= limit:
-                    row = first_id + j
-                    score = -annlearn_inner_product(
-                        x, b.Y + row * b.n_features, b.n_features)
-                    if b.l2:
-                        score = b.Y_sqnorms[row] + 2.0 * score
+                # Ids arrive in increasing order, so "<=" lets heap_push
+                # settle exact ties on the id.
+                if scores[j] <= limit:
+                    score = scores[j] if b == NULL else _exact_score(
+                        b, query, first_id + j)
                     if score <= values[0]:
-                        heap_push(values, ids, k, score, <id_t>row)
+                        heap_push(values, ids, k, score, <id_t>(first_id + j))
                         limit = values[0] + shift
         j0 = j1
 
@@ -257,10 +244,7 @@ cdef void _scan_block(
                 # adds it in its epilogue.)
                 for j in range(ny):
                     row[j] = row[j] + Y_sqnorms[y0 + j]
-            if bound != NULL:
-                _offer_row_bounded(row, ny, y0, k, values, ids, bound, xs + i)
-            else:
-                _offer_row(row, ny, y0, k, values, ids)
+            _offer_row(row, ny, y0, k, values, ids, bound, xs + i)
         y0 = y1
 
 
