@@ -1,11 +1,12 @@
 """Sphinx configuration of annlearn's documentation (``make -C doc html``).
 
 The examples/ scripts become a gallery (sphinx-gallery, when installed): they
-are run and their output and plots shown. The user guide's figures are drawn
-at build time by ``figures/*.py`` (matplotlib's plot directive), and the
-benchmark page reads the runs published by ``benchmarks/bench_*.py --publish``
-in ``_static/benchmarks/`` (``_ext/annlearn_benchmarks.py``). ``-D plot_gallery=0`` renders them
-without running them (what the test suite does, to stay fast).
+are run and their output and plots shown; ``-D plot_gallery=0`` renders them
+without running them (what the test suite does, to stay fast). The user
+guide's figures are drawn at build time by ``figures/*.py`` (matplotlib's
+plot directive), and the benchmark page reads the runs published by
+``benchmarks/bench_*.py --publish`` in ``_static/benchmarks/``
+(``_ext/annlearn_benchmarks.py``).
 """
 
 import importlib.util
