@@ -60,7 +60,28 @@ def _train_and_encode(
 
 
 def _weak_source(X, ids: np.ndarray):
-    """(weak reference to X, ids, shape), or None if X cannot be referenced."""
+    """(callable returning X or None, ids, shape), or None if X cannot be
+    referenced.
+
+    A view (``fit(X[:n])``) dies with the call that made it, so for a view of
+    a contiguous array the reference is to that array, and the view is
+    rebuilt from it on demand: the index keeps no copy either way.
+    """
+    owner = X
+    while isinstance(owner, np.ndarray) and isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner is not X and owner.flags.c_contiguous:
+        offset = X.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+        shape, dtype, strides = X.shape, X.dtype, X.strides
+        ref = weakref.ref(owner)
+
+        def view():
+            base = ref()
+            if base is None:
+                return None
+            return np.ndarray(shape, dtype, buffer=base, offset=offset, strides=strides)
+
+        return view, ids, shape
     try:
         return weakref.ref(X), ids, getattr(X, "shape", None)
     except TypeError:

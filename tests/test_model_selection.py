@@ -156,6 +156,24 @@ def test_score_without_stored_vectors_needs_the_fit_array(data):
         est.score(Q)
 
 
+def test_score_after_fitting_a_temporary_view(data):
+    """fit(X[a:b]) makes a view that dies at once: score rebuilds it from X,
+    without the index keeping a copy; once X is gone the error is clear."""
+    X, Q = data[:2000].copy(), data[2000:]
+    est = _ivfpq().fit(X[100:1900])
+    middle, even = X[100:1900].copy(), X[::2].copy()
+    assert est.score(Q) == _ivfpq().fit(middle).score(Q)
+    strided = _ivfpq().fit(X[::2])
+    assert strided.score(Q) == _ivfpq().fit(even).score(Q)
+    # (A scored index caches its exact reference, which holds the vectors.)
+    Y = data[:2000].copy()
+    unscored = _ivfpq().fit(Y[100:1900])
+    del Y
+    gc.collect()
+    with pytest.raises(ValueError, match="array given to fit is gone"):
+        unscored.score(Q)
+
+
 def test_exact_answers_are_computed_once_per_split(data, monkeypatch):
     X, Q = data[:2000], data[2000:]
     calls = []
