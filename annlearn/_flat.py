@@ -96,7 +96,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         - ``"auto"``: ``"pca_bound"`` when there are at least 4,096 vectors
           of at least 32 features whose variance sits in few directions
           (the first ``n_features / 4`` axes explain 85% of it: images and
-          most learnt embeddings), else ``"brute"``.
+          many learnt embeddings), else ``"brute"``.
     n_jobs : int, default=None
         Number of OpenMP threads of the search kernel (not joblib processes).
         ``None`` honours ``OMP_NUM_THREADS``, threadpoolctl limits and the

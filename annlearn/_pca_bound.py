@@ -15,7 +15,7 @@ bound of the score the search ranks by (``||v||^2 - 2 <q, v>`` for the L2
 metrics, ``-<q, v>`` for the inner-product ones, up to a per-query
 constant). The kernel computes the exact score only of the candidates whose
 bound may beat the query's current k-th best: on data whose variance sits in
-a few directions (images, most learnt embeddings), a small fraction of
+a few directions (images, many learnt embeddings), a small fraction of
 them. The answer is the same as the brute-force one; the margin in
 ``query_bounds`` covers float32 rounding of the projected GEMM.
 
@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fit_bound", "database_bounds", "query_bounds"]
+__all__ = ["fit_bound", "database_bounds", "extend", "subset", "query_bounds"]
 
 # Use the bound when the first d1 <= n_features / 4 principal axes explain at
-# least this share of the variance; d1 is the smallest candidate that does.
+# least this share of the variance; d1 is the smallest candidate that does,
+# but at least min(64, n_features / 4) (see fit_bound).
 _MIN_EXPLAINED = 0.85
 _CANDIDATE_DIMS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Below these sizes the bound costs more than it saves.
