@@ -176,9 +176,9 @@ def _exact_neighbors(estimator, X, k: int):
     from annlearn._validation import validate_query_data
 
     reference = estimator._exact_reference()
-    # Validated by the estimator first, so that its warnings (e.g. float64
-    # conversion) name it rather than the internal reference.
-    Xv = validate_query_data(reference, validate_query_data(estimator, X))
+    # Validated once, by the estimator: the reference indexes the same
+    # features, and warnings (e.g. float64 conversion) name the estimator.
+    Xv = validate_query_data(estimator, X)
     Xq = reference._prepare_queries(Xv)
     store = reference._store
     key = (
