@@ -22,9 +22,12 @@ parallel_on_X (batches)
     output arrays: no synchronisation, no merge.
 
 parallel_on_Y (a few queries: latency)
-    The database is cut into one contiguous range per thread. Each thread
-    keeps its own heaps for every query, and these are merged per query row at
-    the end (the heap's id tie-break makes the merge order irrelevant).
+    The database is cut into one contiguous range per thread. The queries are
+    taken one block of x_chunk at a time: each thread keeps its own heaps for
+    the block's queries, and these are merged per query row before the next
+    block (the heap's id tie-break makes the merge order irrelevant). The
+    heaps thus take n_threads * x_chunk * k entries, never n_threads *
+    n_queries * k (5 GB at 64 threads, k=100, 65,000 queries).
 
     ::
 
@@ -73,6 +76,7 @@ from annlearn._utils._blas cimport (
     gemm_abt,
 )
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
+from annlearn._utils._openmp_helpers cimport annlearn_omp_barrier
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 
@@ -511,19 +515,22 @@ cdef void _parallel_on_Y(
     cdef intp_t n_y_chunks = (n_database + y_chunk - 1) // y_chunk
     cdef int n_threads_used = <int>_imin(n_threads, n_y_chunks)
     cdef intp_t chunks_per_thread = (n_y_chunks + n_threads_used - 1) // n_threads_used
-    cdef intp_t t, ys, ye, xs, xe, i, r, q
+    cdef intp_t n_blocks = (n_queries + x_chunk - 1) // x_chunk
+    cdef intp_t block = 0, t, ys, ye, xs, xe, i, q, r, s, j
     cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
     cdef float32_t* buf = NULL
     cdef float32_t* packed_x = NULL
     cdef float32_t* packed_y = NULL
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    # Thread-local heaps for every query: n_threads * n_queries * k entries,
-    # small because this strategy is chosen for few queries.
+    # Thread-local heaps for one block of x_chunk queries, not for every
+    # query, so that they take n_threads * x_chunk * k entries however many
+    # queries there are (the GEMM streams each thread's database range once
+    # per block of x_chunk queries in either case).
     cdef float32_t[:, :, ::1] local_values = np.empty(
-        (n_threads_used, n_queries, k), dtype=np.float32)
+        (n_threads_used, x_chunk, k), dtype=np.float32)
     cdef id_t[:, :, ::1] local_ids = np.empty(
-        (n_threads_used, n_queries, k), dtype=np.int64)
+        (n_threads_used, x_chunk, k), dtype=np.int64)
 
     with nogil, parallel(num_threads=n_threads_used):
         # Per-thread buffers, allocated inside the parallel region so that
@@ -532,39 +539,48 @@ cdef void _parallel_on_Y(
         buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
         packed_x = _alloc_packed(x_chunk, gd, annlearn_gemm_mr(), packed)
         packed_y = _alloc_packed(y_chunk, gd, annlearn_gemm_nr(), packed)
-        for t in prange(n_threads_used, schedule="static", chunksize=1):
-            if not _workspace_ok(buf, packed_x, packed_y, packed):
-                failed_ptr[0] = 1
-                continue
-            ys = _imin(t * chunks_per_thread * y_chunk, n_database)
-            ye = _imin(ys + chunks_per_thread * y_chunk, n_database)
-            for i in range(n_queries):
-                heap_init(&local_values[t, i, 0], &local_ids[t, i, 0], k)
-            xs = 0
-            while xs < n_queries:
+        for block in range(n_blocks):
+            for t in prange(n_threads_used, schedule="static", chunksize=1):
+                if not _workspace_ok(buf, packed_x, packed_y, packed):
+                    failed_ptr[0] = 1
+                    continue
+                ys = _imin(t * chunks_per_thread * y_chunk, n_database)
+                ye = _imin(ys + chunks_per_thread * y_chunk, n_database)
+                xs = block * x_chunk
                 xe = _imin(xs + x_chunk, n_queries)
+                for i in range(xe - xs):
+                    heap_init(&local_values[t, i, 0], &local_ids[t, i, 0], k)
+                # The heap of query xs + i is row i of this thread's heaps.
                 _scan_block(&GX[0, 0], gd, xs, xe, &GY[0, 0], ys, ye,
-                            &G_sqnorms[0], l2, k, &local_values[t, xs, 0],
-                            &local_ids[t, xs, 0], buf, packed_x, packed_y,
+                            &G_sqnorms[0], l2, k, &local_values[t, 0, 0],
+                            &local_ids[t, 0, 0], buf, packed_x, packed_y,
                             y_chunk, bound)
-                xs = xe
+            # Every thread's heaps of the block are complete before any is
+            # merged, and merged (below) before the next block re-initialises
+            # them: the pranges of a parallel block do not wait by themselves.
+            annlearn_omp_barrier()
+            for q in prange(block * x_chunk,
+                            _imin((block + 1) * x_chunk, n_queries),
+                            schedule="static"):
+                if failed_ptr[0]:
+                    continue
+                # Thread 0's heaps are valid heaps; offer them the other
+                # threads' entries. The id tie-break makes the result
+                # independent of the order.
+                r = q - block * x_chunk
+                for j in range(k):
+                    distances[q, j] = local_values[0, r, j]
+                    indices[q, j] = local_ids[0, r, j]
+                for s in range(1, n_threads_used):
+                    for j in range(k):
+                        heap_push(&distances[q, 0], &indices[q, 0], k,
+                                  local_values[s, r, j], local_ids[s, r, j])
+                _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
+                              &distances[q, 0], &indices[q, 0], metric)
+            annlearn_omp_barrier()
         _free_workspace(buf, packed_x, packed_y)
     if failed:
         _raise_memory_error()
-
-    # Merge: thread 0's heaps are valid heaps; offer them the other threads'
-    # entries. The id tie-break makes the result independent of the order.
-    with nogil:
-        for q in prange(n_queries, num_threads=n_threads_used, schedule="static"):
-            for i in range(k):
-                distances[q, i] = local_values[0, q, i]
-                indices[q, i] = local_ids[0, q, i]
-            for r in range(1, n_threads_used):
-                for i in range(k):
-                    heap_push(&distances[q, 0], &indices[q, 0], k,
-                              local_values[r, q, i], local_ids[r, q, i])
-            _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
-                          &distances[q, 0], &indices[q, 0], metric)
 
 
 def row_sqnorms(const float32_t[:, ::1] X, int n_threads):

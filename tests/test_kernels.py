@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from annlearn import _flat_search
+from annlearn import _flat_search, _pca_bound
 from annlearn._threads import blas_single_thread, effective_n_threads
 from annlearn._utils._blas import _gemm_abt_wrapper, _simd_isa
 from annlearn._utils._heap import _heap_topk_wrapper
@@ -50,6 +50,65 @@ def test_flat_kernel_invariance(problem, gemm, strategy, chunks, n_threads):
         )
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+
+
+def _low_rank(n, d, seed):
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((4, d))
+    X = rng.standard_normal((n, 4)) @ basis + 0.05 * rng.standard_normal((n, d))
+    return X.astype(np.float32)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("x_chunk", [1, 5, 64, None])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_parallel_on_Y_query_blocks_with_bound(gemm, x_chunk, n_threads):
+    # parallel_on_Y takes the queries one block of x_chunk at a time; with a
+    # bound, query xs + i of a block must still read its own shift and rows.
+    Y, X = _low_rank(700, 40, 0), _low_rank(130, 40, 1)
+    sq = _flat_search.row_sqnorms(Y, 1)
+    bound = _pca_bound.fit_bound(Y, sq, force=True)
+    ref_d, ref_i = _reference(X, Y, 12)
+    args = (X, Y, sq, 12, _flat_search.METRIC_SQEUCLIDEAN, n_threads, x_chunk, 32)
+    projected = _pca_bound.query_bounds(bound, X, True)
+    with blas_single_thread():
+        results = [
+            _flat_search.flat_kneighbors(*args, "parallel_on_Y", gemm, bound=b)
+            for b in (None, projected)
+        ]
+    for d, i in results:
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_parallel_on_Y_heaps_hold_one_query_block(problem, n_threads):
+    # The per-thread heaps of the few-query strategy hold one block of
+    # x_chunk queries, not every query: numpy's allocations during the call
+    # (which tracemalloc traces) are the output plus n_threads * x_chunk * k
+    # heap entries, however many queries there are.
+    import tracemalloc
+
+    X, Y, sq = problem
+    X = np.repeat(X, 4, axis=0)  # 388 queries, 49 blocks of 8
+    k, x_chunk = 50, 8
+    ref = _flat_search.flat_kneighbors(X, Y, sq, k, 0, 1, None, None, "parallel_on_X")
+    tracemalloc.start()
+    try:
+        with blas_single_thread():
+            start = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            d, i = _flat_search.flat_kneighbors(
+                X, Y, sq, k, 0, n_threads, x_chunk, 64, "parallel_on_Y"
+            )
+            peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    heaps = n_threads * x_chunk * k * (4 + 8)
+    assert peak < d.nbytes + i.nbytes + heaps + 64 * 1024
+    np.testing.assert_array_equal(i, ref[1])
+    np.testing.assert_array_equal(d, ref[0])
 
 
 @pytest.mark.parametrize("gemm", GEMMS)

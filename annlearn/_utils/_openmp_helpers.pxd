@@ -17,6 +17,16 @@ cdef extern from *:
         #define omp_get_thread_num() 0
         #define omp_get_max_threads() 1
     #endif
+
+    /* Wait for every thread of the enclosing parallel region (an orphaned
+       directive: valid in a function called from the region). Cython
+       compiles each prange of a parallel block with "nowait", so a loop that
+       reads what the previous loop of the block wrote must wait here first. */
+    static inline void annlearn_omp_barrier(void) {
+    #ifdef _OPENMP
+        #pragma omp barrier
+    #endif
+    }
     """
     bint ANNLEARN_OPENMP_PARALLELISM_ENABLED
 
@@ -29,3 +39,4 @@ cdef extern from *:
     void omp_unset_lock(omp_lock_t*) noexcept nogil
     int omp_get_thread_num() noexcept nogil
     int omp_get_max_threads() noexcept nogil
+    void annlearn_omp_barrier() noexcept nogil
