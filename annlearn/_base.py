@@ -4,22 +4,31 @@ It holds what every index shares and no index-specific code: the
 scikit-learn semantics of ``kneighbors`` (``X=None`` queries the indexed
 vectors, each excluding itself), ``kneighbors_graph``, and ``transform`` /
 ``fit_transform`` exactly as :class:`sklearn.neighbors.KNeighborsTransformer`
-defines them. A concrete index implements three hooks:
+defines them. A concrete index keeps its searchable state in one dict,
+``self._store`` (with at least ``"ids"``), replaced whole by every change,
+and implements three hooks, each given the one ``store`` a call works on:
 
 ``_prepare_queries(X)``
     Validated float32 queries -> what the search kernel takes (centred,
     normalised, ...).
-``_indexed_queries()``
-    For ``X=None``: the indexed vectors, already prepared, and the id each
-    of them is returned under (so that each can be excluded from its own
+``_indexed_queries(store, positions)``
+    For ``X=None``: the indexed vectors at these rows of ``store``, already
+    prepared (so that each can be searched and excluded from its own
     neighbours).
-``_search(Xq, n_neighbors)``
+``_search(store, Xq, n_neighbors)``
     Prepared queries -> ``(distances, positions)``, each of shape
     ``(n_queries, n_neighbors)``, sorted by increasing distance, positions
-    being rows of the index.
+    being rows of ``store``.
+
+A query call reads ``self._store`` once: the size it checks ``n_neighbors``
+against is the size it searches, even while another thread adds or removes
+vectors. ``fit``, ``add`` and ``remove`` are :func:`transactional`: one that
+raises leaves the estimator exactly as it was.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -32,7 +41,35 @@ from sklearn.utils.validation import check_is_fitted
 
 from annlearn._validation import check_n_neighbors, validate_query_data
 
-__all__ = ["NeighborsBase"]
+__all__ = ["NeighborsBase", "transactional"]
+
+# Indexed vectors searched at once by ``kneighbors(X=None)``: bounds the
+# prepared (decoded, for IVF-PQ) copy to a block instead of the whole index.
+_SELF_QUERY_BLOCK = 8192
+
+
+def transactional(method):
+    """Make a mutating method all-or-nothing.
+
+    The estimator's attributes are restored if the method raises, so that a
+    ``fit`` rejected after input validation (which already set
+    ``n_features_in_``) or an ``add`` failing half-way leaves the previously
+    fitted index usable and unchanged. Arrays are never modified in place
+    (the store is replaced whole), so a shallow copy of ``__dict__`` is a
+    complete snapshot.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        saved = dict(self.__dict__)
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    return wrapper
 
 
 class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -42,7 +79,9 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
-    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    def _indexed_queries(
+        self, store: dict, positions: np.ndarray
+    ) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def _graph_n_columns(self) -> int:
@@ -52,7 +91,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(
-        self, X: np.ndarray, n_neighbors: int
+        self, store: dict, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
@@ -86,18 +125,37 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         check_is_fitted(self)
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
+        store = self._store  # one snapshot for the whole call
         query_is_train = X is None
         n_neighbors = check_n_neighbors(
-            n_neighbors, self.n_samples_fit_, query_is_train=query_is_train
+            n_neighbors, len(store["ids"]), query_is_train=query_is_train
         )
         if query_is_train:
-            queries, self_ids = self._indexed_queries()
-            distances, indices = self._search(queries, n_neighbors + 1)
-            distances, indices = _drop_self(distances, indices, self_ids)
+            distances, indices = self._kneighbors_indexed(store, n_neighbors)
         else:
             Xq = self._prepare_queries(validate_query_data(self, X))
-            distances, indices = self._search(Xq, n_neighbors)
+            distances, positions = self._search(store, Xq, n_neighbors)
+            indices = _ids_at(store["ids"], positions)
         return (distances, indices) if return_distance else indices
+
+    def _kneighbors_indexed(
+        self, store: dict, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of every indexed vector but itself, rows in id order,
+        searched a block of vectors at a time."""
+        ids = store["ids"]
+        order = np.argsort(ids, kind="stable")
+        distances = np.empty((len(ids), n_neighbors), dtype=np.float32)
+        indices = np.empty((len(ids), n_neighbors), dtype=np.int64)
+        for start in range(0, len(ids), _SELF_QUERY_BLOCK):
+            rows = order[start : start + _SELF_QUERY_BLOCK]
+            queries = self._indexed_queries(store, rows)
+            dist, positions = self._search(store, queries, n_neighbors + 1)
+            block = slice(start, start + len(rows))
+            distances[block], indices[block] = _drop_self(
+                dist, _ids_at(ids, positions), ids[rows]
+            )
+        return distances, indices
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """Compute the graph of k nearest neighbours as a sparse matrix.
@@ -225,6 +283,21 @@ def _megabytes(n_bytes: int) -> str:
         if n_bytes >= scale:
             return f"{n_bytes / scale:.1f} {unit}"
     return f"{n_bytes} B"
+
+
+def _ids_at(ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The ids stored at ``positions``, which must all be filled.
+
+    Kernels mark a slot they could not fill with -1; indexing ``ids[-1]``
+    would return the last id as a neighbour, so an empty slot is an error.
+    """
+    if positions.size and positions.min() < 0:
+        raise RuntimeError(
+            "The search found fewer finite candidates than n_neighbors for "
+            f"{int(np.count_nonzero((positions < 0).any(axis=1)))} queries. "
+            "This is a bug in annlearn: please report it with the data."
+        )
+    return ids[positions]
 
 
 def _drop_self(

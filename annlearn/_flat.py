@@ -10,13 +10,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search, _pca_bound
-from annlearn._base import NeighborsBase, _megabytes
+from annlearn._base import NeighborsBase, _megabytes, transactional
 from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
     METRICS,
     check_new_ids,
     check_removed_ids,
+    fitted_metric,
     validate_fit_data,
     validate_query_data,
 )
@@ -68,9 +69,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     n_neighbors : int, default=5
         Number of neighbours returned by ``kneighbors`` and used by
         ``transform``.
-    metric : {"euclidean", "sqeuclidean", "cosine", "inner_product"}, \
-            default="euclidean"
-        Dissimilarity:
+    metric : str, default="euclidean"
+        Dissimilarity, one of:
 
         - ``"euclidean"``: ``||x - y||``;
         - ``"sqeuclidean"``: ``||x - y||**2``;
@@ -113,6 +113,9 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         Names of features seen during ``fit``, when X has string column names.
     n_bound_components_ : int
         Principal components of the ``"pca_bound"`` search, 0 for brute force.
+    effective_metric_ : str
+        The metric fitted and searched with. Changing ``metric`` with
+        ``set_params`` takes effect at the next ``fit``.
 
     See Also
     --------
@@ -173,6 +176,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self.algorithm = algorithm
         self.n_jobs = n_jobs
 
+    @transactional
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, ids=None):
         """Index the rows of X.
@@ -191,7 +195,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         Returns
         -------
         self : FlatNeighbors
-            The fitted estimator.
+            The fitted estimator. On any error it is left exactly as it was.
         """
         X = validate_fit_data(self, X)
         ids = check_new_ids(ids, len(X), None)
@@ -209,6 +213,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             bound = _pca_bound.fit_bound(
                 X, sqnorms, force=self.algorithm == "pca_bound"
             )
+        self.effective_metric_ = self.metric
         self._set_store(X, sqnorms, ids, bound)
         return self
 
@@ -226,6 +231,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
 
     def _upgrade_state(self, state: dict, layout: int) -> dict:
+        # Written before the fitted metric was recorded: the parameter was it.
+        state.setdefault("effective_metric_", state.get("metric"))
         store = state.get("_store")
         if layout < 2 and isinstance(store, dict):
             # Written before the bound existed: brute force, as then.
@@ -240,20 +247,51 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             raise ValueError("Corrupted FlatNeighbors state: no index arrays.")
         n, d = self.n_samples_fit_, self.n_features_in_
         name = "FlatNeighbors"
+        metric = getattr(self, "effective_metric_", self.metric)
+        if metric not in METRICS:
+            raise ValueError(f"Corrupted FlatNeighbors state: metric {metric!r}.")
         check_array_state(
             name, "vectors", store["vectors"], dtype=np.float32, ndim=2, shape=(n, d)
         )
         check_array_state(
             name, "sqnorms", store["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
         )
-        check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
+        check_array_state(
+            name,
+            "ids",
+            store["ids"],
+            dtype=np.int64,
+            ndim=1,
+            shape=(n,),
+            low=0,
+            distinct=True,
+        )
+        center = getattr(self, "_center", None)
+        if center is not None:
+            check_array_state(
+                name,
+                "_center",
+                center,
+                dtype=np.float32,
+                ndim=1,
+                shape=(d,),
+                finite=True,
+            )
         bound = store["bound"]
+        d1 = self.n_bound_components_
+        if bound is None and d1 != 0:
+            raise ValueError(
+                f"Corrupted FlatNeighbors state: n_bound_components_ = {d1} without "
+                "a bound."
+            )
         if bound is not None:
-            if not isinstance(bound, dict) or not isinstance(
-                bound.get("max_sqnorm"), float
+            if (
+                not isinstance(bound, dict)
+                or not isinstance(bound.get("max_sqnorm"), float)
+                or np.isnan(bound["max_sqnorm"])
+                or not 0 < d1 <= d
             ):
                 raise ValueError("Corrupted FlatNeighbors state: bound.")
-            d1 = self.n_bound_components_
             for key, dtype, shape in (
                 ("mean", np.float64, (d,)),
                 ("rotation", np.float64, (d, d1)),
@@ -267,16 +305,18 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                     dtype=dtype,
                     ndim=len(shape),
                     shape=shape,
+                    finite=key in ("mean", "rotation"),
                 )
 
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""
         if self._center is not None:
             return np.ascontiguousarray(X - self._center)
-        if self.metric == "cosine":
+        if fitted_metric(self) == "cosine":
             return _normalize_rows(X)
         return X
 
+    @transactional
     def add(self, X, ids=None):
         """Index more vectors, after ``fit``.
 
@@ -307,6 +347,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         )
         return self
 
+    @transactional
     def remove(self, ids):
         """Remove vectors by id; they are never returned again.
 
@@ -360,7 +401,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         bound = store["bound"]
         arrays = [store["vectors"], store["sqnorms"], store["ids"]]
         lines = [
-            f"FlatNeighbors: {n:,} vectors of {d} features, metric={self.metric!r}",
+            f"FlatNeighbors: {n:,} vectors of {d} features, "
+            f"metric={fitted_metric(self)!r}",
             f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
             "norm 4, id 8)",
         ]
@@ -383,17 +425,17 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare_vectors(X)
 
-    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        store = self._store
-        order = np.argsort(store["ids"], kind="stable")
-        return np.ascontiguousarray(store["vectors"][order]), store["ids"][order]
+    def _indexed_queries(self, store: dict, positions: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(store["vectors"][positions])
 
-    def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
-        store = self._store
+    def _search(
+        self, store: dict, X: np.ndarray, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)
+        metric = fitted_metric(self)
         bound = store["bound"]
         if bound is not None:
-            l2 = self.metric in ("euclidean", "sqeuclidean")
+            l2 = metric in ("euclidean", "sqeuclidean")
             bound = _pca_bound.query_bounds(bound, X, l2)
         with flat_search_blas_guard():
             distances, positions = _flat_search.flat_kneighbors(
@@ -401,8 +443,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                 store["vectors"],
                 store["sqnorms"],
                 n_neighbors,
-                _METRIC_CODES[self.metric],
+                _METRIC_CODES[metric],
                 n_threads,
                 bound=bound,
             )
-        return distances, store["ids"][positions]
+        return distances, positions

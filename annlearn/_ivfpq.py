@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
+import zlib
 from numbers import Integral
 
 import numpy as np
@@ -14,7 +15,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from annlearn import _flat_search, _ivf
-from annlearn._base import NeighborsBase, _megabytes
+from annlearn._base import NeighborsBase, _megabytes, transactional
 from annlearn._clustering import train_kmeans
 from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._persistence import PersistenceMixin, check_array_state
@@ -23,6 +24,7 @@ from annlearn._validation import (
     METRICS,
     check_new_ids,
     check_removed_ids,
+    fitted_metric,
     user_stacklevel,
     validate_fit_data,
     validate_query_data,
@@ -43,6 +45,16 @@ _MIN_POINTS_PER_CENTRE = 39
 # Warn above this imbalance factor of the cells (1.0: equal cells).
 _MAX_IMBALANCE = 4.0
 
+# Training-size warnings already shown in this process, by (kind, number of
+# centres): a grid search fits clones on every fold, and one warning about a
+# parameter value says all there is to say.
+_WARNED_TRAINING: set = set()
+
+
+def _checksum(X: np.ndarray) -> int:
+    """CRC-32 of a C-contiguous array's bytes."""
+    return zlib.crc32(memoryview(X).cast("B"))
+
 
 def _train_and_encode(
     X: np.ndarray, params: dict, n_threads: int, verbose: int
@@ -59,9 +71,12 @@ def _train_and_encode(
     }
 
 
-def _weak_source(X, ids: np.ndarray):
-    """(callable returning X or None, ids, shape), or None if X cannot be
-    referenced.
+def _weak_source(X, ids: np.ndarray, checksum: int):
+    """(callable returning X or None, ids, shape, checksum), or None if X
+    cannot be referenced.
+
+    ``checksum`` is that of X validated as float32, so that ``score`` can
+    tell that the array was overwritten since ``fit``.
 
     A view (``fit(X[:n])``) dies with the call that made it, so for a view of
     a contiguous array the reference is to that array, and the view is
@@ -81,9 +96,9 @@ def _weak_source(X, ids: np.ndarray):
                 return None
             return np.ndarray(shape, dtype, buffer=base, offset=offset, strides=strides)
 
-        return view, ids, shape
+        return view, ids, shape, checksum
     try:
-        return weakref.ref(X), ids, getattr(X, "shape", None)
+        return weakref.ref(X), ids, getattr(X, "shape", None), checksum
     except TypeError:
         return None
 
@@ -117,19 +132,22 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     nlist : int, default=256
         Number of cells of the coarse quantizer.
     nprobe : int, default=8
-        Cells scanned per query, at most ``nlist``. A search-time parameter:
-        changing it needs no refit. More cells, higher recall, slower. When
-        the probed cells hold fewer than ``n_neighbors`` vectors, further
-        cells are probed: results are never padded.
+        Cells scanned per query; values above ``nlist`` scan every cell. A
+        search-time parameter: changing it needs no refit. More cells, higher
+        recall, slower. When the probed cells hold fewer than
+        ``n_neighbors`` vectors, further cells are probed: results are never
+        padded.
     n_subquantizers : int, default=None
         Number of sub-vectors (bytes per code), a divisor of ``n_features``.
         ``None`` picks the divisor closest to ``n_features / 8``.
     nbits : int, default=8
         Bits per sub-vector code, from 4 to 8: ``2**nbits`` centres per
         sub-quantizer.
-    metric : {"euclidean", "sqeuclidean", "cosine", "inner_product"}, \
-            default="euclidean"
-        As :class:`FlatNeighbors`. ``"cosine"`` indexes normalised vectors;
+    metric : str, default="euclidean"
+        One of ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` and
+        ``"inner_product"``, defined as in :class:`FlatNeighbors` (a zero
+        vector is at cosine distance 1 from everything). ``"cosine"``
+        indexes normalised vectors and ranks them by inner product;
         ``"inner_product"`` uses inner-product cells and tables.
     refine_factor : int, default=None
         If set, keep a float32 copy of the vectors and re-rank the best
@@ -170,11 +188,14 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     ----------
     cluster_centers_ : ndarray of shape (nlist, n_features), float32
         Cell centres of the coarse quantizer.
-    pq_codebooks_ : ndarray of shape (n_subquantizers, 2**nbits, n_features \
-            // n_subquantizers), float32
-        Centres of each sub-quantizer.
+    pq_codebooks_ : ndarray of shape (n_subquantizers, 2**nbits, dsub), float32
+        Centres of each sub-quantizer, ``dsub = n_features // n_subquantizers``.
     n_subquantizers_ : int
         Sub-vectors per code.
+    effective_metric_ : str
+        The metric fitted and searched with. Training parameters (``metric``,
+        ``nlist``, ``n_subquantizers``, ``nbits``, ``by_residual``) changed
+        with ``set_params`` take effect at the next ``fit``.
     n_samples_fit_ : int
         Number of indexed vectors.
     n_features_in_ : int
@@ -257,6 +278,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.verbose = verbose
 
     # -- fit ---------------------------------------------------------------
+    @transactional
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, ids=None):
         """Train the coarse and product quantizers on X, then index X.
@@ -275,7 +297,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         Returns
         -------
         self : IVFPQNeighbors
-            The fitted estimator.
+            The fitted estimator. On any error it is left exactly as it was.
         """
         source = X
         X = validate_fit_data(self, X)
@@ -292,6 +314,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             )
         self._warn_small_training(self._n_train(n_samples))
         n_threads = effective_n_threads(self.n_jobs)
+        checksum = _checksum(X)
+        self.effective_metric_ = self.metric
+        self._by_residual = self.by_residual
         X = self._prepare(X)
         train = check_memory(self.memory).cache(
             _train_and_encode, ignore=["n_threads", "verbose"]
@@ -306,7 +331,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self._derive_tables()
         cells, codes = trained["cells"], trained["codes"]
         self._set_store(*self._build_lists(cells, codes, ids, self._keep_vectors(X)))
-        self._fit_source = _weak_source(source, ids)
+        self._fit_source = _weak_source(source, ids, checksum)
         imbalance = self._imbalance_factor()
         largest = int(np.diff(self._store["list_offsets"]).max())
         if imbalance > _MAX_IMBALANCE:
@@ -327,7 +352,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         measure); the expected number of codes a probe scans, relative."""
         sizes = np.diff(self._store["list_offsets"]).astype(np.float64)
         n = sizes.sum()
-        return float(self.nlist * (sizes**2).sum() / n**2) if n else 1.0
+        return float(len(sizes) * (sizes**2).sum() / n**2) if n else 1.0
 
     def summary(self) -> str:
         """What the fitted index holds: vectors, cells, bytes, memory.
@@ -367,11 +392,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         return "\n".join(
             [
                 f"IVFPQNeighbors: {n:,} vectors of {d} features, "
-                f"metric={self.metric!r}",
-                f"  cells: {self.nlist} (vectors per cell: min {sizes.min()}, "
+                f"metric={self.effective_metric_!r}",
+                f"  cells: {len(sizes)} (vectors per cell: min {sizes.min()}, "
                 f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
                 f"{self._imbalance_factor():.2f}, 1.00 is even)",
-                f"  codes: {self.n_subquantizers_} sub-vectors x {self.nbits} bits "
+                f"  codes: {self.n_subquantizers_} sub-vectors x "
+                f"{self.pq_codebooks_.shape[1].bit_length() - 1} bits "
                 f"per vector, stored one byte each{stored}",
                 f"  bytes per vector: {per_vector} in the lists (+ "
                 f"{quantizers / max(n, 1):.1f} for the quantizers)",
@@ -390,23 +416,28 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _warn_small_training(self, n_train: int) -> None:
         """Warn when k-means gets fewer than ~39 rows per centre."""
         per_centre = _MIN_POINTS_PER_CENTRE
-        if n_train < per_centre * self.nlist:
+        cells_key = ("cells", self.nlist)
+        if n_train < per_centre * self.nlist and cells_key not in _WARNED_TRAINING:
+            _WARNED_TRAINING.add(cells_key)
             warnings.warn(
                 f"IVFPQNeighbors trains nlist = {self.nlist} cells on {n_train} "
                 f"rows, {n_train / self.nlist:.1f} per cell; k-means needs about "
                 f"{per_centre} per cell to place them well. Give more rows "
-                f"(max_train_samples) or use nlist <= {max(n_train // per_centre, 1)}.",
+                f"(max_train_samples) or use nlist <= {max(n_train // per_centre, 1)}. "
+                "Shown once per nlist value.",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
         ksub = 2**self.nbits
-        if n_train < per_centre * ksub:
+        codes_key = ("codes", ksub)
+        if n_train < per_centre * ksub and codes_key not in _WARNED_TRAINING:
+            _WARNED_TRAINING.add(codes_key)
             fit_bits = int(np.log2(max(n_train // per_centre, 1)))
             warnings.warn(
                 f"IVFPQNeighbors trains 2**nbits = {ksub} centres per sub-quantizer "
                 f"on {n_train} rows, {n_train / ksub:.1f} per centre; k-means needs "
                 f"about {per_centre} per centre. Give more rows (max_train_samples) "
-                f"or use nbits <= {max(fit_bits, 4)}.",
+                f"or use nbits <= {max(fit_bits, 4)}. Shown once per nbits value.",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -432,6 +463,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         n_sub = self.n_subquantizers
         ksub = 2**self.nbits
         rng = check_random_state(self.random_state)
+        self.effective_metric_ = self.metric
+        self._by_residual = self.by_residual
 
         n_train = self._n_train(n_samples)
         train_rows = np.sort(rng.choice(n_samples, n_train, replace=False))
@@ -496,8 +529,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     def _offsets_from_cells(self, cells: np.ndarray) -> np.ndarray:
         """List offsets (nlist + 1,) of vectors sorted by their cells."""
-        offsets = np.zeros(self.nlist + 1, dtype=np.int64)
-        np.cumsum(np.bincount(cells, minlength=self.nlist), out=offsets[1:])
+        nlist = len(self.cluster_centers_)
+        offsets = np.zeros(nlist + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cells, minlength=nlist), out=offsets[1:])
         return offsets
 
     def _set_store(self, offsets, codes, ids, vectors) -> None:
@@ -523,34 +557,50 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         """
         check_is_fitted(self)
         store = self._store
-        cached = getattr(self, "_exact_ref", None)
-        if cached is not None and cached[0] is store:
-            return cached[1]
         if store["vectors"] is not None:
             vectors, ids = store["vectors"], store["ids"]
         else:
-            source = getattr(self, "_fit_source", None)
-            X = source[0]() if source is not None else None
-            if X is None or getattr(X, "shape", None) != source[2]:
-                raise ValueError(
-                    "IVFPQNeighbors.score needs the indexed vectors to find the "
-                    "exact neighbours, but this index does not store them "
-                    "(refine_factor=None) and the array given to fit is gone, "
-                    "could not be referenced (a list), or the index changed since "
-                    "(add/remove). Keep the array given to fit alive, or set "
-                    "refine_factor to store the vectors."
-                )
-            vectors = self._prepare(validate_query_data(self, X))
-            ids = source[1]
-        reference = FlatNeighbors(metric=self.metric, n_jobs=self.n_jobs)
+            # Checked on every call: the reference may share the fit array's
+            # memory, which the caller can overwrite at any time.
+            vectors, ids = self._fit_vectors()
+        cached = getattr(self, "_exact_ref", None)
+        if cached is not None and cached[0] is store:
+            return cached[1]
+        reference = FlatNeighbors(metric=self.effective_metric_, n_jobs=self.n_jobs)
         reference.fit(vectors, ids=ids)
         self._exact_ref = (store, reference)
         return reference
 
-    def _stored_cells(self) -> np.ndarray:
-        offsets = self._store["list_offsets"]
-        return np.repeat(np.arange(self.nlist, dtype=np.int64), np.diff(offsets))
+    def _fit_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The prepared vectors given to ``fit`` and their ids, from the weak
+        reference, if that array is alive, unchanged, and still the index's."""
+        source = getattr(self, "_fit_source", None)
+        X = source[0]() if source is not None else None
+        if X is None or getattr(X, "shape", None) != source[2]:
+            raise ValueError(
+                "IVFPQNeighbors.score needs the indexed vectors to find the "
+                "exact neighbours, but this index does not store them "
+                "(refine_factor=None) and the array given to fit is gone, "
+                "could not be referenced (a list), or the index changed since "
+                "(add/remove). Keep the array given to fit alive, or set "
+                "refine_factor to store the vectors."
+            )
+        Xv = validate_query_data(self, X)
+        if _checksum(Xv) != source[3]:
+            raise ValueError(
+                "IVFPQNeighbors.score needs the indexed vectors to find the "
+                "exact neighbours, but the array given to fit was modified "
+                "since (its checksum changed), so it no longer holds the "
+                "indexed vectors. Do not overwrite it while scoring, or set "
+                "refine_factor to store the vectors."
+            )
+        return self._prepare(Xv), source[1]
 
+    def _stored_cells(self, store: dict) -> np.ndarray:
+        offsets = store["list_offsets"]
+        return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+
+    @transactional
     def add(self, X, ids=None):
         """Encode and index more vectors with the fitted quantizers.
 
@@ -578,7 +628,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             vectors = np.concatenate([store["vectors"], X])
         self._set_store(
             *self._build_lists(
-                np.concatenate([self._stored_cells(), cells]),
+                np.concatenate([self._stored_cells(store), cells]),
                 np.concatenate([store["codes"], codes]),
                 np.concatenate([store["ids"], ids]),
                 vectors,
@@ -586,6 +636,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         )
         return self
 
+    @transactional
     def remove(self, ids):
         """Remove vectors by id; they are never returned again.
 
@@ -608,7 +659,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         keep = ~check_removed_ids(ids, store["ids"])
         vectors = store["vectors"]
         self._set_store(
-            self._offsets_from_cells(self._stored_cells()[keep]),
+            self._offsets_from_cells(self._stored_cells(store)[keep]),
             np.ascontiguousarray(store["codes"][keep]),
             store["ids"][keep],
             None if vectors is None else np.ascontiguousarray(vectors[keep]),
@@ -631,10 +682,17 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         return self.n_subquantizers
 
     def _prepare(self, X: np.ndarray) -> np.ndarray:
-        return _normalize_rows(X) if self.metric == "cosine" else X
+        return _normalize_rows(X) if fitted_metric(self) == "cosine" else X
+
+    def _ranks_by_inner_product(self) -> bool:
+        """Whether the codes are scanned by inner product: for
+        ``"inner_product"``, and for ``"cosine"``, whose ``1 - <x, y>`` on
+        normalised rows keeps a zero row at distance 1 (as FlatNeighbors and
+        scikit-learn say) where ``||x - y||^2 / 2`` would put it at 0.5."""
+        return fitted_metric(self) in ("inner_product", "cosine")
 
     def _coarse_metric(self) -> int:
-        if self.metric == "inner_product":
+        if fitted_metric(self) == "inner_product":
             return _flat_search.METRIC_INNER_PRODUCT
         return _flat_search.METRIC_SQEUCLIDEAN
 
@@ -654,11 +712,18 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         return self._coarse_search(X, 1, n_threads)[1][:, 0]
 
     def _residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        if not self.by_residual:
+        if not self._by_residual:
             return X
         return X - self.cluster_centers_[cells]
 
     _derived_attributes = ("_term2", "_codebooks_t")
+
+    def _upgrade_state(self, state: dict, layout: int) -> dict:
+        # Written before the fitted metric and residual flag were recorded:
+        # the parameters were them.
+        state.setdefault("effective_metric_", state.get("metric"))
+        state.setdefault("_by_residual", state.get("by_residual"))
+        return state
 
     def _check_state(self) -> None:
         store = getattr(self, "_store", None)
@@ -668,6 +733,14 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         name = "IVFPQNeighbors"
         n, d = self.n_samples_fit_, self.n_features_in_
         n_sub, ksub = self.n_subquantizers_, 2**self.nbits
+        if n_sub < 1 or d % n_sub:
+            raise ValueError(
+                f"Corrupted IVFPQNeighbors state: n_subquantizers_ = {n_sub} does "
+                f"not divide n_features_in_ = {d}."
+            )
+        metric = getattr(self, "effective_metric_", self.metric)
+        if metric not in METRICS:
+            raise ValueError(f"Corrupted IVFPQNeighbors state: metric {metric!r}.")
         check_array_state(
             name,
             "cluster_centers_",
@@ -675,6 +748,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             dtype=np.float32,
             ndim=2,
             shape=(self.nlist, d),
+            finite=True,
         )
         check_array_state(
             name,
@@ -683,6 +757,16 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             dtype=np.float32,
             ndim=3,
             shape=(n_sub, ksub, d // n_sub),
+            finite=True,
+        )
+        check_array_state(
+            name,
+            "_center_sqnorms",
+            self._center_sqnorms,
+            dtype=np.float32,
+            ndim=1,
+            shape=(self.nlist,),
+            finite=True,
         )
         offsets = store["list_offsets"]
         check_array_state(
@@ -701,7 +785,16 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         check_array_state(
             name, "codes", store["codes"], dtype=np.uint8, ndim=2, shape=(n, n_sub)
         )
-        check_array_state(name, "ids", store["ids"], dtype=np.int64, ndim=1, shape=(n,))
+        check_array_state(
+            name,
+            "ids",
+            store["ids"],
+            dtype=np.int64,
+            ndim=1,
+            shape=(n,),
+            low=0,
+            distinct=True,
+        )
         if store["vectors"] is not None:
             check_array_state(
                 name,
@@ -725,10 +818,10 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         """Term 2 of the ADC decomposition (see ``_ivf.pyx``)."""
         codebooks = self.pq_codebooks_
         n_sub, ksub, dsub = codebooks.shape
-        if self.metric == "inner_product":
+        if self._ranks_by_inner_product():
             return np.zeros((0, n_sub, ksub), dtype=np.float32)
         norms = np.einsum("mkd,mkd->mk", codebooks, codebooks)[None]
-        if not self.by_residual:
+        if not self._by_residual:
             return norms.astype(np.float32)
         centers = self.cluster_centers_.reshape(-1, n_sub, dsub)
         cross = np.einsum("cmd,mkd->cmk", centers, codebooks)
@@ -759,13 +852,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                     )[1][:, 0]
         return cells, codes
 
-    def _decode(self, positions: np.ndarray) -> np.ndarray:
+    def _decode(self, store: dict, positions: np.ndarray) -> np.ndarray:
         """Reconstructions of stored vectors (cell centre + decoded residual)."""
-        store = self._store
         codes = store["codes"][positions]
         parts = [self.pq_codebooks_[m][codes[:, m]] for m in range(codes.shape[1])]
         vectors = np.hstack(parts)
-        if self.by_residual:
+        if self._by_residual:
             offsets = store["list_offsets"]
             cells = np.searchsorted(offsets, positions, side="right") - 1
             vectors = vectors + self.cluster_centers_[cells]
@@ -775,66 +867,67 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare(X)
 
-    def _indexed_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        # Rows in increasing id order; the stored vectors when kept, else the
-        # reconstructions from the codes.
-        store = self._store
-        positions = np.argsort(store["ids"], kind="stable")
+    def _indexed_queries(self, store: dict, positions: np.ndarray) -> np.ndarray:
+        # The stored vectors when kept, else the reconstructions from the codes.
         if store["vectors"] is not None:
-            queries = np.ascontiguousarray(store["vectors"][positions])
-        else:
-            queries = self._decode(positions)
-        return queries, store["ids"][positions]
+            return np.ascontiguousarray(store["vectors"][positions])
+        return self._decode(store, positions)
 
-    def _search(self, X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, store: dict, X: np.ndarray, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)
-        store = self._store  # one consistent snapshot for the whole search
         if self.refine_factor is not None and store["vectors"] is None:
             raise ValueError(
                 "refine_factor is set but this index was fitted with "
                 "refine_factor=None and keeps no vectors to re-rank: fit it "
                 "again with refine_factor set."
             )
-        if self.nprobe > self.nlist:
-            raise ValueError(
-                f"Expected nprobe <= nlist, but nprobe = {self.nprobe}, "
-                f"nlist = {self.nlist}."
-            )
+        nlist = len(self.cluster_centers_)
         n_scan = n_neighbors * (self.refine_factor or 1)
-        n_scan = min(n_scan, self.n_samples_fit_)
-        nprobe = self.nprobe
+        n_scan = min(n_scan, len(store["ids"]))
+        nprobe = min(self.nprobe, nlist)
         distances, positions = self._scan(store, X, nprobe, n_scan, n_threads)
         # Too few codes in the probed cells: probe further cells for those
         # queries (never pad with -1), doubling nprobe up to nlist.
         short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
-        while len(short) and nprobe < self.nlist:
-            nprobe = min(2 * nprobe, self.nlist)
+        while len(short) and nprobe < nlist:
+            nprobe = min(2 * nprobe, nlist)
             d_more, p_more = self._scan(store, X[short], nprobe, n_scan, n_threads)
             distances[short], positions[short] = d_more, p_more
             short = short[p_more[:, n_neighbors - 1] < 0]
-        ip = self.metric == "inner_product"
+        ip = self._ranks_by_inner_product()
         if self.refine_factor is not None:
             distances, positions = _ivf.refine(
                 X, store["vectors"], positions, n_neighbors, ip, n_threads
             )
-        distances = distances[:, :n_neighbors]
+        distances = np.ascontiguousarray(distances[:, :n_neighbors])
         positions = positions[:, :n_neighbors]
-        if not ip:
+        metric = fitted_metric(self)
+        if metric == "cosine":
+            # -<x, y> on normalised rows (zero rows stay zero): 1 - cosine.
+            distances += 1.0
+            np.clip(distances, 0.0, 2.0, out=distances)
+        elif not ip:
             np.maximum(distances, 0, out=distances)
-            if self.metric == "euclidean":
+            if metric == "euclidean":
                 np.sqrt(distances, out=distances)
-            elif self.metric == "cosine":
-                distances *= 0.5  # ||x - y||^2 / 2 = 1 - cos for unit vectors
-        return distances, store["ids"][positions]
+        return distances, positions
 
     def _scan(self, store, X: np.ndarray, nprobe: int, n_scan: int, n_threads: int):
         base, cells = self._coarse_search(X, nprobe, n_threads)
-        if not self.by_residual:
-            if self.metric == "inner_product":
+        ip = self._ranks_by_inner_product()
+        if not self._by_residual:
+            if ip:
                 base = np.zeros_like(base)
             else:
                 sq = _flat_search.row_sqnorms(X, n_threads)
                 base = np.ascontiguousarray(np.repeat(sq[:, None], nprobe, axis=1))
+        elif fitted_metric(self) == "cosine":
+            # Cells are probed by L2, codes scanned by inner product: term 1
+            # becomes -<x, c> = (||x - c||^2 - ||x||^2 - ||c||^2) / 2.
+            sq = _flat_search.row_sqnorms(X, n_threads)
+            base = 0.5 * (base - sq[:, None] - self._center_sqnorms[cells])
         return _ivf.ivfpq_scan(
             X,
             cells,
@@ -844,6 +937,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             store["list_offsets"],
             store["codes"],
             n_scan,
-            self.metric == "inner_product",
+            ip,
             n_threads,
         )

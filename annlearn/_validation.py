@@ -19,17 +19,27 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = [
+    "MAX_ID",
     "METRICS",
+    "check_n_neighbors",
+    "fitted_metric",
+    "user_stacklevel",
     "validate_fit_data",
     "validate_query_data",
-    "check_n_neighbors",
-    "user_stacklevel",
 ]
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # The metrics every annlearn estimator understands.
 METRICS = ("euclidean", "sqeuclidean", "cosine", "inner_product")
+
+# Largest id: a neighbour graph has max(id) + 1 columns, which must fit in int64.
+MAX_ID = np.iinfo(np.int64).max - 1
+
+# Largest squared norm of a row: float32 distances are sums of a few squared
+# norms and inner products (||x||^2 + ||y||^2 - 2 <x, y> <= 2 (||x||^2 +
+# ||y||^2)), which then stay below float32's maximum with room for rounding.
+_MAX_SQNORM = float(np.finfo(np.float32).max) / 16
 
 # Frames in these folders are not the user's code (warnings skip them):
 # annlearn, and scikit-learn and joblib, through which pipelines and
@@ -87,15 +97,47 @@ def _warn_float64_once(estimator, X) -> None:
     )
 
 
+def fitted_metric(estimator) -> str:
+    """The metric an estimator searches with: the one it was fitted with
+    (``effective_metric_``), whatever ``set_params`` changed since."""
+    return getattr(estimator, "effective_metric_", estimator.metric)
+
+
+def _check_magnitude(X: np.ndarray, metric: str) -> np.ndarray:
+    """Refuse rows whose float32 squared norm overflows the distance sums.
+
+    Cosine normalises every row (in float64) before any float32 product, so
+    any finite row is fine there.
+    """
+    if metric == "cosine" or X.size == 0:
+        return X
+    largest = max(float(X.max()), -float(X.min()))
+    if largest * largest * X.shape[1] <= _MAX_SQNORM:
+        return X
+    sqnorms = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    bad = np.flatnonzero(sqnorms > _MAX_SQNORM)
+    if len(bad):
+        raise ValueError(
+            f"Input contains rows too large for float32 distances: rows "
+            f"{_show(bad)} have norms up to {np.sqrt(sqnorms[bad].max()):.3g}, "
+            f"and metric={metric!r} needs norms below "
+            f"{np.sqrt(_MAX_SQNORM):.3g} (squared norms are summed in float32). "
+            "Scale the data down (distances scale with it) or use "
+            "metric='cosine'."
+        )
+    return X
+
+
 def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
     """Validate training data and convert it to float32, C order.
 
     float32 C-contiguous input is not copied; float64 and integer input are
     converted once. The first float64 input an estimator converts raises a
     ``DataConversionWarning`` (once per estimator, in ``fit`` or in a query).
-    Sparse input, NaN or infinity, fewer than ``min_samples`` rows, or no
-    feature raise a ``ValueError`` or ``TypeError`` naming the problem.
-    Sets ``n_features_in_`` (and ``feature_names_in_``).
+    Sparse input, NaN or infinity, values whose float32 squares overflow,
+    fewer than ``min_samples`` rows, or no feature raise a ``ValueError`` or
+    ``TypeError`` naming the problem. Sets ``n_features_in_`` (and
+    ``feature_names_in_``).
 
     Parameters
     ----------
@@ -111,7 +153,7 @@ def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
     X : ndarray of shape (n_samples, n_features), dtype float32
     """
     _warn_float64_once(estimator, X)
-    return validate_data(
+    X = validate_data(
         estimator,
         X,
         reset=True,
@@ -121,14 +163,15 @@ def validate_fit_data(estimator, X, *, min_samples: int = 1) -> np.ndarray:
         ensure_min_samples=min_samples,
         ensure_all_finite=True,
     )
+    return _check_magnitude(X, estimator.metric)
 
 
 def validate_query_data(estimator, X) -> np.ndarray:
     """Validate query data against a fitted estimator; convert to float32.
 
     Raises ``NotFittedError`` if the estimator is not fitted, and a
-    ``ValueError`` on NaN/inf or a number of features other than the fitted
-    one.
+    ``ValueError`` on NaN/inf, values whose float32 squares overflow, or a
+    number of features other than the fitted one.
 
     Parameters
     ----------
@@ -157,8 +200,8 @@ def validate_query_data(estimator, X) -> np.ndarray:
         # through validate_data below, which raises its precise errors.
         Xc = np.ascontiguousarray(X, dtype=np.float32)
         if np.isfinite(Xc).all():
-            return Xc
-    return validate_data(
+            return _check_magnitude(Xc, fitted_metric(estimator))
+    X = validate_data(
         estimator,
         X,
         reset=False,
@@ -167,6 +210,7 @@ def validate_query_data(estimator, X) -> np.ndarray:
         order="C",
         ensure_all_finite=True,
     )
+    return _check_magnitude(X, fitted_metric(estimator))
 
 
 def check_n_neighbors(
@@ -222,6 +266,10 @@ def _as_int64_ids(ids) -> np.ndarray:
         raise ValueError(f"Expected a 1-d array of ids, got shape {ids_arr.shape}.")
     if ids_arr.size and not np.issubdtype(ids_arr.dtype, np.integer):
         raise ValueError(f"Expected integer ids, got dtype {ids_arr.dtype}.")
+    if ids_arr.size and ids_arr.dtype.kind == "u" and ids_arr.max() > MAX_ID:
+        raise ValueError(
+            f"Expected ids <= {MAX_ID}, got {_show(ids_arr[ids_arr > MAX_ID])}."
+        )
     return ids_arr.astype(np.int64)
 
 
@@ -244,6 +292,11 @@ def check_new_ids(ids, n_new: int, existing: np.ndarray | None) -> np.ndarray:
     """
     if ids is None:
         first = 0 if existing is None or len(existing) == 0 else int(existing.max()) + 1
+        if first + n_new - 1 > MAX_ID:
+            raise ValueError(
+                f"Cannot number {n_new} new vectors after the largest id in the "
+                f"index, {first - 1}: ids must be at most {MAX_ID}. Pass ids."
+            )
         return np.arange(first, first + n_new, dtype=np.int64)
     ids_arr = _as_int64_ids(ids)
     if len(ids_arr) != n_new:
@@ -254,6 +307,11 @@ def check_new_ids(ids, n_new: int, existing: np.ndarray | None) -> np.ndarray:
     if ids_arr.size and ids_arr.min() < 0:
         raise ValueError(
             f"Expected ids >= 0, got negative ids {_show(ids_arr[ids_arr < 0])}."
+        )
+    if ids_arr.size and ids_arr.max() > MAX_ID:
+        raise ValueError(
+            f"Expected ids <= {MAX_ID} (a neighbour graph has max(id) + 1 "
+            f"columns), got {_show(ids_arr[ids_arr > MAX_ID])}."
         )
     unique, counts = np.unique(ids_arr, return_counts=True)
     if np.any(counts > 1):

@@ -155,11 +155,11 @@ def _pair_distances(reference, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
     for i in range(len(Xq)):
         q = Xq[i].astype(np.float64)
         y = store["vectors"][rows[i]].astype(np.float64)
-        if reference.metric in ("euclidean", "sqeuclidean"):
+        if reference.effective_metric_ in ("euclidean", "sqeuclidean"):
             d = ((y - q) ** 2).sum(axis=1)
-            if reference.metric == "euclidean":
+            if reference.effective_metric_ == "euclidean":
                 d = np.sqrt(d)
-        elif reference.metric == "cosine":
+        elif reference.effective_metric_ == "cosine":
             d = np.clip(1.0 - y @ q, 0.0, 2.0)
         else:
             d = -(y @ q)
@@ -183,7 +183,7 @@ def _exact_neighbors(estimator, X, k: int):
     store = reference._store
     key = (
         type(estimator).__name__,
-        reference.metric,
+        reference.effective_metric_,
         int(k),
         _digest(store["vectors"], store["ids"], Xq),
     )
