@@ -43,6 +43,16 @@ _MAX_SAMPLE = 16384
 # Relative margin that covers float32 rounding of the projections, the
 # projected GEMM and the exact scores.
 _RTOL = 1e-4
+# Rows projected at a time, so that the temporaries of a projection (float32
+# then float64 coordinates) take _BLOCK_ROWS x d1 x 12 bytes (48 MiB at the
+# largest d1, 256), never n_samples x d1; a row's arithmetic is the same in
+# any block.
+_BLOCK_ROWS = 16384
+
+
+def _row_blocks(n: int):
+    """Slices of at most ``_BLOCK_ROWS`` rows covering ``range(n)``."""
+    return (slice(s, min(s + _BLOCK_ROWS, n)) for s in range(0, n, _BLOCK_ROWS))
 
 
 def fit_bound(
@@ -97,24 +107,9 @@ def fit_bound(
 
 def database_bounds(bound: dict, vectors: np.ndarray, sqnorms: np.ndarray) -> dict:
     """Projected database rows ``[u1, ||u2||]`` and their squared norms."""
-    mean, rotation = bound["mean"], bound["rotation"]
-    u1 = (vectors @ rotation.astype(np.float32)).astype(np.float64)
-    u1 -= mean @ rotation
-    # ||v - mean||^2 from the float32 norms: inflate ||u2|| by the rounding
-    # of that difference, so that it bounds the true one from above (which
-    # only lowers the bound). The GEMM's bias is ||u||^2 itself.
-    total = (
-        sqnorms.astype(np.float64)
-        - 2.0 * (vectors @ mean.astype(np.float32))
-        + mean @ mean
-    )
-    head = np.einsum("ij,ij->i", u1, u1)
-    slack = 1e-6 * (sqnorms.astype(np.float64) + mean @ mean)
-    rest = np.sqrt(np.clip(total - head, 0.0, None) + slack)
-    projected = np.empty((len(vectors), u1.shape[1] + 1), dtype=np.float32)
-    projected[:, :-1] = u1
-    projected[:, -1] = rest
-    proj_sqnorms = np.maximum(total, head).astype(np.float32)
+    projected = np.empty((len(vectors), bound["rotation"].shape[1] + 1), np.float32)
+    proj_sqnorms = np.empty(len(vectors), dtype=np.float32)
+    _project_database(bound, vectors, sqnorms, projected, proj_sqnorms)
     return {
         "vectors": projected,
         "sqnorms": proj_sqnorms,
@@ -124,13 +119,44 @@ def database_bounds(bound: dict, vectors: np.ndarray, sqnorms: np.ndarray) -> di
     }
 
 
+def _project_database(bound, vectors, sqnorms, projected, proj_sqnorms) -> None:
+    """Write ``database_bounds`` of ``vectors`` into ``projected`` and
+    ``proj_sqnorms``, ``_BLOCK_ROWS`` rows at a time."""
+    mean, rotation = bound["mean"], bound["rotation"]
+    rotation32, mean32 = rotation.astype(np.float32), mean.astype(np.float32)
+    mean_u1, mean_sq = mean @ rotation, mean @ mean
+    for rows in _row_blocks(len(vectors)):
+        v, sq = vectors[rows], sqnorms[rows].astype(np.float64)
+        u1 = (v @ rotation32).astype(np.float64)
+        u1 -= mean_u1
+        # ||v - mean||^2 from the float32 norms: inflate ||u2|| by the rounding
+        # of that difference, so that it bounds the true one from above (which
+        # only lowers the bound). The GEMM's bias is ||u||^2 itself.
+        total = sq - 2.0 * (v @ mean32) + mean_sq
+        head = np.einsum("ij,ij->i", u1, u1)
+        slack = 1e-6 * (sq + mean_sq)
+        projected[rows, :-1] = u1
+        projected[rows, -1] = np.sqrt(np.clip(total - head, 0.0, None) + slack)
+        proj_sqnorms[rows] = np.maximum(total, head)
+
+
 def extend(bound: dict, vectors: np.ndarray, sqnorms: np.ndarray) -> dict:
     """The bound with ``vectors`` appended (same axes, still exact)."""
-    new = database_bounds(bound, vectors, sqnorms)
+    n_old = len(bound["vectors"])
+    projected = np.empty((n_old + len(vectors), bound["vectors"].shape[1]), np.float32)
+    proj_sqnorms = np.empty(n_old + len(vectors), dtype=np.float32)
+    projected[:n_old] = bound["vectors"]
+    proj_sqnorms[:n_old] = bound["sqnorms"]
+    # The new rows are projected straight into the grown arrays.
+    _project_database(bound, vectors, sqnorms, projected[n_old:], proj_sqnorms[n_old:])
     out = dict(bound)
-    out["vectors"] = np.concatenate([bound["vectors"], new["vectors"]])
-    out["sqnorms"] = np.concatenate([bound["sqnorms"], new["sqnorms"]])
-    out["max_sqnorm"] = max(bound["max_sqnorm"], new["max_sqnorm"])
+    out["vectors"] = projected
+    out["sqnorms"] = proj_sqnorms
+    out["max_sqnorm"] = max(
+        bound["max_sqnorm"],
+        float(proj_sqnorms[n_old:].max(initial=0.0)),
+        float(sqnorms.max(initial=0.0)),
+    )
     return out
 
 
@@ -151,23 +177,29 @@ def query_bounds(bound: dict, queries: np.ndarray, l2: bool) -> tuple:
     ``g <= root + shift_q``, ``shift_q = margin_q - c_q``.
     """
     mean, rotation = bound["mean"], bound["rotation"]
-    # float32 products (no float64 copy of the queries): their rounding is
-    # far inside the margin below.
-    q_sq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)
-    q_mean = (queries @ mean.astype(np.float32)).astype(np.float64)
-    p1 = (queries @ rotation.astype(np.float32)).astype(np.float64)
-    if l2:
-        total = q_sq - 2.0 * q_mean + mean @ mean
-        p1 -= mean @ rotation
-        offset = total - q_sq
-    else:
-        total = q_sq
-        offset = -q_mean
-    head = np.einsum("ij,ij->i", p1, p1)
-    rest = np.sqrt(np.clip(total - head, 0.0, None) + 1e-6 * (total + 1.0))
-    projected = np.empty((len(queries), p1.shape[1] + 1), dtype=np.float32)
-    projected[:, :-1] = p1
-    projected[:, -1] = rest
-    margin = _RTOL * (q_sq + total + bound["max_sqnorm"]) + 1e-30
-    shift = (margin - offset).astype(np.float32)
+    rotation32, mean32 = rotation.astype(np.float32), mean.astype(np.float32)
+    mean_u1, mean_sq = mean @ rotation, mean @ mean
+    projected = np.empty((len(queries), rotation.shape[1] + 1), dtype=np.float32)
+    shift = np.empty(len(queries), dtype=np.float32)
+    for rows in _row_blocks(len(queries)):
+        q = queries[rows]
+        # float32 products (no float64 copy of the queries): their rounding
+        # is far inside the margin below.
+        q_sq = np.einsum("ij,ij->i", q, q, dtype=np.float64)
+        q_mean = (q @ mean32).astype(np.float64)
+        p1 = (q @ rotation32).astype(np.float64)
+        if l2:
+            total = q_sq - 2.0 * q_mean + mean_sq
+            p1 -= mean_u1
+            offset = total - q_sq
+        else:
+            total = q_sq
+            offset = -q_mean
+        head = np.einsum("ij,ij->i", p1, p1)
+        projected[rows, :-1] = p1
+        projected[rows, -1] = np.sqrt(
+            np.clip(total - head, 0.0, None) + 1e-6 * (total + 1.0)
+        )
+        margin = _RTOL * (q_sq + total + bound["max_sqnorm"]) + 1e-30
+        shift[rows] = margin - offset
     return projected, bound["vectors"], bound["sqnorms"], shift

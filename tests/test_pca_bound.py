@@ -152,3 +152,69 @@ def test_malformed_bound_is_rejected(bad):
     state["_store"] = {**state["_store"], "bound": bad}
     with pytest.raises(ValueError, match="Corrupted FlatNeighbors state: bound"):
         FlatNeighbors.__new__(FlatNeighbors).__setstate__(state)
+
+
+def test_bound_in_tiny_row_blocks_is_the_same(monkeypatch):
+    """The projections are computed ``_BLOCK_ROWS`` rows at a time: in blocks
+    of 7 rows (fit, add and queries) they equal those of one block to float32
+    rounding, and the search still returns brute force's neighbours."""
+    from annlearn import _pca_bound
+
+    X, Q = low_rank(6000), low_rank(200, seed=1)
+
+    def fitted():
+        index = FlatNeighbors(n_neighbors=10, algorithm="pca_bound").fit(X[:5000])
+        return index.add(X[5000:])
+
+    whole = fitted()
+    monkeypatch.setattr(_pca_bound, "_BLOCK_ROWS", 7)
+    blocked = fitted()
+    a, b = whole._store["bound"], blocked._store["bound"]
+    for key in ("vectors", "sqnorms"):
+        np.testing.assert_allclose(
+            b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max()
+        )
+    got = _pca_bound.query_bounds(b, Q, True)
+    monkeypatch.setattr(_pca_bound, "_BLOCK_ROWS", 16384)
+    want = _pca_bound.query_bounds(b, Q, True)
+    for j in (0, 3):
+        np.testing.assert_allclose(
+            got[j], want[j], rtol=1e-5, atol=1e-5 * np.abs(want[j]).max()
+        )
+    monkeypatch.setattr(_pca_bound, "_BLOCK_ROWS", 7)
+    brute = FlatNeighbors(n_neighbors=10, algorithm="brute").fit(X)
+    assert_same(blocked.kneighbors(Q), brute.kneighbors(Q), X, Q)
+
+
+def test_bound_temporaries_take_one_row_block(monkeypatch):
+    """Projecting n rows allocates the outputs plus the temporaries of one
+    block of ``_BLOCK_ROWS`` rows, never n x d1 (numpy's allocations, which
+    tracemalloc traces)."""
+    import tracemalloc
+
+    from annlearn import _pca_bound
+
+    X = low_rank(20000)
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64).astype(np.float32)
+    bound = _pca_bound.fit_bound(X[:5000], sq[:5000], force=True)
+    d1 = bound["rotation"].shape[1]
+    monkeypatch.setattr(_pca_bound, "_BLOCK_ROWS", 1000, raising=False)
+    temporaries = 1000 * d1 * (4 + 8) + 256 * 1024
+    tracemalloc.start()
+    try:
+        for project in (
+            lambda: _pca_bound.database_bounds(bound, X, sq),
+            lambda: _pca_bound.extend(bound, X, sq),
+            lambda: _pca_bound.query_bounds(bound, X, True),
+        ):
+            start = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            out = project()
+            peak = tracemalloc.get_traced_memory()[1] - start
+            arrays = out.values() if isinstance(out, dict) else out
+            new = [a for a in arrays if isinstance(a, np.ndarray)]
+            new = [a for a in new if not any(a is b for b in bound.values())]
+            assert peak < sum(a.nbytes for a in new) + temporaries
+            del out, arrays, new
+    finally:
+        tracemalloc.stop()
