@@ -213,6 +213,8 @@ def decode(node, where: str, arrays: dict, used: set, depth: int = 0) -> object:
     name (each name is added to ``used``, and may be used once)."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"{where}: nested deeper than {_MAX_DEPTH} levels.")
+    if type(node) is int and not -(2**63) <= node < 2**63:
+        raise ValueError(f"{where}: an integer outside the signed 64-bit range.")
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if not isinstance(node, dict):

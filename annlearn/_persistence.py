@@ -437,10 +437,12 @@ def _decode_and_check(cls: type, json_params, json_state, arrays: dict):
     used = set()
     params = _file_format.decode(json_params, "params", arrays, used)
     state = _file_format.decode(json_state, "state", arrays, used)
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise ValueError("params and state must be objects, not tagged values.")
+    _check_contents(cls, params, state)
     unused = sorted(set(arrays) - used)
     if unused:
         raise ValueError(f"the array table lists {unused}, which nothing uses.")
-    _check_contents(cls, params, state)
     return params, state
 
 
