@@ -121,7 +121,7 @@ def saved(request, ivfpq_bytes, flat_bytes, tmp_path):
     return path, raw
 
 
-def _refused(path, match="", **kwargs):
+def _refused(path, match=None, **kwargs):
     with pytest.raises(ValueError, match=match) as info:
         load(path, **kwargs)
     assert str(path) in str(info.value)

@@ -160,6 +160,16 @@ def test_save_refuses_what_it_cannot_store(attribute, value, match, data, tmp_pa
     assert os.listdir(tmp_path) == ["index.annlearn"]
 
 
+@pytest.mark.parametrize(
+    "random_state",
+    [np.random.default_rng(0), np.random.RandomState(np.random.PCG64(0))],
+    ids=["Generator", "RandomState(PCG64)"],
+)
+def test_save_refuses_other_random_states(random_state, tmp_path):
+    with pytest.raises(ValueError, match="params/random_state is a"):
+        save(IVFPQNeighbors(random_state=random_state), tmp_path / "x.annlearn")
+
+
 def test_save_refuses_other_objects(tmp_path):
     class MyFlat(FlatNeighbors):
         pass
