@@ -88,10 +88,11 @@ FILE_FORMAT_VERSION = 1
 # Magic, format version, header length, header CRC-32; then the CRC-32 of
 # these 32 bytes.
 _PREAMBLE = struct.Struct("<13s3xIQI")
-PREAMBLE_SIZE = _PREAMBLE.size + 4
-ALIGNMENT = 64
+_PREAMBLE_SIZE = _PREAMBLE.size + 4
+_ALIGNMENT = 64
 # Arrays up to this size are checksummed on every load, memory-mapped or not.
 ALWAYS_VERIFIED_BYTES = 1 << 20
+# Bounds on what a header may claim, checked before anything is allocated.
 _MAX_HEADER_BYTES = 1 << 28
 _MAX_DEPTH = 8
 _MAX_NDIM = 8
@@ -99,14 +100,16 @@ _DTYPES = {
     np.dtype(code).str: np.dtype(code) for code in ("<f4", "<f8", "<i8", "<u4", "u1")
 }
 _TABLE_KEYS = ("name", "dtype", "shape", "offset", "nbytes", "crc32")
-HEADER_KEYS = ("format_version", "estimator", "versions", "params", "state", "arrays")
-VERSION_KEYS = ("annlearn", "numpy", "scikit-learn")
+_HEADER_KEYS = ("format_version", "estimator", "versions", "params", "state", "arrays")
+_VERSION_KEYS = ("annlearn", "numpy", "scikit-learn")
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _TEMP_SUFFIX = ".annlearn-tmp"
 # A temporary file younger than this may belong to a save that has created it
 # but not yet locked it (see _remove_if_abandoned).
 _STALE_SECONDS = 2.0
-# First bytes of files annlearn.load refuses to unpickle, and what they are.
+# First bytes of pickle and joblib files (pickle protocols 2-5; joblib's
+# gzip, zlib, bz2, xz, lzma and lz4 compressors, and its old "ZF" files), for
+# a message that says how to convert them.
 _PICKLE = (
     "a pickle file (what pickle.dump, joblib.dump and earlier annlearn.save write)"
 )
@@ -124,7 +127,7 @@ _FOREIGN_MAGICS = (
 
 
 def _align(offset: int) -> int:
-    return -(-offset // ALIGNMENT) * ALIGNMENT
+    return -(-offset // _ALIGNMENT) * _ALIGNMENT
 
 
 def _is_int(value) -> bool:
@@ -316,13 +319,13 @@ def write_file(path: str, header: dict, arrays: list) -> None:
             offset = _align(offset + array.nbytes)
         text = json.dumps({**header, "arrays": table}, allow_nan=False)
         raw = text.encode("ascii")
-        needed = _align(PREAMBLE_SIZE + len(raw))
+        needed = _align(_PREAMBLE_SIZE + len(raw))
         if needed == data_start:
             break
         data_start = needed
     fields = _PREAMBLE.pack(MAGIC, FILE_FORMAT_VERSION, len(raw), zlib.crc32(raw))
     preamble = fields + struct.pack("<I", zlib.crc32(fields))
-    _atomic_write(path, preamble + raw, arrays, PREAMBLE_SIZE + len(raw))
+    _atomic_write(path, preamble + raw, arrays, _PREAMBLE_SIZE + len(raw))
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:
@@ -417,9 +420,9 @@ def read_file(path: str, *, mmap_mode=None, verify: bool = True):
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(PREAMBLE_SIZE)
+        head = f.read(_PREAMBLE_SIZE)
         version, header_size, header_crc = _check_preamble(head, size)
-        header_end = PREAMBLE_SIZE + header_size
+        header_end = _PREAMBLE_SIZE + header_size
         raw = f.read(header_size)
         if len(raw) != header_size:
             raise ValueError("the file is truncated (it ends inside the header).")
@@ -448,10 +451,10 @@ def _check_preamble(head: bytes, size: int) -> tuple[int, int, int]:
                     "it once: annlearn.save(joblib.load(old_path), new_path)."
                 )
         raise ValueError(f"not an annlearn file (it does not start with {MAGIC!r}).")
-    if len(head) < PREAMBLE_SIZE:
+    if len(head) < _PREAMBLE_SIZE:
         raise ValueError(
             f"the file is truncated ({size} bytes, shorter than the "
-            f"{PREAMBLE_SIZE}-byte preamble)."
+            f"{_PREAMBLE_SIZE}-byte preamble)."
         )
     fields, (crc,) = head[:-4], struct.unpack("<I", head[-4:])
     if zlib.crc32(fields) != crc:
@@ -465,7 +468,7 @@ def _check_preamble(head: bytes, size: int) -> tuple[int, int, int]:
         )
     if version < 1:
         raise ValueError(f"unknown file format version {version}.")
-    if header_size > min(size - PREAMBLE_SIZE, _MAX_HEADER_BYTES):
+    if header_size > min(size - _PREAMBLE_SIZE, _MAX_HEADER_BYTES):
         raise ValueError(
             f"the file is truncated or damaged: its header would take "
             f"{header_size} bytes, the file has {size}."
@@ -495,10 +498,10 @@ def _parse_header(raw: bytes, version: int) -> dict:
         raise ValueError("the header is nested too deeply.") from None
     except ValueError as exc:
         raise ValueError(f"the header is not valid JSON ({exc}).") from None
-    if not isinstance(header, dict) or set(header) != set(HEADER_KEYS):
+    if not isinstance(header, dict) or set(header) != set(_HEADER_KEYS):
         found = sorted(header) if isinstance(header, dict) else type(header).__name__
         raise ValueError(
-            f"the header must be a JSON object with the keys {list(HEADER_KEYS)}, "
+            f"the header must be a JSON object with the keys {list(_HEADER_KEYS)}, "
             f"got {found}."
         )
     if header["format_version"] != version or not _is_int(header["format_version"]):
@@ -509,11 +512,11 @@ def _parse_header(raw: bytes, version: int) -> dict:
     versions = header["versions"]
     if (
         not isinstance(versions, dict)
-        or set(versions) != set(VERSION_KEYS)
+        or set(versions) != set(_VERSION_KEYS)
         or not all(isinstance(v, str) for v in versions.values())
     ):
         raise ValueError(
-            f"the header's versions must map {list(VERSION_KEYS)} to strings."
+            f"the header's versions must map {list(_VERSION_KEYS)} to strings."
         )
     for key in ("params", "state"):
         if not isinstance(header[key], dict):

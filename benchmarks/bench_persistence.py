@@ -1,5 +1,4 @@
-"""Loading a 1,000,000-vector index: time and resident memory, with and
-without memory-mapping, in annlearn's file format and with joblib.
+"""Loading a 1,000,000-vector index: time and memory, mapped or not.
 
 Builds ``IVFPQNeighbors`` on 1,000,000 generated 96-d vectors (nlist=1024,
 12 x 8-bit codes; once without and once with stored vectors for re-ranking),
@@ -71,7 +70,9 @@ LOADS = [
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
