@@ -250,7 +250,6 @@ _OPTIONAL = {
     "IVFPQNeighbors": {"effective_metric_": _STR, "_by_residual": _BOOL},
 }
 _OPTIONAL_EVERYWHERE = {
-    "_annlearn_format": _COUNT,
     "feature_names_in_": _STRINGS,
     "_sklearn_version": _STR,
     "_sklearn_output_config": _STR_DICT,
@@ -317,7 +316,7 @@ def _check_contents(cls: type, params: dict, state: dict) -> None:
             f"written with data layout version {layout}; annlearn {__version__} "
             f"reads layouts up to {FORMAT_VERSION}. Upgrade annlearn to load it."
         )
-    optional = {**_OPTIONAL_EVERYWHERE, **_OPTIONAL[name]}
+    optional = {**_OPTIONAL_EVERYWHERE, **_OPTIONAL[name], "_annlearn_format": _COUNT}
     present = {key: optional[key] for key in state if key in optional}
     _check_tree({key: state[key] for key in present}, present, "state")
     fitted = {key: value for key, value in state.items() if key not in optional}
