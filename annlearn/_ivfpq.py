@@ -731,8 +731,10 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         if not isinstance(store, dict) or set(store) != keys:
             raise ValueError("Corrupted IVFPQNeighbors state: no inverted lists.")
         name = "IVFPQNeighbors"
+        # The fitted sizes come from the arrays, not from the parameters, which
+        # set_params may have changed since fit.
         n, d = self.n_samples_fit_, self.n_features_in_
-        n_sub, ksub = self.n_subquantizers_, 2**self.nbits
+        n_sub = self.n_subquantizers_
         if n_sub < 1 or d % n_sub:
             raise ValueError(
                 f"Corrupted IVFPQNeighbors state: n_subquantizers_ = {n_sub} does "
@@ -747,25 +749,32 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             self.cluster_centers_,
             dtype=np.float32,
             ndim=2,
-            shape=(self.nlist, d),
+            shape=(None, d),
             finite=True,
         )
+        nlist = len(self.cluster_centers_)
         check_array_state(
             name,
             "pq_codebooks_",
             self.pq_codebooks_,
             dtype=np.float32,
             ndim=3,
-            shape=(n_sub, ksub, d // n_sub),
+            shape=(n_sub, None, d // n_sub),
             finite=True,
         )
+        ksub = self.pq_codebooks_.shape[1]
+        if nlist < 1 or ksub not in (16, 32, 64, 128, 256):
+            raise ValueError(
+                f"Corrupted IVFPQNeighbors state: {nlist} cells and {ksub} "
+                "centres per sub-quantizer (expected >= 1 and 2**4 to 2**8)."
+            )
         check_array_state(
             name,
             "_center_sqnorms",
             self._center_sqnorms,
             dtype=np.float32,
             ndim=1,
-            shape=(self.nlist,),
+            shape=(nlist,),
             finite=True,
         )
         offsets = store["list_offsets"]
@@ -775,7 +784,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             offsets,
             dtype=np.int64,
             ndim=1,
-            shape=(self.nlist + 1,),
+            shape=(nlist + 1,),
         )
         if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
             raise ValueError(

@@ -15,6 +15,7 @@ setting.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,6 +27,12 @@ from annlearn._utils._openmp_helpers import _openmp_effective_n_threads
 __all__ = ["effective_n_threads", "blas_single_thread", "flat_search_blas_guard"]
 
 
+# Upper bound of a thread count passed to the kernels: more threads than a
+# few per CPU only cost stacks and scheduling, and an absurd count (n_jobs =
+# 2**31) would overflow a C int or fail to start the threads.
+_MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
 def effective_n_threads(n_jobs: int | None) -> int:
     """Resolve an estimator's ``n_jobs`` into an OpenMP thread count.
 
@@ -34,13 +41,16 @@ def effective_n_threads(n_jobs: int | None) -> int:
     n_jobs : int or None
         ``None``: the OpenMP default, honouring ``OMP_NUM_THREADS``,
         threadpoolctl limits and cgroup quotas. ``-1``: all CPUs. A positive
-        int is used as is.
+        int is used as is, up to ``max(64, 4 * CPUs)``.
 
     Returns
     -------
     n_threads : int
         At least 1.
     """
+    if n_jobs is not None and n_jobs > _MAX_THREADS:
+        # The kernels take a C int; no machine has more threads than this.
+        n_jobs = _MAX_THREADS
     return _openmp_effective_n_threads(n_jobs)
 
 

@@ -313,3 +313,23 @@ def test_docstring_has_no_run_of_spaces(cls):
     for line in cls.__doc__.splitlines():
         if not line.strip().startswith(("...", ">>>")):
             assert "      " not in line.strip(), line
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_huge_n_jobs(estimator, X):
+    est = estimator.set_params(n_jobs=2**40).fit(X)
+    assert est.kneighbors(X[:2])[1].shape == (2, 3)
+    estimator.set_params(n_jobs=None)
+
+
+def test_set_params_then_pickle_and_save(X, tmp_path):
+    from annlearn import load, save
+
+    est = small_ivfpq(n_neighbors=3).fit(X)
+    expected = est.kneighbors(X[:5])[1]
+    est.set_params(nlist=4, nbits=8, metric="cosine")
+    for copy in (
+        pickle.loads(pickle.dumps(est)),
+        (save(est, tmp_path / "index"), load(tmp_path / "index"))[1],
+    ):
+        assert_array_equal(copy.kneighbors(X[:5])[1], expected)
