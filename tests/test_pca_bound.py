@@ -4,6 +4,11 @@ import numpy as np
 import pytest
 
 from annlearn import FlatNeighbors, load, save
+from annlearn._testing import (
+    assert_knn_quasi_equal,
+    float32_knn_tolerance,
+    float64_distances,
+)
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "inner_product"]
 
@@ -31,19 +36,39 @@ def _exact(X, Q, ind, metric):
     return np.sqrt(sq) if metric == "euclidean" else sq
 
 
-def assert_same(a, b, X, Q, metric="euclidean"):
-    """Equally good answers: the same distances, and every returned id at the
-    distance returned for it. (Where two candidates' scores are equal to
-    float32 rounding either may be returned: the bound scores its survivors
-    with a dot product, brute force with GEMM; with norms large next to the
-    distances, as at offset 50, that is ~1e-4 relative.)"""
-    scale = np.abs(b[0]).max() + 1e-3
+def _reference(X, Q, metric, k):
+    """float64 brute force: distances and positions of the k nearest rows,
+    sorted by distance then position."""
+    D = float64_distances(X, Q, metric)
+    ind = np.argpartition(D, k - 1, axis=1)[:, :k]
+    ind = np.take_along_axis(ind, np.lexsort((ind, np.take_along_axis(D, ind, 1))), 1)
+    return np.take_along_axis(D, ind, axis=1), ind
+
+
+def assert_same(a, b, X, Q, metric="euclidean", ids=None):
+    """Equally good answers: ``a`` (the bound) and ``b`` (brute force) have
+    the neighbours of float64 brute force, and ``a`` those of ``b``, every id
+    at its exact distance. Ids may differ only where distances tie within
+    float32 rounding (``float32_knn_tolerance``) with the k-th: the bound
+    scores its survivors with a dot product, brute force with GEMM.
+
+    ``ids``: the id of each row of X, if not its position."""
+    ids = np.arange(len(X)) if ids is None else np.asarray(ids)
+    order = np.argsort(ids)
+
+    def exact(ind):
+        rows = order[np.searchsorted(ids[order], ind).clip(0, len(ids) - 1)]
+        np.testing.assert_array_equal(ids[rows], ind, err_msg="unknown ids")
+        return _exact(X, Q, rows, metric)
+
+    ref_dist, ref_rows = _reference(X, Q, metric, a[0].shape[1])
+    tol = float32_knn_tolerance(X, Q, metric, ref_dist)
     for dist, ind in (a, b):
-        np.testing.assert_allclose(dist, b[0], rtol=1e-4, atol=1e-5 * scale + 2e-6)
-        np.testing.assert_allclose(
-            _exact(X, Q, ind, metric), dist, rtol=1e-4, atol=1e-5 * scale + 2e-6
+        assert_knn_quasi_equal(
+            dist, ind, ref_dist, ids[ref_rows], rtol=0, atol=tol, exact_dist=exact(ind)
         )
-        assert np.all(np.diff(dist, axis=1) >= 0)
+    tol = float32_knn_tolerance(X, Q, metric, b[0], n_float32=2)
+    assert_knn_quasi_equal(*a, *b, rtol=0, atol=tol, exact_dist=exact(a[1]))
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -62,9 +87,17 @@ def test_same_neighbours_as_brute_force(metric, offset):
     assert_same(
         auto.kneighbors(Q[:50], 700), brute.kneighbors(Q[:50], 700), X, Q[:50], metric
     )
-    # The training set itself: same distances (each point without itself).
+    # The training set itself (each point without itself): the same
+    # neighbours as brute force, at their float64 distances.
     got, want = auto.kneighbors(n_neighbors=5), brute.kneighbors(n_neighbors=5)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert not np.any(got[1] == np.arange(len(X))[:, None])
+    assert_knn_quasi_equal(
+        *got,
+        *want,
+        rtol=0,
+        atol=float32_knn_tolerance(X, X, metric, want[0], n_float32=2),
+        exact_dist=_exact(X, X, got[1], metric),
+    )
 
 
 def test_auto_keeps_brute_force_where_the_bound_would_not_pay():
@@ -97,9 +130,10 @@ def test_add_and_remove_keep_the_bound_exact():
         est.remove(np.arange(0, 5000, 3))
     assert index.n_bound_components_ > 0
     Q = np.vstack([X[5500:], far[500:600]])
-    got, want = index.kneighbors(Q), brute.kneighbors(Q)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(want[1], axis=1))
+    # Ids are rows of X[:5500] + far[:500], less those removed.
+    kept = np.setdiff1d(np.arange(6000), np.arange(0, 5000, 3))
+    vectors = np.vstack([X[:5500], far[:500]])[kept]
+    assert_same(index.kneighbors(Q), brute.kneighbors(Q), vectors, Q, ids=kept)
 
 
 @pytest.mark.parametrize("mmap_mode", [None, "r"])
@@ -131,7 +165,7 @@ def test_state_without_bound_loads_as_brute_force():
     old.__setstate__(state)
     assert old.n_bound_components_ == 0
     Q = low_rank(10, seed=3)
-    np.testing.assert_array_equal(old.kneighbors(Q)[1], index.kneighbors(Q)[1])
+    assert_same(index.kneighbors(Q), old.kneighbors(Q), low_rank(5000), Q)
 
 
 def test_corrupted_bound_is_rejected():

@@ -1,33 +1,43 @@
 """Property tests on random data: FlatNeighbors equals float64 brute force."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from annlearn import FlatNeighbors
-from annlearn._testing import assert_knn_quasi_equal
+from annlearn._testing import (
+    assert_knn_quasi_equal,
+    float32_knn_tolerance,
+    float64_distances,
+)
 
-finite = st.floats(-100, 100, allow_nan=False, allow_infinity=False, width=32)
+# No subnormal numbers: a row of them has a norm that float32 cannot hold,
+# which breaks cosine (test_cosine_of_a_row_with_a_subnormal_norm below).
+finite = st.floats(
+    -100, 100, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32
+)
 
 
-def _reference(X, Q, metric, k):
-    X = X.astype(np.float64)
-    Q = Q.astype(np.float64)
-    if metric == "inner_product":
-        d = -(Q @ X.T)
-    elif metric == "cosine":
-        xn = np.linalg.norm(X, axis=1)
-        qn = np.linalg.norm(Q, axis=1)
-        xn[xn == 0] = 1
-        qn[qn == 0] = 1
-        d = 1 - (Q / qn[:, None]) @ (X / xn[:, None]).T
-    else:
-        d = ((Q[:, None, :] - X[None]) ** 2).sum(-1)
-        if metric == "euclidean":
-            d = np.sqrt(d)
-    ind = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, ind, axis=1), ind
+def _check_against_float64(X, Q, k, metric, algorithm):
+    index = FlatNeighbors(n_neighbors=k, metric=metric, algorithm=algorithm).fit(X)
+    dist, ind = index.kneighbors(Q)
+    assert np.all((ind >= 0) & (ind < len(X)))
+    D = float64_distances(X, Q, metric)
+    ref_ind = np.argsort(D, axis=1, kind="stable")[:, :k]
+    ref_dist = np.take_along_axis(D, ref_ind, axis=1)
+    # Ids are compared outside ties, each at its own float64 distance; the
+    # tolerance is the float32 rounding bound of this metric.
+    assert_knn_quasi_equal(
+        dist,
+        ind,
+        ref_dist,
+        ref_ind,
+        rtol=0.0,
+        atol=float32_knn_tolerance(X, Q, metric, ref_dist),
+        exact_dist=np.take_along_axis(D, ind, axis=1),
+    )
 
 
 @settings(max_examples=80, deadline=None)
@@ -44,9 +54,17 @@ def test_flat_equals_brute_force(data, n, d, metric, algorithm):
         arrays(np.float32, (data.draw(st.integers(1, 10)), d), elements=finite)
     )
     k = data.draw(st.integers(1, n))
-    index = FlatNeighbors(n_neighbors=k, metric=metric, algorithm=algorithm).fit(X)
-    dist, ind = index.kneighbors(Q)
-    assert np.all(np.diff(dist, axis=1) >= 0)
-    ref_dist, ref_ind = _reference(X, Q, metric, k)
-    scale = max(1.0, float(np.abs(X).max()) ** 2, float(np.abs(Q).max()) ** 2) * d
-    assert_knn_quasi_equal(dist, ind, ref_dist, ref_ind, rtol=1e-4, atol=1e-5 * scale)
+    _check_against_float64(X, Q, k, metric, algorithm)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: cosine normalises a row by its norm rounded to float32; "
+    "[1e-45, 1e-45] has a subnormal norm, rounded from 1.98e-45 to 1.4e-45, so "
+    "the row becomes [1, 1] and its distance to [0, 1e-45] is 0, not 0.29",
+)
+@pytest.mark.parametrize("algorithm", ["brute", "pca_bound"])
+def test_cosine_of_a_row_with_a_subnormal_norm(algorithm):
+    X = np.full((2, 2), 1e-45, dtype=np.float32)
+    Q = np.array([[0.0, 1e-45]], dtype=np.float32)
+    _check_against_float64(X, Q, 1, "cosine", algorithm)
