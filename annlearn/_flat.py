@@ -33,10 +33,20 @@ _METRIC_CODES = {
 
 
 def _normalize_rows(X: np.ndarray) -> np.ndarray:
-    """Unit-norm copy of X (float32); zero rows stay zero, as sklearn's."""
+    """Unit-norm copy of X (float32); zero rows stay zero, as sklearn's.
+
+    A norm that float32 cannot hold (subnormal, or above its maximum) would
+    round to another value or to infinity: those rows are divided in float64.
+    """
     norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
     norms[norms == 0.0] = 1.0
-    return np.ascontiguousarray(X / norms[:, None].astype(np.float32))
+    info = np.finfo(np.float32)
+    odd = (norms < info.tiny) | (norms > info.max)
+    norms32 = np.clip(norms, info.tiny, info.max).astype(np.float32)
+    out = np.ascontiguousarray(X / norms32[:, None])
+    if odd.any():
+        out[odd] = X[odd] / norms[odd, None]
+    return out
 
 
 def _far_from_origin(X: np.ndarray, sqnorms: np.ndarray) -> bool:
