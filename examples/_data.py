@@ -11,7 +11,9 @@ def load(n_train: int, n_test: int, labels: bool = False):
         X_train, X_test, y_train, y_test = load_fashion_mnist(return_labels=True)
     except FileNotFoundError:
         n = n_train + n_test
-        X = make_embeddings(n, 64, n_clusters=10, random_state=0)
+        # Fashion-MNIST's width, so that the examples' defaults (28
+        # sub-quantizers, a divisor of 784) hold for both data sets.
+        X = make_embeddings(n, 784, n_clusters=10, random_state=0)
         y = np.random.default_rng(0).integers(0, 10, n)
         X_train, X_test, y_train, y_test = (
             X[:n_train],

@@ -28,10 +28,17 @@ def main(argv=None):
     parser.add_argument("--n-neighbors", type=int, default=10)
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--nprobe", type=int, default=8)
-    parser.add_argument("--n-subquantizers", type=int, default=None)
+    # 28 sub-vectors of 28 features (the default, 98 of 8, trains 3 times
+    # longer) trained on 20,000 rows: under a minute on two cores.
+    parser.add_argument("--n-subquantizers", type=int, default=28)
     parser.add_argument("--nbits", type=int, default=8)
+    parser.add_argument("--max-train-samples", type=int, default=20_000)
     args = parser.parse_args(argv)
-    pq = dict(n_subquantizers=args.n_subquantizers, nbits=args.nbits)
+    pq = dict(
+        n_subquantizers=args.n_subquantizers,
+        nbits=args.nbits,
+        max_train_samples=args.max_train_samples,
+    )
     X_train, X_test, y_train, y_test = load(args.n_train, args.n_test, labels=True)
     k = args.n_neighbors
 

@@ -22,10 +22,17 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=60_000)
     parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument("--nlist", type=int, default=256)
-    parser.add_argument("--n-subquantizers", type=int, default=None)
+    # 28 sub-vectors of 28 features (the default, 98 of 8, trains 3 times
+    # longer) trained on 20,000 rows: under a minute on two cores.
+    parser.add_argument("--n-subquantizers", type=int, default=28)
     parser.add_argument("--nbits", type=int, default=8)
+    parser.add_argument("--max-train-samples", type=int, default=20_000)
     args = parser.parse_args(argv)
-    pq = dict(n_subquantizers=args.n_subquantizers, nbits=args.nbits)
+    pq = dict(
+        n_subquantizers=args.n_subquantizers,
+        nbits=args.nbits,
+        max_train_samples=args.max_train_samples,
+    )
     X, Q = load(args.n_train, args.n_test)
 
     def report(name, index, fit_s):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 
 
-def _run(name, argv):
+def _run(name, argv, **module_globals):
     sys.path.insert(0, EXAMPLES)
     try:
         spec = importlib.util.spec_from_file_location(
@@ -17,6 +18,8 @@ def _run(name, argv):
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        for key, value in module_globals.items():
+            setattr(module, key, value)
         return module.main(argv)
     finally:
         sys.path.remove(EXAMPLES)
@@ -34,24 +37,34 @@ def test_quick_start(capsys):
     assert "recall@10 1.0000" in out  # FlatNeighbors is exact
 
 
-def test_grid_search_example(capsys, tmp_path):
+def test_grid_search_example(capsys, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    png = tmp_path / "grid.png"
+    # By default the plot goes next to the script (EXAMPLES here stands for
+    # its folder), never into the current directory.
+    script_dir, cwd = tmp_path / "examples", tmp_path / "cwd"
+    script_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     _run(
         "plot_grid_search_nprobe",
-        [
-            *SMALL,
-            *PQ,
-            "--test-size",
-            "300",
-            "--target-recall",
-            "0.3",
-            "--output",
-            str(png),
-        ],
+        [*SMALL, *PQ, "--test-size", "300", "--target-recall", "0.3"],
+        EXAMPLES=str(script_dir),
     )
-    assert png.stat().st_size > 1000
+    assert (script_dir / "grid_search_nprobe.png").stat().st_size > 1000
+    assert not list(cwd.iterdir())
     assert "fastest with recall >= 0.3" in capsys.readouterr().out
+
+
+def test_example_outputs_are_git_ignored():
+    # Files the examples write next to themselves are never committed.
+    repo = os.path.dirname(EXAMPLES)
+    if not os.path.isdir(os.path.join(repo, ".git")):
+        pytest.skip("not a git checkout")
+    path = os.path.join("examples", "grid_search_nprobe.png")
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", path], cwd=repo, check=False
+    )
+    assert result.returncode == 0, f"{path} is not ignored by .gitignore"
 
 
 def test_ivfpq_classifier_example():
