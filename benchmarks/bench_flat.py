@@ -1,5 +1,7 @@
-"""Exact search: annlearn.FlatNeighbors against FAISS IndexFlatL2 and
-scikit-learn's brute force, in one process, on the same data and threads.
+"""Exact search: FlatNeighbors against FAISS IndexFlatL2 and scikit-learn.
+
+annlearn.FlatNeighbors, FAISS ``IndexFlatL2`` and scikit-learn's brute force
+run in one process, on the same data and threads.
 
     python benchmarks/bench_flat.py                         # environment as is
     env -u OPENBLAS_CORETYPE python benchmarks/bench_flat.py  # OpenBLAS autodetects
@@ -42,7 +44,9 @@ from _common import (  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--data", choices=["fashion-mnist", "random"], default="fashion-mnist"
     )

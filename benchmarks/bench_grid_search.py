@@ -1,5 +1,6 @@
-"""GridSearchCV over nlist x nprobe on Fashion-MNIST: cost with and without
-the training cache (``IVFPQNeighbors(memory=...)``).
+"""GridSearchCV over nlist x nprobe: its cost with and without a training cache.
+
+The cache is ``IVFPQNeighbors(memory=...)``; the data is Fashion-MNIST.
 
 Both searches run in this process on the same split (50,000 training rows as
 the database, held-out rows as queries), scored on recall@10 and
@@ -61,7 +62,9 @@ def run(X, grid, memory, test_size, threads):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

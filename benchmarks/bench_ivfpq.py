@@ -1,5 +1,7 @@
-"""IVF-PQ: annlearn.IVFPQNeighbors against faiss.IndexIVFPQ (and both with
-exact re-ranking), in one process, on the same data and threads.
+"""IVF-PQ: IVFPQNeighbors against FAISS IndexIVFPQ, both also with re-ranking.
+
+annlearn.IVFPQNeighbors and ``faiss.IndexIVFPQ`` (each also with exact
+re-ranking) run in one process, on the same data and threads.
 
     python benchmarks/bench_ivfpq.py
     env -u OPENBLAS_CORETYPE python benchmarks/bench_ivfpq.py
@@ -44,7 +46,9 @@ def annlearn_bytes(est) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--data", choices=["fashion-mnist", "random"], default="fashion-mnist"
     )
