@@ -366,8 +366,6 @@ IVFPQ_CRAFTED = [
     (lambda h, a: h["params"].update(nlist=-1), "'nlist' parameter"),
     (lambda h, a: h["params"].update(nbits=3), "'nbits' parameter"),
     (lambda h, a: h["params"].update(metric="l1"), "'metric' parameter"),
-    (lambda h, a: h["params"].update(nlist=3), "cluster_centers_ has shape"),
-    (lambda h, a: h["params"].update(nbits=5), "pq_codebooks_ has shape"),
     (lambda h, a: h["params"].update(hack=1), r"params has unknown keys \['hack'\]"),
     (lambda h, a: h["params"].pop("nprobe"), r"missing keys \['nprobe'\]"),
     (lambda h, a: h["params"].update(memory={"$memory": 3}), "string or null"),
