@@ -354,7 +354,9 @@ def flat_kneighbors(
         OpenMP threads (>= 1). The caller must cap BLAS at one thread.
     x_chunk, y_chunk : int, default=None
         Block sizes of the GEMM (defaults per GEMM in ``DEFAULT_CHUNKS``);
-        results do not depend on them.
+        results do not depend on them. ``parallel_on_Y`` keeps per-thread
+        heaps for ``x_chunk`` queries at a time: ``n_threads * x_chunk * k``
+        entries of 12 bytes.
     strategy : {"auto", "parallel_on_X", "parallel_on_Y"}
         How threads share the work; results do not depend on it.
     gemm : {"auto", "packed", "blas"}
