@@ -31,8 +31,6 @@ from annlearn.model_selection import (  # noqa: E402
     suggest_nprobe,
 )
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-
 
 def pareto_front(recall, qps):
     """Indices of the candidates no other one beats on both recall and speed."""
@@ -52,8 +50,8 @@ def main(argv=None):
     parser.add_argument("--target-recall", type=float, default=0.6)
     parser.add_argument(
         "--output",
-        default=os.path.join(EXAMPLES, "grid_search_nprobe.png"),
-        help="where to write the plot (default: next to this script, git-ignored)",
+        default=os.path.join(tempfile.gettempdir(), "annlearn_grid_search_nprobe.png"),
+        help="where to write the plot (default: the temporary directory)",
     )
     # Quantizers trained on 10,000 rows (39 per centre for 256 cells or
     # 2**8 codes): under a minute on two cores.
