@@ -38,7 +38,6 @@ EXTENSIONS = [
     "annlearn._utils._blas",
     "annlearn._flat_search",
     "annlearn._kmeans",
-    "annlearn._pq",
     "annlearn._ivf",
 ]
 

@@ -5,7 +5,8 @@ scikit-learn semantics of ``kneighbors`` (``X=None`` queries the indexed
 vectors, each excluding itself), ``kneighbors_graph``, and ``transform`` /
 ``fit_transform`` exactly as :class:`sklearn.neighbors.KNeighborsTransformer`
 defines them. A concrete index keeps its searchable state in one dict,
-``self._store`` (with at least ``"ids"``), replaced whole by every change,
+``self._store`` (an object with at least ``ids``, the id of every row),
+replaced whole by every change,
 and implements three hooks, each given the one ``store`` a call works on:
 
 ``_prepare_queries(X)``
@@ -39,7 +40,12 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_is_fitted
 
-from annlearn._validation import check_n_neighbors, validate_query_data
+from annlearn._validation import (
+    check_n_neighbors,
+    check_new_ids,
+    check_removed_ids,
+    validate_query_data,
+)
 
 __all__ = ["NeighborsBase", "transactional"]
 
@@ -87,13 +93,69 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _graph_n_columns(self) -> int:
         """Columns of ``kneighbors_graph``: one per id, up to the largest id
         in the index (with the default ids, ``n_samples_fit_``)."""
-        ids = self._store["ids"]
+        ids = self._store.ids
         return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(
-        self, store: dict, X: np.ndarray, n_neighbors: int
+        self, store, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
+
+    def _store_with(self, store, X: np.ndarray, ids: np.ndarray):  # pragma: no cover
+        """A new store holding ``store``'s rows and validated rows X."""
+        raise NotImplementedError
+
+    def _set_store(self, store) -> None:  # pragma: no cover
+        """Publish a new store (one assignment) and the attributes it sets."""
+        raise NotImplementedError
+
+    # -- mutations ---------------------------------------------------------
+    @transactional
+    def add(self, X, ids=None):
+        """Index more vectors after ``fit``, with the fitted quantizers if any.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_new, n_features)
+            Vectors to add, validated as in ``fit``. Nothing is retrained.
+        ids : array-like of shape (n_new,), default=None
+            Their ids: non-negative, distinct, not already in the index.
+            ``None``: consecutive ids after the largest id in the index.
+
+        Returns
+        -------
+        self : object
+            The estimator. On any error it is left exactly as it was. The
+            index is rebuilt (an O(n_samples_fit_) copy), so add in batches.
+        """
+        X = validate_query_data(self, X)
+        store = self._store
+        ids = check_new_ids(ids, len(X), store.ids)
+        self._set_store(self._store_with(store, X, ids))
+        return self
+
+    @transactional
+    def remove(self, ids):
+        """Remove vectors by id; they are never returned again.
+
+        The memory is reclaimed at once (the remaining rows are copied into
+        new arrays, O(n_samples_fit_)).
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids to remove. Every one must be in the index, otherwise a
+            ``ValueError`` lists the unknown ones and nothing is removed.
+
+        Returns
+        -------
+        self : object
+            The estimator. On any error it is left exactly as it was.
+        """
+        check_is_fitted(self)
+        store = self._store
+        self._set_store(store.remove(check_removed_ids(ids, store.ids)))
+        return self
 
     # -- scikit-learn API --------------------------------------------------
     @property
@@ -128,14 +190,14 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         store = self._store  # one snapshot for the whole call
         query_is_train = X is None
         n_neighbors = check_n_neighbors(
-            n_neighbors, len(store["ids"]), query_is_train=query_is_train
+            n_neighbors, len(store.ids), query_is_train=query_is_train
         )
         if query_is_train:
             distances, indices = self._kneighbors_indexed(store, n_neighbors)
         else:
             Xq = self._prepare_queries(validate_query_data(self, X))
             distances, positions = self._search(store, Xq, n_neighbors)
-            indices = _ids_at(store["ids"], positions)
+            indices = _ids_at(store.ids, positions)
         return (distances, indices) if return_distance else indices
 
     def _kneighbors_indexed(
@@ -143,7 +205,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     ) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of every indexed vector but itself, rows in id order,
         searched a block of vectors at a time."""
-        ids = store["ids"]
+        ids = store.ids
         order = np.argsort(ids, kind="stable")
         distances = np.empty((len(ids), n_neighbors), dtype=np.float32)
         indices = np.empty((len(ids), n_neighbors), dtype=np.int64)

@@ -16,10 +16,8 @@ from annlearn._threads import effective_n_threads, flat_search_blas_guard
 from annlearn._validation import (
     METRICS,
     check_new_ids,
-    check_removed_ids,
     fitted_metric,
     validate_fit_data,
-    validate_query_data,
 )
 
 __all__ = ["FlatNeighbors"]
@@ -63,6 +61,51 @@ def _far_from_origin(X: np.ndarray, sqnorms: np.ndarray) -> bool:
     mean_sq = float(mean @ mean)
     spread = max(float(np.mean(sqnorms, dtype=np.float64)) - mean_sq, 0.0)
     return mean_sq > 32.0**2 * max(spread, float(np.finfo(np.float32).tiny))
+
+
+class _FlatStore:
+    """The searchable arrays of a FlatNeighbors: float32 vectors as searched
+    (centred or normalised), their squared norms, their ids, and the
+    principal-component bound (a dict of arrays, see ``_pca_bound``) or None.
+    Never modified: every change builds a new one."""
+
+    __slots__ = ("vectors", "sqnorms", "ids", "bound")
+
+    def __init__(self, vectors, sqnorms, ids, bound) -> None:
+        self.vectors, self.sqnorms, self.ids, self.bound = vectors, sqnorms, ids, bound
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, vectors, ids, n_threads: int) -> _FlatStore:
+        """A store with these prepared vectors too (O(n) copy); the bound is
+        extended on the same axes, so it stays exact for any vector."""
+        sqnorms = _flat_search.row_sqnorms(vectors, n_threads)
+        bound = self.bound
+        return _FlatStore(
+            np.concatenate([self.vectors, vectors]),
+            np.concatenate([self.sqnorms, sqnorms]),
+            np.concatenate([self.ids, ids]),
+            None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
+        )
+
+    def remove(self, mask) -> _FlatStore:
+        """A store without the rows where ``mask`` is True (O(n) copy)."""
+        keep = ~mask
+        bound = self.bound
+        return _FlatStore(
+            np.ascontiguousarray(self.vectors[keep]),
+            self.sqnorms[keep],
+            self.ids[keep],
+            None if bound is None else _pca_bound.subset(bound, keep),
+        )
+
+    def to_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_state(cls, state: dict) -> _FlatStore:
+        return cls(state["vectors"], state["sqnorms"], state["ids"], state["bound"])
 
 
 class FlatNeighbors(PersistenceMixin, NeighborsBase):
@@ -224,21 +267,22 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                 X, sqnorms, force=self.algorithm == "pca_bound"
             )
         self.effective_metric_ = self.metric
-        self._set_store(X, sqnorms, ids, bound)
+        self._set_store(_FlatStore(X, sqnorms, ids, bound))
         return self
 
-    def _set_store(self, vectors, sqnorms, ids, bound) -> None:
+    def _set_store(self, store: _FlatStore) -> None:
         # One assignment replaces the whole index, so a search running in
         # another thread sees either the old index or the new one, never a
         # mix of the two.
-        self._store = {
-            "vectors": vectors,
-            "sqnorms": sqnorms,
-            "ids": ids,
-            "bound": bound,
-        }
-        self.n_samples_fit_ = len(vectors)
+        self._store = store
+        self.n_samples_fit_ = len(store)
+        bound = store.bound
         self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
+
+    def _store_with(self, store: _FlatStore, X: np.ndarray, ids) -> _FlatStore:
+        return store.add(
+            self._prepare_queries(X), ids, effective_n_threads(self.n_jobs)
+        )
 
     def _upgrade_state(self, state: dict, layout: int) -> dict:
         # Written before the fitted metric was recorded: the parameter was it.
@@ -318,6 +362,11 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                     finite=key in ("mean", "rotation"),
                 )
 
+    def _derive_tables(self) -> None:
+        # A loaded state holds the store as plain arrays (to_state's dict).
+        if isinstance(self._store, dict):
+            self._store = _FlatStore.from_state(self._store)
+
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""
         if self._center is not None:
@@ -325,67 +374,6 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         if fitted_metric(self) == "cosine":
             return _normalize_rows(X)
         return X
-
-    @transactional
-    def add(self, X, ids=None):
-        """Index more vectors, after ``fit``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_new, n_features)
-            Vectors to add, validated as in ``fit``.
-        ids : array-like of shape (n_new,), default=None
-            Their ids: non-negative, distinct, not already in the index.
-            ``None``: consecutive ids after the largest id in the index.
-
-        Returns
-        -------
-        self : FlatNeighbors
-            The estimator. On any error it is left exactly as it was.
-        """
-        X = validate_query_data(self, X)
-        store = self._store
-        ids = check_new_ids(ids, len(X), store["ids"])
-        vectors = self._prepare_vectors(X)
-        sqnorms = _flat_search.row_sqnorms(vectors, effective_n_threads(self.n_jobs))
-        bound = store["bound"]
-        self._set_store(
-            np.concatenate([store["vectors"], vectors]),
-            np.concatenate([store["sqnorms"], sqnorms]),
-            np.concatenate([store["ids"], ids]),
-            None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
-        )
-        return self
-
-    @transactional
-    def remove(self, ids):
-        """Remove vectors by id; they are never returned again.
-
-        The memory is reclaimed at once (the remaining vectors are copied into
-        new arrays, O(n_samples_fit_)).
-
-        Parameters
-        ----------
-        ids : array-like of int
-            Ids to remove. Every one must be in the index, otherwise a
-            ``ValueError`` lists the unknown ones and nothing is removed.
-
-        Returns
-        -------
-        self : FlatNeighbors
-            The estimator.
-        """
-        check_is_fitted(self)
-        store = self._store
-        keep = ~check_removed_ids(ids, store["ids"])
-        bound = store["bound"]
-        self._set_store(
-            np.ascontiguousarray(store["vectors"][keep]),
-            store["sqnorms"][keep],
-            store["ids"][keep],
-            None if bound is None else _pca_bound.subset(bound, keep),
-        )
-        return self
 
     # -- hooks of NeighborsBase -------------------------------------------
     def summary(self) -> str:
@@ -408,8 +396,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         check_is_fitted(self)
         store = self._store
         n, d = self.n_samples_fit_, self.n_features_in_
-        bound = store["bound"]
-        arrays = [store["vectors"], store["sqnorms"], store["ids"]]
+        bound = store.bound
+        arrays = [store.vectors, store.sqnorms, store.ids]
         lines = [
             f"FlatNeighbors: {n:,} vectors of {d} features, "
             f"metric={fitted_metric(self)!r}",
@@ -436,22 +424,22 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return self._prepare_vectors(X)
 
     def _indexed_queries(self, store: dict, positions: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(store["vectors"][positions])
+        return np.ascontiguousarray(store.vectors[positions])
 
     def _search(
         self, store: dict, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:
         n_threads = effective_n_threads(self.n_jobs)
         metric = fitted_metric(self)
-        bound = store["bound"]
+        bound = store.bound
         if bound is not None:
             l2 = metric in ("euclidean", "sqeuclidean")
             bound = _pca_bound.query_bounds(bound, X, l2)
         with flat_search_blas_guard():
             distances, positions = _flat_search.flat_kneighbors(
                 X,
-                store["vectors"],
-                store["sqnorms"],
+                store.vectors,
+                store.sqnorms,
                 n_neighbors,
                 _METRIC_CODES[metric],
                 n_threads,

@@ -60,7 +60,8 @@ class PersistenceMixin:
     """Versioned ``__getstate__``/``__setstate__`` for annlearn estimators.
 
     Subclasses list their derived attributes in ``_derived_attributes``,
-    rebuild them in ``_derive_tables``, check their arrays in
+    rebuild them (and their ``_store`` object, saved as ``to_state()``'s dict
+    of arrays) in ``_derive_tables``, check their arrays in
     ``_check_state`` and bring older layouts up to date in
     ``_upgrade_state``.
     """
@@ -74,6 +75,10 @@ class PersistenceMixin:
         state = dict(super().__getstate__())
         for name in self._derived_attributes + self._transient_attributes:
             state.pop(name, None)
+        store = state.get("_store")
+        if store is not None and not isinstance(store, dict):
+            # The store object as plain arrays; _derive_tables rebuilds it.
+            state["_store"] = store.to_state()
         state["_annlearn_version"] = __version__
         state["_annlearn_format"] = FORMAT_VERSION
         return state

@@ -144,8 +144,8 @@ def _pair_distances(reference, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
     conventions (see its docstring). Ids < 0 get +inf.
     """
     store = reference._store
-    order = np.argsort(store["ids"], kind="stable")
-    sorted_ids = store["ids"][order]
+    order = np.argsort(store.ids, kind="stable")
+    sorted_ids = store.ids[order]
     pos = np.searchsorted(sorted_ids, ids)
     pos = np.minimum(pos, len(sorted_ids) - 1)
     found = (ids >= 0) & (sorted_ids[pos] == ids)
@@ -154,7 +154,7 @@ def _pair_distances(reference, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
     # One query row at a time keeps memory at O(k * n_features).
     for i in range(len(Xq)):
         q = Xq[i].astype(np.float64)
-        y = store["vectors"][rows[i]].astype(np.float64)
+        y = store.vectors[rows[i]].astype(np.float64)
         if reference.effective_metric_ in ("euclidean", "sqeuclidean"):
             d = ((y - q) ** 2).sum(axis=1)
             if reference.effective_metric_ == "euclidean":
@@ -185,7 +185,7 @@ def _exact_neighbors(estimator, X, k: int):
         type(estimator).__name__,
         reference.effective_metric_,
         int(k),
-        _digest(store["vectors"], store["ids"], Xq),
+        _digest(store.vectors, store.ids, Xq),
     )
     with _cache_lock:
         hit = _cache.get(key)

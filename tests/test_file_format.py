@@ -107,7 +107,7 @@ def ivfpq_bytes(data, tmp_path_factory):
 def flat_bytes(data, tmp_path_factory):
     path = tmp_path_factory.mktemp("flat") / "flat.annlearn"
     est = FlatNeighbors(n_neighbors=3, algorithm="pca_bound").fit(data[0][:64])
-    assert est._store["bound"] is not None
+    assert est._store.bound is not None
     save(est, path)
     return path.read_bytes()
 
@@ -151,7 +151,7 @@ def test_the_documented_layout(saved):
     assert end == len(raw)
     # Loaded memory-mapped, the arrays are views of the file, not copies.
     loaded = load(path, mmap_mode="r")
-    ids = loaded._store["ids"]
+    ids = loaded._store.ids
     assert isinstance(ids, np.memmap) and not ids.flags.owndata
     assert ids.ctypes.data % 64 == 0
 

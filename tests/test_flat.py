@@ -139,11 +139,11 @@ def test_float32_not_copied_and_conversions(data):
     X32 = np.ascontiguousarray(X, dtype=np.float32)
     for metric in ("euclidean", "sqeuclidean", "inner_product"):
         est = FlatNeighbors(metric=metric).fit(X32)
-        assert np.shares_memory(est._store["vectors"], X32)
-    assert FlatNeighbors().fit(X)._store["vectors"].dtype == np.float32
+        assert np.shares_memory(est._store.vectors, X32)
+    assert FlatNeighbors().fit(X)._store.vectors.dtype == np.float32
     ints = np.arange(40).reshape(20, 2)
     est = FlatNeighbors(n_neighbors=3).fit(ints)
-    assert est._store["vectors"].dtype == np.float32
+    assert est._store.vectors.dtype == np.float32
     ind = est.kneighbors(ints[:1], return_distance=False)
     assert ind[0, 0] == 0
 
@@ -169,8 +169,8 @@ def test_pickle_and_readonly_memmap(data, tmp_path):
     path = tmp_path / "flat.joblib"
     joblib.dump(est, path)
     mapped = joblib.load(path, mmap_mode="r")
-    assert isinstance(mapped._store["vectors"], np.memmap)
-    assert not mapped._store["vectors"].flags.writeable
+    assert isinstance(mapped._store.vectors, np.memmap)
+    assert not mapped._store.vectors.flags.writeable
     np.testing.assert_array_equal(mapped.kneighbors(Q)[1], expected[1])
     np.testing.assert_allclose(mapped.kneighbors(Q)[0], expected[0])
 

@@ -197,7 +197,7 @@ def test_add_remove_and_ids(data):
     assert not np.isin(est.kneighbors(Q, return_distance=False), gone).any()
     # Default ids continue after the largest one.
     est.add(X[:2])
-    assert {51_000, 51_001} <= set(est._store["ids"])
+    assert {51_000, 51_001} <= set(est._store.ids)
 
 
 def test_failed_mutations_leave_index_unchanged(data):
@@ -270,7 +270,7 @@ def test_concurrent_searches_with_different_nprobe(data):
     # Shallow copies share the fitted index (the same arrays); only the
     # search-time parameter differs between them.
     views = {p: copy.copy(base).set_params(nprobe=p) for p in set(params)}
-    assert all(v._store is base._store for v in views.values())
+    assert all(v._store.codes is base._store.codes for v in views.values())
     expected = {p: views[p].kneighbors(Q)[1] for p in views}
 
     def search(p):
@@ -317,7 +317,7 @@ def test_persistence_and_memmap(data, tmp_path):
     path = tmp_path / "ivfpq.joblib"
     joblib.dump(est, path)
     loaded = joblib.load(path, mmap_mode="r")
-    assert isinstance(loaded._store["codes"], np.memmap)
+    assert isinstance(loaded._store.codes, np.memmap)
     np.testing.assert_array_equal(loaded.kneighbors(Q)[1], expected[1])
     # Mutations after a read-only load copy what they need; the file is intact.
     loaded.add(X[:3], ids=[10_000, 10_001, 10_002]).remove([0, 1])
@@ -345,7 +345,7 @@ def test_pickle_versions_and_corruption(data):
     est = small(n_neighbors=3).fit(X[:500])
     state = est.__getstate__()
     assert state["_annlearn_format"] == 2
-    assert "_term2" not in state and "_codebooks_t" not in state
+    assert "_codec" not in state and isinstance(state["_store"], dict)
     restored = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(restored.kneighbors(Q)[1], est.kneighbors(Q)[1])
     # IVF-PQ's arrays are the same in layout 1.

@@ -9,6 +9,7 @@ import pytest
 from sklearn.model_selection import GridSearchCV, ShuffleSplit
 
 from annlearn import FlatNeighbors, IVFPQNeighbors, metrics
+from annlearn._ivfpq_codec import IVFPQCodec
 from annlearn.metrics import (
     make_qps_scorer,
     make_recall_scorer,
@@ -259,13 +260,13 @@ def test_suggested_grids():
 def trainings(monkeypatch):
     """The nlist of every IVF-PQ training (cache misses) during a test."""
     calls = []
-    original = IVFPQNeighbors._train
+    original = IVFPQCodec.train.__func__
 
-    def counting(self, *args, **kwargs):
-        calls.append(self.nlist)
-        return original(self, *args, **kwargs)
+    def counting(cls, X, **kwargs):
+        calls.append(kwargs["nlist"])
+        return original(cls, X, **kwargs)
 
-    monkeypatch.setattr(IVFPQNeighbors, "_train", counting)
+    monkeypatch.setattr(IVFPQCodec, "train", classmethod(counting))
     return calls
 
 

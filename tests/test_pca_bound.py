@@ -203,7 +203,7 @@ def test_bound_in_tiny_row_blocks_is_the_same(monkeypatch):
     whole = fitted()
     monkeypatch.setattr(_pca_bound, "_BLOCK_ROWS", 7)
     blocked = fitted()
-    a, b = whole._store["bound"], blocked._store["bound"]
+    a, b = whole._store.bound, blocked._store.bound
     for key in ("vectors", "sqnorms"):
         np.testing.assert_allclose(
             b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max()

@@ -52,9 +52,9 @@ def test_round_trip_then_mutate(est, mmap_mode, data, tmp_path):
     assert loaded.get_params() == est.get_params()
     if mmap_mode:
         for key in ("ids", "codes", "vectors"):
-            if loaded._store.get(key) is not None:
-                assert isinstance(loaded._store[key], np.memmap)
-                assert not loaded._store[key].flags.writeable
+            if getattr(loaded._store, key, None) is not None:
+                assert isinstance(getattr(loaded._store, key), np.memmap)
+                assert not getattr(loaded._store, key).flags.writeable
     np.testing.assert_array_equal(loaded.kneighbors(Q)[1], expected[1])
     np.testing.assert_array_equal(loaded.kneighbors(Q)[0], expected[0])
     # Mutations after a read-only load build new arrays; the file is intact.
@@ -210,8 +210,8 @@ def test_load_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="mmap_mode must be None, 'r' or 'c'"):
         load(path, mmap_mode="r+")
     copy = load(path, mmap_mode="c")
-    copy._store["vectors"][0] = 0.0  # copy-on-write: never written back
-    assert load(path)._store["vectors"][0].any()
+    copy._store.vectors[0] = 0.0  # copy-on-write: never written back
+    assert load(path)._store.vectors[0].any()
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.annlearn")
 

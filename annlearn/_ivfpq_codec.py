@@ -1,0 +1,260 @@
+"""IVFPQCodec: a vector as (cell, PQ code), and the search over coded lists.
+
+The codec joins the two quantizers (:mod:`annlearn._quantizers`) and says how
+they form a distance: the residual to the cell centre is coded
+(``by_residual``) or the vector itself, and codes are ranked by squared L2
+distance or by inner product. It knows nothing of the estimator: the
+estimator validates and prepares the vectors (normalised for cosine), keeps
+the :class:`~annlearn._invlists.InvertedLists`, and asks the codec to encode
+and to search them. The scan itself is the ``annlearn._ivf`` kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from sklearn.utils import check_random_state
+
+from annlearn import _flat_search, _ivf
+from annlearn._invlists import InvertedLists
+from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
+
+__all__ = ["IVFPQCodec", "train_and_encode"]
+
+# Rows encoded at once: bounds the residual buffer (ENCODE_BLOCK x n_features).
+_ENCODE_BLOCK = 65_536
+
+# Lloyd iterations of the coarse quantizer and of each sub-quantizer: FAISS's
+# defaults for IndexIVFPQ. The cells only need to spread the data evenly; the
+# codebooks decide the distances.
+_COARSE_MAX_ITER = 10
+_PQ_MAX_ITER = 25
+
+
+class IVFPQCodec:
+    """Coarse quantizer + product quantizer + the distance they estimate.
+
+    Parameters
+    ----------
+    quantizer : CoarseQuantizer
+        The cells.
+    pq : ProductQuantizer
+        The codes of the residuals (or of the vectors).
+    metric : {"euclidean", "sqeuclidean", "cosine", "inner_product"}
+        The distance returned by ``search``. ``"cosine"`` expects normalised
+        vectors and ranks them by inner product, so that a zero vector is at
+        distance 1 from everything.
+    by_residual : bool
+        Whether the codes are of ``x - centre`` rather than of ``x``.
+    """
+
+    def __init__(
+        self,
+        quantizer: CoarseQuantizer,
+        pq: ProductQuantizer,
+        metric: str,
+        by_residual: bool,
+    ) -> None:
+        self.quantizer = quantizer
+        self.pq = pq
+        self.metric = metric
+        self.by_residual = by_residual
+        # Codes are scored by -<x, y> for these metrics, by ||x - y||^2 else.
+        self.inner_product = metric in ("inner_product", "cosine")
+        if self.inner_product:
+            self.term2 = np.zeros((0, pq.M, pq.ksub), dtype=np.float32)
+        else:
+            self.term2 = pq.term2_tables(quantizer.centers if by_residual else None)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the quantizers and of the tables derived from them."""
+        arrays = (self.quantizer.centers, self.pq.codebooks)
+        derived = (self.term2, self.pq.codebooks_t)
+        return sum(a.nbytes for a in arrays + derived)
+
+    # -- coding -----------------------------------------------------------
+    def residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """What the product quantizer codes for rows X in ``cells``."""
+        if not self.by_residual:
+            return X
+        return X - self.quantizer.centers[cells]
+
+    def encode(self, X: np.ndarray, n_threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cell and the code of every row of X, a block of rows at a time."""
+        cells = np.empty(len(X), dtype=np.int64)
+        codes = np.empty((len(X), self.pq.M), dtype=np.uint8)
+        for start in range(0, len(X), _ENCODE_BLOCK):
+            block = slice(start, start + _ENCODE_BLOCK)
+            cells[block] = self.quantizer.assign(X[block], n_threads)
+            residuals = self.residuals(X[block], cells[block])
+            codes[block] = self.pq.encode(residuals, n_threads)
+        return cells, codes
+
+    def decode(self, cells: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Reconstructions of rows coded as (cells, codes), float32."""
+        vectors = self.pq.decode(codes)
+        if self.by_residual:
+            vectors = vectors + self.quantizer.centers[cells]
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    # -- search -----------------------------------------------------------
+    def search(
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        n_neighbors: int,
+        *,
+        nprobe: int,
+        refine_factor: int | None,
+        n_threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n_neighbors`` best rows of ``lists`` for each query.
+
+        Scans the ``nprobe`` nearest cells (further cells for the queries
+        whose probed cells hold fewer than ``n_neighbors`` rows, so no result
+        is padded), keeps ``refine_factor * n_neighbors`` candidates and
+        re-ranks them by exact distance to ``lists.vectors`` when
+        ``refine_factor`` is set.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_neighbors), float32
+            In ``metric``'s units, ascending.
+        positions : ndarray of shape (n_queries, n_neighbors), int64
+            Rows of ``lists``.
+        """
+        nlist = self.quantizer.nlist
+        n_scan = min(n_neighbors * (refine_factor or 1), len(lists))
+        nprobe = min(nprobe, nlist)
+        distances, positions = self._scan(lists, X, nprobe, n_scan, n_threads)
+        short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
+        while len(short) and nprobe < nlist:
+            nprobe = min(2 * nprobe, nlist)
+            d_more, p_more = self._scan(lists, X[short], nprobe, n_scan, n_threads)
+            distances[short], positions[short] = d_more, p_more
+            short = short[p_more[:, n_neighbors - 1] < 0]
+        if refine_factor is not None:
+            distances, positions = _ivf.refine(
+                X, lists.vectors, positions, n_neighbors, self.inner_product, n_threads
+            )
+        distances = np.ascontiguousarray(distances[:, :n_neighbors])
+        return self._to_metric(distances), positions[:, :n_neighbors]
+
+    def _to_metric(self, distances: np.ndarray) -> np.ndarray:
+        """Scan units (||x - y||^2 or -<x, y>) -> the metric's distance."""
+        if self.metric == "cosine":
+            # -<x, y> on normalised rows (zero rows stay zero): 1 - cosine.
+            distances += 1.0
+            np.clip(distances, 0.0, 2.0, out=distances)
+        elif not self.inner_product:
+            np.maximum(distances, 0, out=distances)
+            if self.metric == "euclidean":
+                np.sqrt(distances, out=distances)
+        return distances
+
+    def _scan(
+        self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
+    ):
+        base, cells = self.quantizer.search(X, nprobe, n_threads)
+        if not self.by_residual:
+            if self.inner_product:
+                base = np.zeros_like(base)
+            else:
+                sq = _flat_search.row_sqnorms(X, n_threads)
+                base = np.ascontiguousarray(np.repeat(sq[:, None], nprobe, axis=1))
+        elif self.metric == "cosine":
+            # Cells are probed by L2, codes scanned by inner product: term 1
+            # becomes -<x, c> = (||x - c||^2 - ||x||^2 - ||c||^2) / 2.
+            sq = _flat_search.row_sqnorms(X, n_threads)
+            base = 0.5 * (base - sq[:, None] - self.quantizer.sqnorms[cells])
+        return _ivf.ivfpq_scan(
+            X,
+            cells,
+            base,
+            self.pq.codebooks_t,
+            self.term2,
+            lists.offsets,
+            lists.codes,
+            n_scan,
+            self.inner_product,
+            n_threads,
+        )
+
+    # -- training ----------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        X: np.ndarray,
+        *,
+        nlist: int,
+        M: int,
+        nbits: int,
+        metric: str,
+        by_residual: bool,
+        n_train: int,
+        random_state,
+        n_threads: int,
+        verbose: int = 0,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> IVFPQCodec:
+        """Train both quantizers on ``n_train`` rows of X drawn at random."""
+        rng = check_random_state(random_state)
+        n_samples = len(X)
+        rows = np.sort(rng.choice(n_samples, n_train, replace=False))
+        train = X[rows] if n_train < n_samples else X
+        start = time.perf_counter()
+        quantizer = CoarseQuantizer.train(
+            train,
+            nlist,
+            metric="inner_product" if metric == "inner_product" else "l2",
+            max_iter=_COARSE_MAX_ITER,
+            random_state=rng,
+            n_threads=n_threads,
+            verbose=verbose > 1,
+        )
+        log(
+            f"coarse quantizer: {nlist} cells trained on {n_train} rows in "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+        start = time.perf_counter()
+        residuals = train
+        if by_residual:
+            residuals = train - quantizer.centers[quantizer.assign(train, n_threads)]
+        pq = ProductQuantizer.train(
+            residuals,
+            M,
+            nbits,
+            max_iter=_PQ_MAX_ITER,
+            random_state=rng,
+            n_threads=n_threads,
+            verbose=verbose > 1,
+        )
+        log(
+            f"product quantizer: {M} x {2**nbits} centres trained in "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+        return cls(quantizer, pq, metric, by_residual)
+
+
+def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) -> dict:
+    """Train an :class:`IVFPQCodec` on prepared X with ``params`` (see
+    ``IVFPQCodec.train``) and encode X: the part of ``IVFPQNeighbors.fit``
+    that its ``memory`` caches, so it returns plain arrays."""
+
+    def log(message: str) -> None:
+        if verbose:
+            print(f"[IVFPQNeighbors] {message}")
+
+    codec = IVFPQCodec.train(X, **params, n_threads=n_threads, verbose=verbose, log=log)
+    start = time.perf_counter()
+    cells, codes = codec.encode(X, n_threads)
+    log(f"encoded {len(X)} vectors in {time.perf_counter() - start:.2f} s")
+    return {
+        "cluster_centers": codec.quantizer.centers,
+        "pq_codebooks": codec.pq.codebooks,
+        "cells": cells,
+        "codes": codes,
+    }
