@@ -79,3 +79,27 @@ class FitSource:
         if X is None or getattr(X, "shape", None) != self.shape:
             return None
         return X
+
+    @staticmethod
+    def validated(source: FitSource | None, validate: Callable) -> np.ndarray:
+        """The array of ``source`` validated by ``validate``, if it is alive
+        and unchanged since ``fit``; a ValueError saying which otherwise."""
+        X = None if source is None else source.array()
+        if X is None:
+            raise ValueError(
+                "score needs the indexed vectors to find the exact neighbours, "
+                "but this index does not store them (refine_factor=None) and the "
+                "array given to fit is gone, could not be referenced (a list), "
+                "or the index changed since (add/remove). Keep the array given "
+                "to fit alive, or set refine_factor to store the vectors."
+            )
+        Xv = validate(X)
+        if checksum(Xv) != source.crc:
+            raise ValueError(
+                "score needs the indexed vectors to find the exact neighbours, "
+                "but the array given to fit was modified since (its checksum "
+                "changed), so it no longer holds the indexed vectors. Do not "
+                "overwrite it while scoring, or set refine_factor to store the "
+                "vectors."
+            )
+        return Xv

@@ -22,7 +22,7 @@ from annlearn._fit_source import FitSource, checksum
 from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._invlists import InvertedLists
 from annlearn._ivfpq_codec import IVFPQCodec, train_and_encode
-from annlearn._persistence import PersistenceMixin, check_array_state
+from annlearn._persistence import PersistenceMixin
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
 from annlearn._threads import effective_n_threads
 from annlearn._validation import (
@@ -433,7 +433,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         else:
             # Checked on every call: the reference may share the fit array's
             # memory, which the caller can overwrite at any time.
-            vectors, ids = self._fit_vectors()
+            source = getattr(self, "_fit_source", None)
+            X = FitSource.validated(source, lambda X: validate_query_data(self, X))
+            vectors, ids = self._prepare(X), source.ids
         cached = getattr(self, "_exact_ref", None)
         if cached is not None and cached[0] is lists:
             return cached[1]
@@ -441,30 +443,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         reference.fit(vectors, ids=ids)
         self._exact_ref = (lists, reference)
         return reference
-
-    def _fit_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """The prepared vectors given to ``fit`` and their ids."""
-        source = getattr(self, "_fit_source", None)
-        X = None if source is None else source.array()
-        if X is None:
-            raise ValueError(
-                "IVFPQNeighbors.score needs the indexed vectors to find the "
-                "exact neighbours, but this index does not store them "
-                "(refine_factor=None) and the array given to fit is gone, "
-                "could not be referenced (a list), or the index changed since "
-                "(add/remove). Keep the array given to fit alive, or set "
-                "refine_factor to store the vectors."
-            )
-        Xv = validate_query_data(self, X)
-        if checksum(Xv) != source.crc:
-            raise ValueError(
-                "IVFPQNeighbors.score needs the indexed vectors to find the "
-                "exact neighbours, but the array given to fit was modified "
-                "since (its checksum changed), so it no longer holds the "
-                "indexed vectors. Do not overwrite it while scoring, or set "
-                "refine_factor to store the vectors."
-            )
-        return self._prepare(Xv), source.ids
 
     # -- persistence hooks -------------------------------------------------
     def _upgrade_state(self, state: dict, layout: int) -> dict:
@@ -480,36 +458,16 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         name = "IVFPQNeighbors"
         n, d = self.n_samples_fit_, self.n_features_in_
         n_sub = self.n_subquantizers_
-        if n_sub < 1 or d % n_sub:
+        if n_sub < 1 or d % n_sub or self.pq_codebooks_.shape[:1] != (n_sub,):
             raise ValueError(
                 f"Corrupted {name} state: n_subquantizers_ = {n_sub} does not "
-                f"divide n_features_in_ = {d}."
+                f"divide n_features_in_ = {d} or disagrees with the codebooks."
             )
         metric = getattr(self, "effective_metric_", self.metric)
         if metric not in METRICS:
             raise ValueError(f"Corrupted {name} state: metric {metric!r}.")
-        centers, codebooks = self.cluster_centers_, self.pq_codebooks_
-        for key, array, dtype, shape in (
-            ("cluster_centers_", centers, np.float32, (None, d)),
-            ("pq_codebooks_", codebooks, np.float32, (n_sub, None, d // n_sub)),
-        ):
-            check_array_state(
-                name, key, array, dtype=dtype, ndim=len(shape), shape=shape, finite=True
-            )
-        nlist, ksub = len(centers), codebooks.shape[1]
-        if nlist < 1 or ksub not in (16, 32, 64, 128, 256):
-            raise ValueError(
-                f"Corrupted {name} state: {nlist} cells and {ksub} centres per "
-                "sub-quantizer (expected >= 1 and 2**4 to 2**8)."
-            )
-        check_array_state(
-            name,
-            "_center_sqnorms",
-            self._center_sqnorms,
-            dtype=np.float32,
-            ndim=1,
-            shape=(nlist,),
-            finite=True,
+        nlist, ksub = IVFPQCodec.check_state(
+            name, self.cluster_centers_, self.pq_codebooks_, self._center_sqnorms, d
         )
         InvertedLists.check_state(
             name, self._store, n=n, nlist=nlist, code_size=n_sub, ksub=ksub, d=d

@@ -19,6 +19,7 @@ from sklearn.utils import check_random_state
 
 from annlearn import _flat_search, _ivf
 from annlearn._invlists import InvertedLists
+from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
 
 __all__ = ["IVFPQCodec", "train_and_encode"]
@@ -74,6 +75,48 @@ class IVFPQCodec:
         arrays = (self.quantizer.centers, self.pq.codebooks)
         derived = (self.term2, self.pq.codebooks_t)
         return sum(a.nbytes for a in arrays + derived)
+
+    @staticmethod
+    def check_state(
+        owner: str, centers, codebooks, center_sqnorms, d: int
+    ) -> tuple[int, int]:
+        """Raise ValueError unless the loaded quantizer arrays are a valid
+        pair for ``d`` features (finite, float32, consistent shapes); return
+        (nlist, ksub)."""
+        check_array_state(
+            owner,
+            "cluster_centers_",
+            centers,
+            dtype=np.float32,
+            ndim=2,
+            shape=(None, d),
+            finite=True,
+        )
+        nlist = len(centers)
+        check_array_state(
+            owner, "pq_codebooks_", codebooks, dtype=np.float32, ndim=3, finite=True
+        )
+        M, ksub, dsub = codebooks.shape
+        if M * dsub != d:
+            raise ValueError(
+                f"Corrupted {owner} state: pq_codebooks_ has shape "
+                f"{codebooks.shape}, which covers {M * dsub} features, not {d}."
+            )
+        if nlist < 1 or ksub not in (16, 32, 64, 128, 256):
+            raise ValueError(
+                f"Corrupted {owner} state: {nlist} cells and {ksub} centres per "
+                "sub-quantizer (expected >= 1 and 2**4 to 2**8)."
+            )
+        check_array_state(
+            owner,
+            "_center_sqnorms",
+            center_sqnorms,
+            dtype=np.float32,
+            ndim=1,
+            shape=(nlist,),
+            finite=True,
+        )
+        return nlist, ksub
 
     # -- coding -----------------------------------------------------------
     def residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
