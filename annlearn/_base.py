@@ -40,12 +40,14 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_is_fitted
 
+from annlearn._exact import exact_answers
 from annlearn._validation import (
     check_n_neighbors,
     check_new_ids,
     check_removed_ids,
     validate_query_data,
 )
+from annlearn.metrics import recall_at_k
 
 __all__ = ["NeighborsBase", "transactional"]
 
@@ -321,10 +323,25 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         recall : float
             Mean fraction of the ``n_neighbors`` exact neighbours returned.
         """
-        from annlearn.metrics import _estimator_recall
-
         check_is_fitted(self)
-        return _estimator_recall(self, X)
+        true_ids, ids, true_dist, dist = self._recall_inputs(X, self.n_neighbors)
+        return recall_at_k(true_ids, ids, true_distances=true_dist, pred_distances=dist)
+
+    def _recall_inputs(self, X, n_neighbors: int):
+        """What :func:`~annlearn.metrics.recall_at_k` compares for queries X:
+        ``(true_ids, pred_ids, true_distances, pred_distances)``, the
+        distances exact (float64) for both. X is validated once."""
+        check_is_fitted(self)
+        reference = self._exact_reference()
+        Xv = validate_query_data(self, X)
+        store = self._store
+        n_neighbors = check_n_neighbors(n_neighbors, len(store.ids))
+        Xq = reference._prepare_queries(Xv)
+        true_dist, true_ids = exact_answers(reference, Xq, n_neighbors)
+        _, positions = self._search(store, self._prepare_queries(Xv), n_neighbors)
+        pred_ids = _ids_at(store.ids, positions)
+        pred_dist = reference._exact_distances(Xq, pred_ids)
+        return true_ids, pred_ids, true_dist, pred_dist
 
     def _exact_reference(self):  # pragma: no cover
         """A fitted exact index over the same vectors and ids (see score)."""

@@ -69,7 +69,9 @@ class _FlatStore:
     principal-component bound (a dict of arrays, see ``_pca_bound``) or None.
     Never modified: every change builds a new one."""
 
-    __slots__ = ("vectors", "sqnorms", "ids", "bound")
+    _FIELDS = ("vectors", "sqnorms", "ids", "bound")
+    # __weakref__: the cache of exact answers keys digests by store.
+    __slots__ = (*_FIELDS, "__weakref__")
 
     def __init__(self, vectors, sqnorms, ids, bound) -> None:
         self.vectors, self.sqnorms, self.ids, self.bound = vectors, sqnorms, ids, bound
@@ -101,7 +103,7 @@ class _FlatStore:
         )
 
     def to_state(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self._FIELDS}
 
     @classmethod
     def from_state(cls, state: dict) -> _FlatStore:
@@ -419,6 +421,32 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _exact_reference(self) -> FlatNeighbors:
         check_is_fitted(self)
         return self
+
+    def _exact_distances(self, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """float64 distances between prepared queries and indexed ids, in
+        the metric's units; +inf for ids not in the index (or < 0)."""
+        store = self._store
+        order = np.argsort(store.ids, kind="stable")
+        sorted_ids = store.ids[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        found = (ids >= 0) & (sorted_ids[pos] == ids)
+        rows = order[pos]
+        metric = fitted_metric(self)
+        out = np.full(ids.shape, np.inf)
+        # One query row at a time keeps memory at O(k * n_features).
+        for i in range(len(Xq)):
+            q = Xq[i].astype(np.float64)
+            y = store.vectors[rows[i]].astype(np.float64)
+            if metric in ("euclidean", "sqeuclidean"):
+                d = ((y - q) ** 2).sum(axis=1)
+                if metric == "euclidean":
+                    d = np.sqrt(d)
+            elif metric == "cosine":
+                d = np.clip(1.0 - y @ q, 0.0, 2.0)
+            else:
+                d = -(y @ q)
+            out[i] = np.where(found[i], d, np.inf)
+        return out
 
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare_vectors(X)

@@ -8,17 +8,14 @@ recall@k of ``estimator.kneighbors(X)`` against exact search over the same
 indexed vectors, and the queries per second of that search alone.
 
 The exact answer of a split is computed once: it is kept in a small
-in-process cache keyed by a hash of the indexed vectors, their ids, the
-queries, the metric and k, so that the candidates of a grid search that share
-a training split share one exact search.
+in-process cache (``annlearn._exact``) keyed by a hash of the indexed vectors,
+their ids, the queries, the metric and k, so that the candidates of a grid
+search that share a training split share one exact search.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from collections import OrderedDict
 from numbers import Integral
 
 import numpy as np
@@ -121,97 +118,11 @@ def recall_at_k(
     return float(np.mean(np.minimum(hit.sum(axis=1), k) / k))
 
 
-# -- exact reference ------------------------------------------------------
-
-_CACHE_SIZE = 16
-_cache: OrderedDict = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _digest(*arrays) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def _pair_distances(reference, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Exact (float64) distances between prepared queries and indexed ids.
-
-    ``reference`` is a fitted FlatNeighbors; the values follow its metric's
-    conventions (see its docstring). Ids < 0 get +inf.
-    """
-    store = reference._store
-    order = np.argsort(store.ids, kind="stable")
-    sorted_ids = store.ids[order]
-    pos = np.searchsorted(sorted_ids, ids)
-    pos = np.minimum(pos, len(sorted_ids) - 1)
-    found = (ids >= 0) & (sorted_ids[pos] == ids)
-    rows = order[pos]
-    out = np.full(ids.shape, np.inf)
-    # One query row at a time keeps memory at O(k * n_features).
-    for i in range(len(Xq)):
-        q = Xq[i].astype(np.float64)
-        y = store.vectors[rows[i]].astype(np.float64)
-        if reference.effective_metric_ in ("euclidean", "sqeuclidean"):
-            d = ((y - q) ** 2).sum(axis=1)
-            if reference.effective_metric_ == "euclidean":
-                d = np.sqrt(d)
-        elif reference.effective_metric_ == "cosine":
-            d = np.clip(1.0 - y @ q, 0.0, 2.0)
-        else:
-            d = -(y @ q)
-        out[i] = np.where(found[i], d, np.inf)
-    return out
-
-
-def _exact_neighbors(estimator, X, k: int):
-    """(exact distances, exact ids, prepared queries, reference) for X.
-
-    The exact k nearest neighbours of X among the vectors indexed by the
-    fitted ``estimator``, from a FlatNeighbors over those vectors; cached.
-    """
-    from annlearn._validation import validate_query_data
-
-    reference = estimator._exact_reference()
-    # Validated once, by the estimator: the reference indexes the same
-    # features, and warnings (e.g. float64 conversion) name the estimator.
-    Xv = validate_query_data(estimator, X)
-    Xq = reference._prepare_queries(Xv)
-    store = reference._store
-    key = (
-        type(estimator).__name__,
-        reference.effective_metric_,
-        int(k),
-        _digest(store.vectors, store.ids, Xq),
-    )
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit[0], hit[1], Xq, reference
-    _, true_ids = reference.kneighbors(Xv, n_neighbors=k)
-    true_dist = _pair_distances(reference, Xq, true_ids)
-    # Re-sort on the float64 distances (the kernel's are float32).
-    order = np.argsort(true_dist, axis=1, kind="stable")
-    true_dist = np.take_along_axis(true_dist, order, axis=1)
-    true_ids = np.take_along_axis(true_ids, order, axis=1)
-    with _cache_lock:
-        _cache[key] = (true_dist, true_ids)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return true_dist, true_ids, Xq, reference
-
-
 def _estimator_recall(estimator, X, n_neighbors=None) -> float:
     k = estimator.n_neighbors if n_neighbors is None else n_neighbors
     if not isinstance(k, Integral) or k < 1:
         raise ValueError(f"n_neighbors must be a positive integer, got {k!r}.")
-    true_dist, true_ids, Xq, reference = _exact_neighbors(estimator, X, k)
-    pred_ids = estimator.kneighbors(X, n_neighbors=k, return_distance=False)
-    pred_dist = _pair_distances(reference, Xq, pred_ids)
+    true_ids, pred_ids, true_dist, pred_dist = estimator._recall_inputs(X, k)
     return recall_at_k(
         true_ids, pred_ids, true_distances=true_dist, pred_distances=pred_dist
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.model_selection import GridSearchCV, ShuffleSplit
 
-from annlearn import FlatNeighbors, IVFPQNeighbors, metrics
+from annlearn import FlatNeighbors, IVFPQNeighbors, _exact
+from annlearn._exact import exact_answers
 from annlearn._ivfpq_codec import IVFPQCodec
 from annlearn.metrics import (
     make_qps_scorer,
@@ -87,14 +88,15 @@ def test_ties_on_integer_data_do_not_cost_exact_methods_recall():
     X = rng.integers(0, 3, (500, 4)).astype(np.float32)
     Q = rng.integers(0, 3, (50, 4)).astype(np.float32)
     flat = FlatNeighbors(n_neighbors=10).fit(X)
-    true_dist, true_ids, Xq, ref = metrics._exact_neighbors(flat, Q, 10)
+    Xq = flat._prepare_queries(Q)
+    true_dist, true_ids = exact_answers(flat, Xq, 10)
     # Reverse the id order within ties: a different, equally exact answer.
     from sklearn.neighbors import NearestNeighbors
 
     nn = NearestNeighbors(n_neighbors=10, algorithm="brute").fit(X[::-1])
     other = len(X) - 1 - nn.kneighbors(Q, return_distance=False)
     assert recall_at_k(true_ids, other) < 1.0
-    other_dist = metrics._pair_distances(ref, Xq, other)
+    other_dist = flat._exact_distances(Xq, other)
     assert (
         recall_at_k(
             true_ids, other, true_distances=true_dist, pred_distances=other_dist
@@ -178,14 +180,14 @@ def test_score_after_fitting_a_temporary_view(data):
 def test_exact_answers_are_computed_once_per_split(data, monkeypatch):
     X, Q = data[:2000], data[2000:]
     calls = []
-    original = FlatNeighbors.kneighbors
+    original = FlatNeighbors._search
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    metrics._cache.clear()
-    monkeypatch.setattr(FlatNeighbors, "kneighbors", counting)
+    _exact._cache.clear()
+    monkeypatch.setattr(FlatNeighbors, "_search", counting)
     for nprobe in (1, 2, 4):
         _ivfpq(nprobe=nprobe).fit(X).score(Q)
     assert len(calls) == 1
