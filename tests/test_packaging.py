@@ -48,3 +48,23 @@ def test_doc_extra_installs_the_theme_of_conf_py(pyproject):
     # alabaster comes with sphinx; any other theme is a package of its own.
     expected = [] if theme == "alabaster" else [theme.replace("_", "-")]
     assert themes == expected
+
+
+def test_every_subpackage_is_installed(pyproject):
+    # An editable install finds any subpackage, a wheel only those selected:
+    # a missing one breaks `pip install .` alone, which the tests do not use.
+    from setuptools import find_packages
+
+    selected = pyproject["tool"]["setuptools"].get("packages")
+    if isinstance(selected, dict):
+        find = selected["find"]
+        assert find.get("namespaces", True) is False
+        selected = find_packages(
+            REPO, include=find.get("include", ["*"]), exclude=find.get("exclude", ())
+        )
+    on_disk = [
+        os.path.relpath(folder, REPO).replace(os.sep, ".")
+        for folder, _, files in os.walk(os.path.join(REPO, "annlearn"))
+        if "__init__.py" in files
+    ]
+    assert sorted(selected) == sorted(on_disk)
