@@ -36,6 +36,7 @@ EXTENSIONS = [
     "annlearn._utils._openmp_helpers",
     "annlearn._utils._heap",
     "annlearn._utils._blas",
+    "annlearn._utils._packed_gemm",
     "annlearn._flat_search",
     "annlearn._kmeans",
     "annlearn._ivf",

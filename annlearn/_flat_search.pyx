@@ -62,7 +62,8 @@ from libc.math cimport sqrt
 from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc
 
-from annlearn._utils._blas cimport (
+from annlearn._utils._blas cimport gemm_abt
+from annlearn._utils._packed_gemm cimport (
     ANNLEARN_ISA_AVX512,
     annlearn_dot_rows,
     annlearn_gemm_mr,
@@ -73,7 +74,6 @@ from annlearn._utils._blas cimport (
     annlearn_packed_gemm_abt,
     annlearn_packed_gemm_available,
     annlearn_packed_size,
-    gemm_abt,
 )
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
 from annlearn._utils._openmp_helpers cimport annlearn_omp_barrier

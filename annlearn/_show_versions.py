@@ -57,7 +57,7 @@ def show_versions() -> None:
     for name, ver in _dependencies().items():
         print(f"{name:>14}: {ver}")
     print("\nBuilt with OpenMP:", _openmp_parallelism_enabled())
-    from annlearn._utils._blas import _simd_isa
+    from annlearn._utils._packed_gemm import _simd_isa
 
     print("SIMD kernels:", _simd_isa(), "(ANNLEARN_ISA lowers it)")
     print("\nThread pools (threadpoolctl):")

@@ -147,7 +147,7 @@ def environment() -> dict:
         for info in threadpool_info()
     ]
     from annlearn._flat_search import DEFAULT_GEMM
-    from annlearn._utils._blas import _simd_isa
+    from annlearn._utils._packed_gemm import _simd_isa
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,8 @@ from threadpoolctl import threadpool_info
 
 from annlearn import _flat_search, _pca_bound
 from annlearn._threads import blas_single_thread, effective_n_threads
-from annlearn._utils._blas import _gemm_abt_wrapper, _simd_isa
+from annlearn._utils._blas import _gemm_abt_wrapper
+from annlearn._utils._packed_gemm import _simd_isa
 from annlearn._utils._heap import _heap_topk_wrapper
 
 GEMMS = ["blas"] + (["packed"] if _flat_search.PACKED_GEMM_AVAILABLE else [])
@@ -168,7 +169,7 @@ needs_simd = pytest.mark.skipif(
     "shape", [(1, 1, 1), (13, 33, 17), (6, 16, 8), (100, 70, 784), (25, 47, 9)]
 )
 def test_packed_gemm_wrapper(shape):
-    from annlearn._utils._blas import _packed_gemm_abt_wrapper
+    from annlearn._utils._packed_gemm import _packed_gemm_abt_wrapper
 
     m, n, k = shape
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def test_packed_gemm_wrapper(shape):
 @needs_simd
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 9, 17), (5, 70, 784), (2, 4, 8)])
 def test_dot_rows_wrapper(shape):
-    from annlearn._utils._blas import _dot_rows_wrapper
+    from annlearn._utils._packed_gemm import _dot_rows_wrapper
 
     m, n, k = shape
     rng = np.random.default_rng(1)
