@@ -1,10 +1,28 @@
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
+from sklearn.cluster._kmeans import _tolerance as sklearn_tolerance
 from sklearn.datasets import make_blobs
 
-from annlearn._clustering import train_kmeans
+from annlearn._clustering import _initial_centers, _tolerance, train_kmeans
 from annlearn._kmeans import centre_sums
+
+
+def _blobs(n_samples=2000, n_features=8, centers=10, cluster_std=1.0, seed=0):
+    X, _ = make_blobs(
+        n_samples,
+        n_features=n_features,
+        centers=centers,
+        cluster_std=cluster_std,
+        random_state=seed,
+    )
+    return X.astype(np.float32)
+
+
+def _sklearn_from_same_start(X, n_clusters, seed, **params):
+    """scikit-learn's Lloyd from the initial rows train_kmeans draws."""
+    init = _initial_centers(X, n_clusters, np.random.RandomState(seed))
+    return KMeans(n_clusters, init=init, n_init=1, algorithm="lloyd", **params).fit(X)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
@@ -24,28 +42,100 @@ def test_centre_sums_rejects_bad_labels():
         centre_sums(X, np.array([0, 1, 2], dtype=np.int64), 2, 1)
 
 
+@pytest.mark.parametrize("tol", [0.0, 1e-4, 1e-2])
+@pytest.mark.parametrize(
+    "X",
+    [
+        _blobs(n_features=50),
+        # A large offset: the variance must be taken around the mean.
+        np.random.default_rng(0).standard_normal((9000, 5)).astype(np.float32) + 1e3,
+        # More rows than one block of the variance computation.
+        np.random.default_rng(1).random((10_000, 3), dtype=np.float32),
+    ],
+    ids=["blobs-50d", "offset", "several-blocks"],
+)
+def test_tolerance_is_sklearn_rule(X, tol):
+    # The mean of the per-feature variances times tol; the sum (the old rule)
+    # is n_features times larger.
+    expected = sklearn_tolerance(X.astype(np.float64), tol)
+    np.testing.assert_allclose(_tolerance(X, tol), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cluster_std, seed", [(3.0, 0), (3.0, 1), (5.0, 0), (5.0, 1)])
+def test_stops_at_the_same_iteration_as_sklearn(cluster_std, seed):
+    # Overlapping 40-d blobs converge slowly; with a tolerance summed over
+    # features (40 times looser) training stopped 1 to 4 iterations earlier.
+    X = _blobs(3000, n_features=40, centers=15, cluster_std=cluster_std, seed=seed)
+    _, inertia, n_iter = train_kmeans(X, 15, max_iter=300, tol=1e-4, random_state=seed)
+    ref = _sklearn_from_same_start(X, 15, seed, max_iter=300, tol=1e-4)
+    assert 1 < n_iter < 300
+    assert n_iter == ref.n_iter_
+    np.testing.assert_allclose(inertia, ref.inertia_, rtol=1e-4)
+
+
 def test_train_kmeans_matches_sklearn_lloyd():
-    X, _ = make_blobs(2000, n_features=8, centers=10, random_state=0)
-    X = X.astype(np.float32)
+    X = _blobs()
     centers, inertia, _ = train_kmeans(X, 10, random_state=0, max_iter=100, tol=0)
-    # Same initial centres as train_kmeans draws (sorted distinct rows).
-    init = X[np.sort(np.random.RandomState(0).choice(2000, 10, replace=False))]
-    ref = KMeans(10, init=init, n_init=1, max_iter=100, tol=0).fit(X)
+    ref = _sklearn_from_same_start(X, 10, 0, max_iter=100, tol=0)
     np.testing.assert_allclose(inertia, ref.inertia_, rtol=1e-4)
     np.testing.assert_allclose(
         np.sort(centers, axis=0), np.sort(ref.cluster_centers_, axis=0), atol=1e-3
     )
 
 
-def test_train_kmeans_splits_empty_clusters():
-    # Many identical points and a few distinct ones: naive Lloyd would leave
-    # clusters empty; every centre must end up with points.
+def test_inertia_close_to_sklearn_with_empty_clusters():
+    # Many repeated rows: some initial centres coincide, their clusters are
+    # left empty, and each is given a point worst served by its centre.
+    rng = np.random.default_rng(0)
+    repeated = rng.standard_normal((20, 6))[rng.integers(0, 20, size=1500)]
+    X = np.vstack([repeated, rng.standard_normal((500, 6)) * 3]).astype(np.float32)
+    centers, _, _ = train_kmeans(X, 64, random_state=0, max_iter=50)
+    ref = _sklearn_from_same_start(X, 64, 0, max_iter=50)
+    inertia = np.sum(np.min(((X[:, None] - centers[None]) ** 2).sum(-1), axis=1))
+    np.testing.assert_allclose(inertia, ref.inertia_, rtol=1e-3)
+
+
+def test_every_centre_keeps_points_when_there_are_enough_distinct_rows():
     rng = np.random.default_rng(0)
     X = np.vstack([np.zeros((300, 4)), rng.standard_normal((30, 4)) * 10])
     X = X.astype(np.float32)
     centers, _, _ = train_kmeans(X, 20, random_state=0, max_iter=30)
     assert np.all(np.isfinite(centers))
-    assert len(np.unique(centers.round(6), axis=0)) > 10
+    labels = np.argmin(((X[:, None] - centers[None]) ** 2).sum(-1), axis=1)
+    assert len(np.unique(labels)) == 20
+
+
+def test_only_duplicates_left_does_not_loop():
+    # Fewer distinct rows than centres: the spare centres stay empty and
+    # training still converges.
+    X = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)
+    centers, inertia, n_iter = train_kmeans(X, 5, random_state=0, max_iter=50)
+    assert np.all(np.isfinite(centers))
+    assert n_iter < 50
+    assert inertia == 0
+
+
+def test_inner_product_assigns_by_largest_inner_product():
+    # One iteration from the initial rows: the centres are the means of the
+    # groups of largest inner product, which are not the nearest groups here
+    # (the rows have very different norms).
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 5)) * rng.uniform(0.2, 5.0, size=(300, 1))
+    X = X.astype(np.float32)
+    init = _initial_centers(X, 3, np.random.RandomState(0))
+    by_ip = np.argmax(X @ init.T, axis=1)
+    by_l2 = np.argmin(((X[:, None] - init[None]) ** 2).sum(-1), axis=1)
+    assert np.all(np.bincount(by_ip, minlength=3) > 0)
+    assert np.mean(by_ip != by_l2) > 0.1
+
+    centers, inertia, n_iter = train_kmeans(
+        X, 3, metric="inner_product", max_iter=1, random_state=0
+    )
+    assert n_iter == 1
+    expected = np.array([X[by_ip == c].mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(centers, expected, rtol=1e-5, atol=1e-5)
+    # The inertia is the negated sum of the inner products at that assignment.
+    np.testing.assert_allclose(inertia, -np.sum(np.max(X @ init.T, axis=1)), rtol=1e-5)
 
 
 def test_train_kmeans_too_many_clusters():
@@ -54,7 +144,13 @@ def test_train_kmeans_too_many_clusters():
         train_kmeans(X, 6)
 
 
+def test_train_kmeans_unknown_metric():
+    X = np.zeros((5, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="but metric = 'cosine'"):
+        train_kmeans(X, 2, metric="cosine")
+
+
 def test_train_kmeans_verbose(capsys):
-    X, _ = make_blobs(300, n_features=4, centers=3, random_state=0)
-    train_kmeans(X.astype(np.float32), 3, random_state=0, verbose=1, name="coarse")
+    X = _blobs(300, n_features=4, centers=3)
+    train_kmeans(X, 3, random_state=0, verbose=1, name="coarse")
     assert "[coarse] iteration 1: inertia" in capsys.readouterr().out
