@@ -16,10 +16,11 @@ same initial rows; scikit-learn on OpenBLAS's SkylakeX sgemm) measured
 scikit-learn's time per iteration over this loop's at 1.12 for the coarse
 quantizer with 256 cells, 1.37 with 1024 cells, 1.42 for a 256-centre PQ
 sub-quantizer on 8-feature sub-vectors and 1.19 on 28-feature ones (medians
-of 9 paired runs each, this loop faster in 35 of 36; inertias within 0.02%).
-On a machine whose cores were also busy with other jobs the PQ trainings
-measured 0.85 instead, and the coarse one with 256 cells about 1.0.
-scikit-learn cannot assign by inner product in any case.
+of 9 paired runs each, this loop faster in 35 of 36; inertias within 0.02%);
+with ``OPENBLAS_CORETYPE=Haswell`` (OpenBLAS's AVX2 sgemm) the coarse ratios
+were 1.62 and 2.02. On a machine whose cores were also busy with other jobs
+the PQ trainings measured 0.85 instead, and the coarse one with 256 cells
+about 1.0. scikit-learn cannot assign by inner product in any case.
 """
 
 from __future__ import annotations
