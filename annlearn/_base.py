@@ -4,10 +4,12 @@ It holds what every index shares and no index-specific code: the
 scikit-learn semantics of ``kneighbors`` (``X=None`` queries the indexed
 vectors, each excluding itself), ``kneighbors_graph``, and ``transform`` /
 ``fit_transform`` exactly as :class:`sklearn.neighbors.KNeighborsTransformer`
-defines them. A concrete index keeps its searchable state in one dict,
-``self._store`` (an object with at least ``ids``, the id of every row),
-replaced whole by every change,
-and implements three hooks, each given the one ``store`` a call works on:
+defines them, and ``add``/``remove``. A concrete index keeps its searchable
+state in one immutable store object, ``self._store``, with at least ``ids``
+(the id of every row) and ``remove(mask)``; every change replaces it whole
+(``_store_with`` builds the store with more rows, ``_set_store`` publishes
+one). The index implements these hooks, each given the one ``store`` a call
+works on:
 
 ``_prepare_queries(X)``
     Validated float32 queries -> what the search kernel takes (centred,
@@ -88,7 +90,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         raise NotImplementedError
 
     def _indexed_queries(
-        self, store: dict, positions: np.ndarray
+        self, store, positions: np.ndarray
     ) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
@@ -203,7 +205,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return (distances, indices) if return_distance else indices
 
     def _kneighbors_indexed(
-        self, store: dict, n_neighbors: int
+        self, store, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of every indexed vector but itself, rows in id order,
         searched a block of vectors at a time."""
