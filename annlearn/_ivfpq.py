@@ -300,7 +300,10 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         n_train = max(min(self.max_train_samples or 256 * needed, n_samples), needed)
         _warn_small_training(n_train, self.nlist, 2**self.nbits)
         n_threads = effective_n_threads(self.n_jobs)
-        crc = checksum(X)
+        # score finds the exact neighbours in the stored vectors when kept,
+        # else in the fit array, whose checksum tells if it was overwritten.
+        keep_vectors = self.refine_factor is not None
+        crc = None if keep_vectors else checksum(X)
         self.effective_metric_ = self.metric
         self._by_residual = self.by_residual
         X = self._prepare(X)
@@ -322,12 +325,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.n_subquantizers_ = n_sub
         self._center_sqnorms = _flat_search.row_sqnorms(self.cluster_centers_, 1)
         self._codec = self._make_codec()
-        vectors = X if self.refine_factor is not None else None
+        vectors = X if keep_vectors else None
         lists = InvertedLists.from_cells(
             self.nlist, trained["cells"], trained["codes"], ids, vectors
         )
         self._set_store(lists)
-        self._fit_source = FitSource.of(source, ids, crc)
+        if not keep_vectors:
+            self._fit_source = FitSource.of(source, ids, crc)
         _warn_imbalance(lists)
         return self
 
