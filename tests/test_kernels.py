@@ -9,8 +9,8 @@ from threadpoolctl import threadpool_info
 from annlearn import _flat_search, _pca_bound
 from annlearn._threads import blas_single_thread, effective_n_threads
 from annlearn._utils._blas import _gemm_abt_wrapper
-from annlearn._utils._packed_gemm import _simd_isa
 from annlearn._utils._heap import _heap_topk_wrapper
+from annlearn._utils._packed_gemm import _simd_isa
 
 GEMMS = ["blas"] + (["packed"] if _flat_search.PACKED_GEMM_AVAILABLE else [])
 
