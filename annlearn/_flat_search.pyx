@@ -27,7 +27,7 @@ parallel_on_Y (a few queries: latency)
     the block's queries, and these are merged per query row before the next
     block (the heap's id tie-break makes the merge order irrelevant). The
     heaps thus take n_threads * x_chunk * k entries, never n_threads *
-    n_queries * k (5 GB at 64 threads, k=100, 65,000 queries).
+    n_queries * k.
 
     ::
 
@@ -114,13 +114,12 @@ DEFAULT_GEMM = (
 cdef enum:
     PACKED_MIN_QUERIES = 48
 
-# Default block sizes per GEMM, tuned on Fashion-MNIST (784 features, 2 cores,
-# a shared 32 MiB L3). Packed: a block of ~1000 queries is packed once and
-# stays in L3 while database blocks (packed per block, in L2) stream past it:
-# 256 rows with the AVX-512 kernel (1 MiB of L2 per core: 1020 x 256 beat
-# 1020 x 128/512, 504 x 256 and 2040 x 256 by 2-20%), 128 rows with the AVX2
-# kernel (tuned on 512 KiB of L2 per core: 1020 x 128 beat 510 x 128 and
-# 1020 x 192/256). BLAS: a 512 x 2048 float32 output block (4 MiB).
+# Default (query, database) block sizes per GEMM. Packed: a block of ~1000
+# queries (a multiple of the 12-row micro-tile) is packed once and stays in L3
+# while database blocks, packed per block, stream past it from L2: 256 rows
+# fill 1 MiB of L2 with the AVX-512 kernel, 128 rows half that with AVX2.
+# BLAS: a 512 x 2048 float32 output block (4 MiB). The block sizes that were
+# compared are in benchmarks/README.md (bench_flat).
 DEFAULT_CHUNKS = {
     "packed": (1020, 256) if annlearn_isa() == ANNLEARN_ISA_AVX512 else (1020, 128),
     "blas": (512, 2048),

@@ -192,8 +192,8 @@ static inline void annlearn_packed_gemm_abt_avx512(
 }
 
 /* Pack like annlearn_pack_rows for width == NR, gathering each k-slice of
- * 16 rows with one instruction: several times faster than the scalar
- * transpose, and packing the database block is on the search's hot path. */
+ * 16 rows with one instruction instead of a scalar transpose: packing the
+ * database block is on the search's hot path. */
 __attribute__((target("avx512f")))
 static inline void annlearn_pack_panels_avx512(const float* X, ptrdiff_t ldx,
                                                ptrdiff_t rows, ptrdiff_t k,
