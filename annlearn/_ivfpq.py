@@ -16,7 +16,6 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from annlearn import _flat_search
 from annlearn._base import NeighborsBase, _megabytes, transactional
 from annlearn._fit_source import FitSource, checksum
 from annlearn._flat import FlatNeighbors, _normalize_rows
@@ -323,8 +322,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.cluster_centers_ = trained["cluster_centers"]
         self.pq_codebooks_ = trained["pq_codebooks"]
         self.n_subquantizers_ = n_sub
-        self._center_sqnorms = _flat_search.row_sqnorms(self.cluster_centers_, 1)
         self._codec = self._make_codec()
+        # Saved with the state (older files have it); the quantizer's own.
+        self._center_sqnorms = self._codec.quantizer.sqnorms
         vectors = X if keep_vectors else None
         lists = InvertedLists.from_cells(
             self.nlist, trained["cells"], trained["codes"], ids, vectors

@@ -10,9 +10,6 @@ from annlearn._threads import flat_search_blas_guard
 
 __all__ = ["ProductQuantizer"]
 
-# Rows encoded at once: bounds the sub-vector copy (ENCODE_BLOCK x dsub).
-_ENCODE_BLOCK = 65_536
-
 
 class ProductQuantizer:
     """Codes of ``M`` bytes for vectors of ``M * dsub`` features.
@@ -30,11 +27,15 @@ class ProductQuantizer:
     ----------
     codebooks_t : ndarray of shape (M, dsub, 2**nbits), float32
         The codebooks transposed, as the lookup-table kernel reads them.
+    sqnorms : list of M ndarrays of shape (2**nbits,), float32
+        Squared norms of each sub-quantizer's centres (the encoding search
+        takes them).
     """
 
     def __init__(self, codebooks: np.ndarray) -> None:
         self.codebooks = codebooks
         self.codebooks_t = np.ascontiguousarray(codebooks.transpose(0, 2, 1))
+        self.sqnorms = [_flat_search.row_sqnorms(cb, 1) for cb in codebooks]
 
     @classmethod
     def train(
@@ -84,23 +85,24 @@ class ProductQuantizer:
         return self.codebooks.shape[2]
 
     def encode(self, X: np.ndarray, n_threads: int) -> np.ndarray:
-        """Codes of the rows of X (float32), shape (n, M), uint8."""
-        M, dsub = self.M, self.dsub
-        sqnorms = [_flat_search.row_sqnorms(cb, n_threads) for cb in self.codebooks]
-        codes = np.empty((len(X), M), dtype=np.uint8)
+        """Codes of the rows of X (float32), shape (n, M), uint8.
+
+        Each sub-vector is copied contiguous in turn (n x dsub floats); the
+        caller bounds n (``IVFPQCodec.encode`` works in blocks of rows).
+        """
+        dsub = self.dsub
+        codes = np.empty((len(X), self.M), dtype=np.uint8)
         with flat_search_blas_guard():
-            for start in range(0, len(X), _ENCODE_BLOCK):
-                block = X[start : start + _ENCODE_BLOCK]
-                for m in range(M):
-                    sub = np.ascontiguousarray(block[:, m * dsub : (m + 1) * dsub])
-                    codes[start : start + len(block), m] = _flat_search.flat_kneighbors(
-                        sub,
-                        self.codebooks[m],
-                        sqnorms[m],
-                        1,
-                        _flat_search.METRIC_SQEUCLIDEAN,
-                        n_threads,
-                    )[1][:, 0]
+            for m in range(self.M):
+                sub = np.ascontiguousarray(X[:, m * dsub : (m + 1) * dsub])
+                codes[:, m] = _flat_search.flat_kneighbors(
+                    sub,
+                    self.codebooks[m],
+                    self.sqnorms[m],
+                    1,
+                    _flat_search.METRIC_SQEUCLIDEAN,
+                    n_threads,
+                )[1][:, 0]
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
