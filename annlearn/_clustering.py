@@ -20,7 +20,7 @@ of 9 paired runs each, this loop faster in 35 of 36; inertias within 0.02%);
 with ``OPENBLAS_CORETYPE=Haswell`` (OpenBLAS's AVX2 sgemm) the coarse ratios
 were 1.62 and 2.02. On a machine whose cores were also busy with other jobs
 the PQ trainings measured 0.85 instead, and the coarse one with 256 cells
-about 1.0. scikit-learn cannot assign by inner product in any case.
+about 1.0.
 """
 
 from __future__ import annotations
@@ -31,16 +31,11 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from annlearn import _flat_search
-from annlearn._flat_search import METRIC_INNER_PRODUCT, METRIC_SQEUCLIDEAN
+from annlearn._flat_search import METRIC_SQEUCLIDEAN
 from annlearn._kmeans import centre_sums
 from annlearn._threads import flat_search_blas_guard
 
 __all__ = ["train_kmeans"]
-
-_METRICS = {
-    "sqeuclidean": METRIC_SQEUCLIDEAN,
-    "inner_product": METRIC_INNER_PRODUCT,
-}
 
 # Rows per block of the variance computation (a few MiB of temporaries).
 _VARIANCE_BLOCK = 4096
@@ -50,7 +45,6 @@ def train_kmeans(
     X: np.ndarray,
     n_clusters: int,
     *,
-    metric: str = "sqeuclidean",
     max_iter: int = 25,
     tol: float = 1e-4,
     random_state=None,
@@ -66,11 +60,6 @@ def train_kmeans(
         Training points (validated by the caller).
     n_clusters : int
         Number of centres, at most ``n_samples``.
-    metric : {"sqeuclidean", "inner_product"}, default="sqeuclidean"
-        How points are assigned to centres: the nearest centre in squared
-        Euclidean distance, or the centre of largest inner product (the
-        assignment an inner-product coarse quantizer makes at search time).
-        Either way a centre is then moved to the mean of its points.
     max_iter : int, default=25
         Maximum number of Lloyd iterations.
     tol : float, default=1e-4
@@ -93,27 +82,18 @@ def train_kmeans(
     -------
     centers : ndarray of shape (n_clusters, n_features), float32
     inertia : float
-        At the last assignment: the sum of the squared distances of the
-        points to their centre for ``"sqeuclidean"``, and the negated sum of
-        the inner products of the points with their centre for
-        ``"inner_product"`` (lower is better either way).
+        The sum of the squared distances of the points to their centre, at
+        the last assignment.
     n_iter : int
         Iterations run.
 
     Notes
     -----
-    A cluster left empty by an assignment is given one of the points worst
-    served by their own centre (largest distance, or smallest inner
-    product), which leaves its cluster; the centre is then that point. This
-    is scikit-learn's rule. FAISS instead splits a large cluster in two,
-    which on the 8-feature PQ sub-vectors of Fashion-MNIST (many repeated
-    rows, hence coinciding initial centres) gave 0.6% to 6.7% more inertia,
-    and 187% more on the sub-space of the image border.
-
-    With ``"inner_product"`` the mean of a cluster does not maximise the sum
-    of its inner products (no centre does: scaling it up always helps), so
-    the iterations need not converge and often run to ``max_iter``; centres
-    of large norm attract most points and leave others empty.
+    A cluster left empty by an assignment is given one of the points
+    farthest from their own centre, which leaves its cluster; the centre is
+    then that point. This is scikit-learn's rule. FAISS instead splits a
+    large cluster in two, which gave more inertia on the PQ sub-vectors of
+    Fashion-MNIST, whose many repeated rows make initial centres coincide.
     """
     n_samples, n_features = X.shape
     if not 1 <= n_clusters <= n_samples:
@@ -121,16 +101,11 @@ def train_kmeans(
             f"{name}: expected 1 <= n_clusters <= n_samples, but n_clusters = "
             f"{n_clusters}, n_samples = {n_samples}."
         )
-    if metric not in _METRICS:
-        raise ValueError(
-            f"{name}: expected metric in {sorted(_METRICS)}, but metric = {metric!r}."
-        )
     rng = check_random_state(random_state)
     init = _initial_centers(X, n_clusters, rng)
     return _lloyd(
         X,
         init,
-        metric=metric,
         max_iter=max_iter,
         tol=tol,
         n_threads=n_threads,
@@ -168,7 +143,6 @@ def _lloyd(
     X: np.ndarray,
     centers: np.ndarray,
     *,
-    metric: str,
     max_iter: int,
     tol: float,
     n_threads: int,
@@ -177,7 +151,6 @@ def _lloyd(
 ) -> tuple[np.ndarray, float, int]:
     """annlearn's Lloyd iterations from the given initial centres."""
     n_clusters = centers.shape[0]
-    code = _METRICS[metric]
     threshold = _tolerance(X, tol)
     inertia = np.inf
     n_iter = 0
@@ -186,14 +159,12 @@ def _lloyd(
             start = time.perf_counter()
             sqnorms = _flat_search.row_sqnorms(centers, n_threads)
             distances, labels = _flat_search.flat_kneighbors(
-                X, centers, sqnorms, 1, code, n_threads
+                X, centers, sqnorms, 1, METRIC_SQEUCLIDEAN, n_threads
             )
             distances, labels = distances[:, 0], labels[:, 0]
             inertia = float(distances.sum(dtype=np.float64))
             sums, counts = centre_sums(X, labels, n_clusters, n_threads)
-            _relocate_empty_clusters(
-                X, distances, labels, sums, counts, code == METRIC_SQEUCLIDEAN
-            )
+            _relocate_empty_clusters(X, distances, labels, sums, counts)
             new_centers = sums / np.maximum(counts, 1)[:, None]
             # A centre no point could be moved to stays where it was.
             new_centers[counts == 0] = centers[counts == 0]
@@ -216,14 +187,13 @@ def _relocate_empty_clusters(
     labels: np.ndarray,
     sums: np.ndarray,
     counts: np.ndarray,
-    squared_distances: bool,
 ) -> None:
     """Give every empty cluster, in place, one of the points worst served by
     their centre (largest ``distances``), taken out of its cluster's sum.
 
     A point is moved only if its cluster keeps another point, so that no
-    cluster is emptied in turn, and, for squared distances, only if it is
-    not on its centre (it would gain nothing). Empty clusters left over
+    cluster is emptied in turn, and only if it is not on its centre (it
+    would gain nothing). Empty clusters left over
     (fewer such points than empty clusters) keep no point.
     """
     empty = np.flatnonzero(counts == 0)
@@ -232,7 +202,7 @@ def _relocate_empty_clusters(
     candidates = np.argsort(-distances, kind="stable")
     moved = 0
     for point in candidates:
-        if moved == len(empty) or (squared_distances and distances[point] <= 0):
+        if moved == len(empty) or distances[point] <= 0:
             break
         old = labels[point]
         if counts[old] <= 1:

@@ -9,10 +9,11 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from annlearn import _flat_search, _pca_bound
+from annlearn import _flat_search
 from annlearn._base import NeighborsBase, _megabytes, transactional
+from annlearn._flat_store import FlatStore
 from annlearn._persistence import PersistenceMixin, check_array_state
-from annlearn._threads import effective_n_threads, flat_search_blas_guard
+from annlearn._threads import effective_n_threads
 from annlearn._validation import (
     METRICS,
     check_new_ids,
@@ -21,13 +22,6 @@ from annlearn._validation import (
 )
 
 __all__ = ["FlatNeighbors"]
-
-_METRIC_CODES = {
-    "sqeuclidean": _flat_search.METRIC_SQEUCLIDEAN,
-    "euclidean": _flat_search.METRIC_EUCLIDEAN,
-    "inner_product": _flat_search.METRIC_INNER_PRODUCT,
-    "cosine": _flat_search.METRIC_COSINE,
-}
 
 
 def _normalize_rows(X: np.ndarray) -> np.ndarray:
@@ -61,53 +55,6 @@ def _far_from_origin(X: np.ndarray, sqnorms: np.ndarray) -> bool:
     mean_sq = float(mean @ mean)
     spread = max(float(np.mean(sqnorms, dtype=np.float64)) - mean_sq, 0.0)
     return mean_sq > 32.0**2 * max(spread, float(np.finfo(np.float32).tiny))
-
-
-class _FlatStore:
-    """The searchable arrays of a FlatNeighbors: float32 vectors as searched
-    (centred or normalised), their squared norms, their ids, and the
-    principal-component bound (a dict of arrays, see ``_pca_bound``) or None.
-    Never modified: every change builds a new one."""
-
-    _FIELDS = ("vectors", "sqnorms", "ids", "bound")
-    # __weakref__: the cache of exact answers keys digests by store.
-    __slots__ = (*_FIELDS, "__weakref__")
-
-    def __init__(self, vectors, sqnorms, ids, bound) -> None:
-        self.vectors, self.sqnorms, self.ids, self.bound = vectors, sqnorms, ids, bound
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def add(self, vectors, ids, n_threads: int) -> _FlatStore:
-        """A store with these prepared vectors too (O(n) copy); the bound is
-        extended on the same axes, so it stays exact for any vector."""
-        sqnorms = _flat_search.row_sqnorms(vectors, n_threads)
-        bound = self.bound
-        return _FlatStore(
-            np.concatenate([self.vectors, vectors]),
-            np.concatenate([self.sqnorms, sqnorms]),
-            np.concatenate([self.ids, ids]),
-            None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
-        )
-
-    def remove(self, mask) -> _FlatStore:
-        """A store without the rows where ``mask`` is True (O(n) copy)."""
-        keep = ~mask
-        bound = self.bound
-        return _FlatStore(
-            np.ascontiguousarray(self.vectors[keep]),
-            self.sqnorms[keep],
-            self.ids[keep],
-            None if bound is None else _pca_bound.subset(bound, keep),
-        )
-
-    def to_state(self) -> dict:
-        return {name: getattr(self, name) for name in self._FIELDS}
-
-    @classmethod
-    def from_state(cls, state: dict) -> _FlatStore:
-        return cls(state["vectors"], state["sqnorms"], state["ids"], state["bound"])
 
 
 class FlatNeighbors(PersistenceMixin, NeighborsBase):
@@ -262,26 +209,23 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         if self.metric in ("euclidean", "sqeuclidean") and _far_from_origin(X, sqnorms):
             self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
             X = np.ascontiguousarray(X - self._center)
-            sqnorms = _flat_search.row_sqnorms(X, n_threads)
-        bound = None
-        if self.algorithm != "brute":
-            bound = _pca_bound.fit_bound(
-                X, sqnorms, force=self.algorithm == "pca_bound"
-            )
+            sqnorms = None
+        store = FlatStore.build(
+            X, ids, algorithm=self.algorithm, n_threads=n_threads, sqnorms=sqnorms
+        )
         self.effective_metric_ = self.metric
-        self._set_store(_FlatStore(X, sqnorms, ids, bound))
+        self._set_store(store)
         return self
 
-    def _set_store(self, store: _FlatStore) -> None:
+    def _set_store(self, store: FlatStore) -> None:
         # One assignment replaces the whole index, so a search running in
         # another thread sees either the old index or the new one, never a
         # mix of the two.
         self._store = store
         self.n_samples_fit_ = len(store)
-        bound = store.bound
-        self.n_bound_components_ = 0 if bound is None else bound["rotation"].shape[1]
+        self.n_bound_components_ = store.n_bound_components
 
-    def _store_with(self, store: _FlatStore, X: np.ndarray, ids) -> _FlatStore:
+    def _store_with(self, store: FlatStore, X: np.ndarray, ids) -> FlatStore:
         return store.add(
             self._prepare_queries(X), ids, effective_n_threads(self.n_jobs)
         )
@@ -297,31 +241,17 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return state
 
     def _check_state(self) -> None:
-        store = getattr(self, "_store", None)
-        keys = {"vectors", "sqnorms", "ids", "bound"}
-        if not isinstance(store, dict) or set(store) != keys:
-            raise ValueError("Corrupted FlatNeighbors state: no index arrays.")
-        n, d = self.n_samples_fit_, self.n_features_in_
-        name = "FlatNeighbors"
+        name, d = "FlatNeighbors", self.n_features_in_
+        FlatStore.check_state(
+            name,
+            getattr(self, "_store", None),
+            n=self.n_samples_fit_,
+            d=d,
+            d1=getattr(self, "n_bound_components_", -1),
+        )
         metric = getattr(self, "effective_metric_", self.metric)
         if metric not in METRICS:
-            raise ValueError(f"Corrupted FlatNeighbors state: metric {metric!r}.")
-        check_array_state(
-            name, "vectors", store["vectors"], dtype=np.float32, ndim=2, shape=(n, d)
-        )
-        check_array_state(
-            name, "sqnorms", store["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
-        )
-        check_array_state(
-            name,
-            "ids",
-            store["ids"],
-            dtype=np.int64,
-            ndim=1,
-            shape=(n,),
-            low=0,
-            distinct=True,
-        )
+            raise ValueError(f"Corrupted {name} state: metric {metric!r}.")
         center = getattr(self, "_center", None)
         if center is not None:
             check_array_state(
@@ -333,41 +263,11 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
                 shape=(d,),
                 finite=True,
             )
-        bound = store["bound"]
-        d1 = self.n_bound_components_
-        if bound is None and d1 != 0:
-            raise ValueError(
-                f"Corrupted FlatNeighbors state: n_bound_components_ = {d1} without "
-                "a bound."
-            )
-        if bound is not None:
-            if (
-                not isinstance(bound, dict)
-                or not isinstance(bound.get("max_sqnorm"), float)
-                or np.isnan(bound["max_sqnorm"])
-                or not 0 < d1 <= d
-            ):
-                raise ValueError("Corrupted FlatNeighbors state: bound.")
-            for key, dtype, shape in (
-                ("mean", np.float64, (d,)),
-                ("rotation", np.float64, (d, d1)),
-                ("vectors", np.float32, (n, d1 + 1)),
-                ("sqnorms", np.float32, (n,)),
-            ):
-                check_array_state(
-                    name,
-                    f"bound {key}",
-                    bound.get(key),
-                    dtype=dtype,
-                    ndim=len(shape),
-                    shape=shape,
-                    finite=key in ("mean", "rotation"),
-                )
 
     def _derive_tables(self) -> None:
         # A loaded state holds the store as plain arrays (to_state's dict).
         if isinstance(self._store, dict):
-            self._store = _FlatStore.from_state(self._store)
+            self._store = FlatStore.from_state(self._store)
 
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""
@@ -398,25 +298,21 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         check_is_fitted(self)
         store = self._store
         n, d = self.n_samples_fit_, self.n_features_in_
-        bound = store.bound
-        arrays = [store.vectors, store.sqnorms, store.ids]
-        lines = [
-            f"FlatNeighbors: {n:,} vectors of {d} features, "
-            f"metric={fitted_metric(self)!r}",
-            f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
-            "norm 4, id 8)",
-        ]
-        if bound is not None:
-            d1 = self.n_bound_components_
-            arrays += [bound[key] for key in ("mean", "rotation", "vectors", "sqnorms")]
-            lines.append(
-                f"  search: pca_bound on {d1} principal components, "
-                f"+{4 * (d1 + 2)} bytes per vector"
-            )
-        else:
-            lines.append("  search: brute")
-        lines.append(f"  memory: {_megabytes(sum(a.nbytes for a in arrays))}")
-        return "\n".join(lines)
+        d1 = store.n_bound_components
+        search = "brute"
+        if d1:
+            search = f"pca_bound on {d1} principal components, +{4 * (d1 + 2)} "
+            search += "bytes per vector"
+        return "\n".join(
+            [
+                f"FlatNeighbors: {n:,} vectors of {d} features, "
+                f"metric={fitted_metric(self)!r}",
+                f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, "
+                "squared norm 4, id 8)",
+                f"  search: {search}",
+                f"  memory: {_megabytes(store.nbytes)}",
+            ]
+        )
 
     def _exact_reference(self) -> FlatNeighbors:
         check_is_fitted(self)
@@ -425,52 +321,17 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _exact_distances(self, Xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """float64 distances between prepared queries and indexed ids, in
         the metric's units; +inf for ids not in the index (or < 0)."""
-        store = self._store
-        order = np.argsort(store.ids, kind="stable")
-        sorted_ids = store.ids[order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        found = (ids >= 0) & (sorted_ids[pos] == ids)
-        rows = order[pos]
-        metric = fitted_metric(self)
-        out = np.full(ids.shape, np.inf)
-        # One query row at a time keeps memory at O(k * n_features).
-        for i in range(len(Xq)):
-            q = Xq[i].astype(np.float64)
-            y = store.vectors[rows[i]].astype(np.float64)
-            if metric in ("euclidean", "sqeuclidean"):
-                d = ((y - q) ** 2).sum(axis=1)
-                if metric == "euclidean":
-                    d = np.sqrt(d)
-            elif metric == "cosine":
-                d = np.clip(1.0 - y @ q, 0.0, 2.0)
-            else:
-                d = -(y @ q)
-            out[i] = np.where(found[i], d, np.inf)
-        return out
+        return self._store.exact_distances(Xq, ids, fitted_metric(self))
 
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare_vectors(X)
 
-    def _indexed_queries(self, store: dict, positions: np.ndarray) -> np.ndarray:
+    def _indexed_queries(self, store: FlatStore, positions: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(store.vectors[positions])
 
     def _search(
-        self, store: dict, X: np.ndarray, n_neighbors: int
+        self, store: FlatStore, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        n_threads = effective_n_threads(self.n_jobs)
-        metric = fitted_metric(self)
-        bound = store.bound
-        if bound is not None:
-            l2 = metric in ("euclidean", "sqeuclidean")
-            bound = _pca_bound.query_bounds(bound, X, l2)
-        with flat_search_blas_guard():
-            distances, positions = _flat_search.flat_kneighbors(
-                X,
-                store.vectors,
-                store.sqnorms,
-                n_neighbors,
-                _METRIC_CODES[metric],
-                n_threads,
-                bound=bound,
-            )
-        return distances, positions
+        return store.search(
+            X, n_neighbors, fitted_metric(self), effective_n_threads(self.n_jobs)
+        )

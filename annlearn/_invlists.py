@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from annlearn._persistence import check_array_state
+from annlearn._persistence import check_array_state, check_ids_state
 
 __all__ = ["InvertedLists"]
 
@@ -165,16 +165,7 @@ class InvertedLists:
             raise ValueError(
                 f"Corrupted {owner} state: codes must be < 2**nbits = {ksub}."
             )
-        check_array_state(
-            owner,
-            "ids",
-            state["ids"],
-            dtype=np.int64,
-            ndim=1,
-            shape=(n,),
-            low=0,
-            distinct=True,
-        )
+        check_ids_state(owner, state["ids"], n)
         if state["vectors"] is not None:
             check_array_state(
                 owner,

@@ -133,7 +133,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         ``"inner_product"``, defined as in :class:`FlatNeighbors` (a zero
         vector is at cosine distance 1 from everything). ``"cosine"``
         indexes normalised vectors and ranks them by inner product;
-        ``"inner_product"`` uses inner-product cells and tables.
+        ``"inner_product"`` builds its cells on lifted vectors, so that cells
+        are trained, assigned and probed by one distance (user guide,
+        "Inner-product cells").
     refine_factor : int, default=None
         If set, keep a float32 copy of the vectors and re-rank the best
         ``refine_factor * n_neighbors`` candidates of each query by exact
@@ -320,6 +322,10 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         )
         trained = train(X, params, n_threads, self.verbose)
         self.cluster_centers_ = trained["cluster_centers"]
+        lift = trained["cells_lift"]
+        self._ip_lift = (
+            None if lift is None else {"extra": lift[0], "max_sqnorm": lift[1]}
+        )
         self.pq_codebooks_ = trained["pq_codebooks"]
         self.n_subquantizers_ = n_sub
         self._codec = self._make_codec()
@@ -402,8 +408,11 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _make_codec(self) -> IVFPQCodec:
         metric = fitted_metric(self)
         cells_metric = "inner_product" if metric == "inner_product" else "l2"
+        lift = self._ip_lift
+        if lift is not None:
+            lift = (lift["extra"], lift["max_sqnorm"])
         return IVFPQCodec(
-            CoarseQuantizer(self.cluster_centers_, cells_metric),
+            CoarseQuantizer(self.cluster_centers_, cells_metric, lift),
             ProductQuantizer(self.pq_codebooks_),
             metric,
             self._by_residual,
@@ -454,6 +463,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         # the parameters were them.
         state.setdefault("effective_metric_", state.get("metric"))
         state.setdefault("_by_residual", state.get("by_residual"))
+        # Before layout 3, inner-product cells were not lifted: they keep
+        # being probed by the largest inner product, which they were built for.
+        state.setdefault("_ip_lift", None)
         return state
 
     def _check_state(self) -> None:
@@ -471,7 +483,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         if metric not in METRICS:
             raise ValueError(f"Corrupted {name} state: metric {metric!r}.")
         nlist, ksub = IVFPQCodec.check_state(
-            name, self.cluster_centers_, self.pq_codebooks_, self._center_sqnorms, d
+            name,
+            self.cluster_centers_,
+            self.pq_codebooks_,
+            self._center_sqnorms,
+            d,
+            lift=self._ip_lift,
+            metric=metric,
         )
         InvertedLists.check_state(
             name, self._store, n=n, nlist=nlist, code_size=n_sub, ksub=ksub, d=d

@@ -78,11 +78,11 @@ class IVFPQCodec:
 
     @staticmethod
     def check_state(
-        owner: str, centers, codebooks, center_sqnorms, d: int
+        owner: str, centers, codebooks, center_sqnorms, d: int, *, lift, metric
     ) -> tuple[int, int]:
         """Raise ValueError unless the loaded quantizer arrays are a valid
-        pair for ``d`` features (finite, float32, consistent shapes); return
-        (nlist, ksub)."""
+        pair for ``d`` features (finite, float32, consistent shapes) and the
+        lift of the cells (a dict, or None) fits them; return (nlist, ksub)."""
         check_array_state(
             owner,
             "cluster_centers_",
@@ -116,6 +116,27 @@ class IVFPQCodec:
             shape=(nlist,),
             finite=True,
         )
+        if lift is not None:
+            if metric != "inner_product":
+                raise ValueError(
+                    f"Corrupted {owner} state: _ip_lift is set for metric {metric!r}."
+                )
+            check_array_state(
+                owner,
+                "_ip_lift/extra",
+                lift["extra"],
+                dtype=np.float32,
+                ndim=1,
+                shape=(nlist,),
+                finite=True,
+                low=0,
+            )
+            max_sqnorm = lift["max_sqnorm"]
+            if not (np.isfinite(max_sqnorm) and max_sqnorm >= 0):
+                raise ValueError(
+                    f"Corrupted {owner} state: _ip_lift/max_sqnorm = "
+                    f"{max_sqnorm!r}, expected a finite number >= 0."
+                )
         return nlist, ksub
 
     # -- coding -----------------------------------------------------------
@@ -297,6 +318,7 @@ def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) 
     log(f"encoded {len(X)} vectors in {time.perf_counter() - start:.2f} s")
     return {
         "cluster_centers": codec.quantizer.centers,
+        "cells_lift": codec.quantizer.lift,
         "pq_codebooks": codec.pq.codebooks,
         "cells": cells,
         "codes": codes,

@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PersistenceMixin",
     "check_array_state",
+    "check_ids_state",
     "load",
     "save",
 ]
@@ -51,7 +52,10 @@ __all__ = [
 # 1: the first layout.
 # 2: FlatNeighbors also stores its principal-component bound
 #    (``_store["bound"]``, None for brute force).
-FORMAT_VERSION = 2
+# 3: IVFPQNeighbors with metric="inner_product" stores the lift of its cells
+#    (``_ip_lift``, None for the other metrics and for older files, whose
+#    cells stay probed by the largest inner product).
+FORMAT_VERSION = 3
 # The data layout of the first annlearn files (earlier layouts were pickled).
 _FIRST_FILE_LAYOUT = 2
 
@@ -159,6 +163,13 @@ def check_array_state(
         raise ValueError(f"Corrupted {owner} state: {name} must be distinct.")
 
 
+def check_ids_state(owner: str, ids, n: int) -> None:
+    """Check the ids of a loaded index: ``n`` distinct int64 values >= 0."""
+    check_array_state(
+        owner, "ids", ids, dtype=np.int64, ndim=1, shape=(n,), low=0, distinct=True
+    )
+
+
 def _distinct(values: np.ndarray) -> bool:
     """Whether the integers ``values`` are all different."""
     if len(values) < 2:
@@ -252,7 +263,11 @@ _SCHEMAS = {
 # before they existed lack (the estimator's _upgrade_state fills them in).
 _OPTIONAL = {
     "FlatNeighbors": {"effective_metric_": _STR},
-    "IVFPQNeighbors": {"effective_metric_": _STR, "_by_residual": _BOOL},
+    "IVFPQNeighbors": {
+        "effective_metric_": _STR,
+        "_by_residual": _BOOL,
+        "_ip_lift": _Maybe({"extra": _ARRAY, "max_sqnorm": _FLOAT}),
+    },
 }
 _OPTIONAL_EVERYWHERE = {
     "feature_names_in_": _STRINGS,

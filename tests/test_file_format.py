@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 
 from annlearn import FlatNeighbors, IVFPQNeighbors, _file_format, load, save
+from annlearn._ivfpq_codec import IVFPQCodec
+from annlearn._persistence import FORMAT_VERSION
+from annlearn._quantizers import CoarseQuantizer
 
 MAGIC = b"\x89annlearn\r\n\x1a\n"
 
@@ -87,15 +90,15 @@ def data():
     )
 
 
+# A small IVF-PQ index of the 8-feature data.
+_SMALL_IVFPQ = dict(n_neighbors=3, nlist=4, nprobe=2, n_subquantizers=2, nbits=4)
+
+
 @pytest.fixture(scope="module")
 def ivfpq_bytes(data, tmp_path_factory):
     path = tmp_path_factory.mktemp("ivfpq") / "ivfpq.annlearn"
     est = IVFPQNeighbors(
-        n_neighbors=3,
-        nlist=4,
-        nprobe=2,
-        n_subquantizers=2,
-        nbits=4,
+        **_SMALL_IVFPQ,
         refine_factor=2,
         random_state=np.random.RandomState(0),
     )
@@ -231,9 +234,10 @@ def test_newer_format_and_damaged_preamble(saved):
 def test_newer_data_layout(saved):
     path, raw = saved
     header, _ = _split(raw)
-    header["state"]["_annlearn_format"] = 3
+    newer = FORMAT_VERSION + 1
+    header["state"]["_annlearn_format"] = newer
     path.write_bytes(_with_header(raw, header))
-    _refused(path, "data layout version 3.*Upgrade annlearn")
+    _refused(path, f"data layout version {newer}.*Upgrade annlearn")
 
 
 def _table_edit(key, value):
@@ -496,3 +500,54 @@ def test_mapped_load_verifies_small_arrays_and_on_request(data, tmp_path, monkey
     path.write_bytes(damaged)
     _refused(path, "state/_store/sqnorms is damaged", mmap_mode="r")
     _refused(path, "state/_store/sqnorms is damaged", verify=False)
+
+
+def test_layout_2_inner_product_cells_are_probed_as_before(data, tmp_path):
+    """Before layout 3, inner-product cells were not lifted: such a file
+    loads, and its cells are probed by the largest inner product."""
+    X, Q = data
+    est = IVFPQNeighbors(**_SMALL_IVFPQ, metric="inner_product", random_state=0)
+    est = est.fit(X)
+    assert est._codec.quantizer.lift is not None
+    del est._ip_lift  # what a layout-2 state holds
+    path = tmp_path / "old.annlearn"
+    save(est, path)
+    raw = path.read_bytes()
+    header, _ = _split(raw)
+    header["state"]["_annlearn_format"] = 2
+    path.write_bytes(_with_header(raw, header))
+    old = load(path)
+    assert old._ip_lift is None and old._codec.quantizer.lift is None
+    legacy = CoarseQuantizer(est.cluster_centers_, "inner_product")
+    codec = IVFPQCodec(legacy, old._codec.pq, "inner_product", True)
+    d, pos = codec.search(old._store, Q, 3, nprobe=2, refine_factor=None, n_threads=1)
+    got_d, got = old.kneighbors(Q)
+    np.testing.assert_array_equal(got, old._store.ids[pos])
+    np.testing.assert_allclose(got_d, d, rtol=1e-6)
+    # Saved again, it is a layout-3 file that keeps the old cells.
+    save(old, path)
+    assert load(path)._ip_lift is None
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda lift: lift.update(extra=-lift["extra"] - 1), "extra must be >= 0"),
+        (lambda lift: lift.update(extra=lift["extra"][:-1]), "extra"),
+        (lambda lift: lift.update(max_sqnorm=float("nan")), "max_sqnorm"),
+    ],
+)
+def test_corrupted_cells_lift_is_refused(data, edit, match):
+    est = IVFPQNeighbors(
+        nlist=4, n_subquantizers=2, nbits=4, metric="inner_product", random_state=0
+    ).fit(data[0])
+    state = est.__getstate__()
+    state["_ip_lift"] = dict(state["_ip_lift"])
+    edit(state["_ip_lift"])
+    with pytest.raises(ValueError, match=f"Corrupted IVFPQNeighbors state: .*{match}"):
+        IVFPQNeighbors().__setstate__(state)
+    l2 = IVFPQNeighbors(nlist=4, n_subquantizers=2, nbits=4, random_state=0)
+    l2_state = l2.fit(data[0]).__getstate__()
+    l2_state["_ip_lift"] = est.__getstate__()["_ip_lift"]
+    with pytest.raises(ValueError, match="_ip_lift is set for metric 'euclidean'"):
+        IVFPQNeighbors().__setstate__(l2_state)

@@ -38,6 +38,45 @@ def test_coarse_quantizer_inner_product():
         CoarseQuantizer(centers, "cosine")
 
 
+def _lifted(X, centers, extra, max_sqnorm):
+    """The lift of rows X and of the centres, in float64 (module docstring of
+    annlearn/_quantizers/_coarse.py)."""
+    X = X.astype(np.float64)
+    e = np.sqrt(np.maximum(max_sqnorm - (X**2).sum(1), 0))
+    return np.column_stack([X, e]), np.column_stack([centers, extra])
+
+
+def test_coarse_quantizer_inner_product_cells_are_lifted_l2_cells():
+    rng = np.random.default_rng(3)
+    # Clustered rows of very different norms: the case the lift is for.
+    X = (
+        rng.standard_normal((8, 12))[rng.integers(0, 8, 2000)] * 3
+        + rng.standard_normal((2000, 12))
+    ) * rng.lognormal(0, 0.5, (2000, 1))
+    X = X.astype(np.float32)
+    q = CoarseQuantizer.train(
+        X, 16, metric="inner_product", max_iter=10, random_state=0, n_threads=2
+    )
+    extra, max_sqnorm = q.lift
+    assert q.metric == "inner_product" and extra.shape == (16,)
+    assert_allclose(max_sqnorm, (X.astype(np.float64) ** 2).sum(1).max(), rtol=1e-6)
+    assert np.all(extra >= 0) and np.all(np.bincount(q.assign(X, 2), minlength=16))
+    # Rows go to the nearest lifted centre (a row of larger norm than any
+    # training row is lifted by 0).
+    rows = np.vstack([X[:300], 3 * X[:5]])
+    lifted_rows, lifted_centers = _lifted(rows, q.centers, extra, max_sqnorm)
+    d = ((lifted_rows[:, None] - lifted_centers[None]) ** 2).sum(-1)
+    assert_array_equal(q.assign(rows, 2), d.argmin(1))
+    # Queries, lifted by 0, probe cells in lifted-distance order, and the
+    # term 1 of each is -<q, c>.
+    Q = rng.standard_normal((40, 12)).astype(np.float32) * 2
+    terms, cells = q.search(Q, 5, n_threads=2)
+    dq = (np.column_stack([Q, np.zeros(40)])[:, None] - lifted_centers[None]) ** 2
+    assert_array_equal(cells, np.argsort(dq.sum(-1), axis=1, kind="stable")[:, :5])
+    ip = Q.astype(np.float64) @ q.centers.T.astype(np.float64)
+    assert_allclose(terms, -np.take_along_axis(ip, cells, 1), rtol=1e-4, atol=1e-3)
+
+
 # -- ProductQuantizer -------------------------------------------------------------
 def test_product_quantizer_round_trip(X):
     pq = ProductQuantizer.train(X, 4, 6, max_iter=15, random_state=0, n_threads=2)

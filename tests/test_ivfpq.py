@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from annlearn import FlatNeighbors, IVFPQNeighbors, _ivfpq
 from annlearn._ivfpq import default_n_subquantizers
+from annlearn._persistence import FORMAT_VERSION
 from annlearn._testing import assert_knn_quasi_equal
 from annlearn.datasets import make_embeddings
 
@@ -344,7 +345,7 @@ def test_pickle_versions_and_corruption(data):
     X, Q = data
     est = small(n_neighbors=3).fit(X[:500])
     state = est.__getstate__()
-    assert state["_annlearn_format"] == 2
+    assert state["_annlearn_format"] == FORMAT_VERSION
     assert "_codec" not in state and isinstance(state["_store"], dict)
     restored = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(restored.kneighbors(Q)[1], est.kneighbors(Q)[1])

@@ -115,39 +115,10 @@ def test_only_duplicates_left_does_not_loop():
     assert inertia == 0
 
 
-def test_inner_product_assigns_by_largest_inner_product():
-    # One iteration from the initial rows: the centres are the means of the
-    # groups of largest inner product, which are not the nearest groups here
-    # (the rows have very different norms).
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((300, 5)) * rng.uniform(0.2, 5.0, size=(300, 1))
-    X = X.astype(np.float32)
-    init = _initial_centers(X, 3, np.random.RandomState(0))
-    by_ip = np.argmax(X @ init.T, axis=1)
-    by_l2 = np.argmin(((X[:, None] - init[None]) ** 2).sum(-1), axis=1)
-    assert np.all(np.bincount(by_ip, minlength=3) > 0)
-    assert np.mean(by_ip != by_l2) > 0.1
-
-    centers, inertia, n_iter = train_kmeans(
-        X, 3, metric="inner_product", max_iter=1, random_state=0
-    )
-    assert n_iter == 1
-    expected = np.array([X[by_ip == c].mean(axis=0) for c in range(3)])
-    np.testing.assert_allclose(centers, expected, rtol=1e-5, atol=1e-5)
-    # The inertia is the negated sum of the inner products at that assignment.
-    np.testing.assert_allclose(inertia, -np.sum(np.max(X @ init.T, axis=1)), rtol=1e-5)
-
-
 def test_train_kmeans_too_many_clusters():
     X = np.zeros((5, 3), dtype=np.float32)
     with pytest.raises(ValueError, match="n_clusters = 6, n_samples = 5"):
         train_kmeans(X, 6)
-
-
-def test_train_kmeans_unknown_metric():
-    X = np.zeros((5, 3), dtype=np.float32)
-    with pytest.raises(ValueError, match="but metric = 'cosine'"):
-        train_kmeans(X, 2, metric="cosine")
 
 
 def test_train_kmeans_verbose(capsys):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from annlearn import FlatNeighbors, load, save
+from annlearn._persistence import FORMAT_VERSION
 from annlearn._testing import (
     assert_knn_quasi_equal,
     float32_knn_tolerance,
@@ -151,10 +152,10 @@ def test_persistence_keeps_the_bound(tmp_path, mmap_mode):
 
 def test_state_without_bound_loads_as_brute_force():
     """Files written before the bound existed (data layout 1) search by brute
-    force; a layout-2 state without it is corrupted."""
+    force; a state of layout 2 or later without it is corrupted."""
     index = FlatNeighbors(n_neighbors=3).fit(low_rank(5000))
     state = index.__getstate__()
-    assert state["_annlearn_format"] == 2
+    assert state["_annlearn_format"] == FORMAT_VERSION
     store = state["_store"]
     state["_store"] = {k: store[k] for k in ("vectors", "sqnorms", "ids")}
     state.pop("n_bound_components_")

@@ -1,4 +1,16 @@
-"""CoarseQuantizer: the k-means cells of an inverted file."""
+"""CoarseQuantizer: the k-means cells of an inverted file.
+
+Cells for the inner product reduce maximum inner product search to nearest
+neighbour search as Bachrach et al. (2014) do. Every row ``x`` is lifted to
+``[x, sqrt(M2 - ||x||^2)]``, ``M2`` the largest squared norm of the training
+rows, so that all lifted rows have the same norm, and a query ``q`` to
+``[q, 0]``. The lifted distance ``||q||^2 + M2 - 2 <q, x>`` then ranks rows as
+``-<q, x>`` does, and L2 k-means on the lifted rows gives cells that a query
+probes by its lifted distance to their centres: training, assignment and
+probing use one metric. k-means run directly by inner product has no such
+consistency (the mean of a cell does not maximise its inner products) and
+leaves many cells empty.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +22,7 @@ from annlearn._threads import flat_search_blas_guard
 
 __all__ = ["CoarseQuantizer"]
 
-_SEARCH_METRICS = {
-    "l2": _flat_search.METRIC_SQEUCLIDEAN,
-    "inner_product": _flat_search.METRIC_INNER_PRODUCT,
-}
+_METRICS = ("l2", "inner_product")
 
 
 class CoarseQuantizer:
@@ -24,8 +33,13 @@ class CoarseQuantizer:
     centers : ndarray of shape (nlist, n_features), float32
         The cell centres.
     metric : {"l2", "inner_product"}
-        How a vector picks its cells: smallest squared distance to the
-        centre, or largest inner product with it.
+        The term 1 that ``search`` returns: ``||x - c||^2`` or ``-<x, c>``.
+    lift : tuple (extra, max_sqnorm) or None, default=None
+        ``"inner_product"`` only: the lifted coordinate of each centre
+        (shape (nlist,), float32) and the ``M2`` of the rows (see the module
+        docstring); cells are then those of the lifted L2 distance. ``None``
+        with ``"inner_product"``: a vector picks the cells of largest inner
+        product, as indexes saved by annlearn before the lift did.
 
     Attributes
     ----------
@@ -33,12 +47,28 @@ class CoarseQuantizer:
         Squared norms of the centres (the flat search kernel takes them).
     """
 
-    def __init__(self, centers: np.ndarray, metric: str = "l2") -> None:
-        if metric not in _SEARCH_METRICS:
+    def __init__(
+        self, centers: np.ndarray, metric: str = "l2", lift: tuple | None = None
+    ) -> None:
+        if metric not in _METRICS:
             raise ValueError(f"metric must be 'l2' or 'inner_product', got {metric!r}.")
+        if lift is not None and metric != "inner_product":
+            raise ValueError("Only inner-product cells are lifted.")
         self.centers = centers
         self.metric = metric
+        self.lift = lift
         self.sqnorms = _flat_search.row_sqnorms(centers, 1)
+        if lift is not None:
+            # Centres as [c, extra, -||c_lifted||^2 / 2]: against a row
+            # lifted to [x, e, 1], the inner product is <x, c> + e * extra -
+            # ||c_lifted||^2 / 2, largest for the nearest lifted centre.
+            extra, _ = lift
+            lifted_sqnorms = self.sqnorms + extra * extra
+            self._probe_centers = np.ascontiguousarray(
+                np.column_stack([centers, extra, -0.5 * lifted_sqnorms]),
+                dtype=np.float32,
+            )
+            self._half_lifted_sqnorms = 0.5 * lifted_sqnorms
 
     @classmethod
     def train(
@@ -52,7 +82,13 @@ class CoarseQuantizer:
         n_threads: int,
         verbose: bool = False,
     ) -> CoarseQuantizer:
-        """k-means on the rows of X (float32, C-contiguous)."""
+        """k-means on the rows of X (float32, C-contiguous), lifted for
+        ``"inner_product"``."""
+        lift = None
+        if metric == "inner_product":
+            sqnorms = _flat_search.row_sqnorms(X, n_threads)
+            max_sqnorm = float(sqnorms.max())
+            X = np.column_stack([X, _extra_coordinate(sqnorms, max_sqnorm)])
         centers, _, _ = train_kmeans(
             X,
             nlist,
@@ -62,7 +98,10 @@ class CoarseQuantizer:
             verbose=verbose,
             name="coarse quantizer",
         )
-        return cls(centers, metric)
+        if metric == "inner_product":
+            lift = (np.ascontiguousarray(centers[:, -1]), max_sqnorm)
+            centers = np.ascontiguousarray(centers[:, :-1])
+        return cls(centers, metric, lift)
 
     @property
     def nlist(self) -> int:
@@ -72,25 +111,63 @@ class CoarseQuantizer:
     def search(
         self, X: np.ndarray, nprobe: int, n_threads: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``nprobe`` best cells of each row of X, best first.
+        """The ``nprobe`` best cells of each query (row of X), best first.
 
         Returns
         -------
-        distances : ndarray of shape (n, nprobe), float32
-            Squared distances to the centres (``"l2"``) or ``-<x, c>``
-            (``"inner_product"``): term 1 of the ADC distance.
+        terms : ndarray of shape (n, nprobe), float32
+            Term 1 of the ADC distance of each probed cell: ``||x - c||^2``
+            (``"l2"``) or ``-<x, c>`` (``"inner_product"``).
         cells : ndarray of shape (n, nprobe), int64
         """
-        with flat_search_blas_guard():
-            return _flat_search.flat_kneighbors(
-                X,
-                self.centers,
-                self.sqnorms,
-                nprobe,
-                _SEARCH_METRICS[self.metric],
-                n_threads,
+        if self.lift is None:
+            metric = (
+                _flat_search.METRIC_SQEUCLIDEAN
+                if self.metric == "l2"
+                else _flat_search.METRIC_INNER_PRODUCT
             )
+            return self._nearest(X, self.centers, nprobe, metric, n_threads)
+        # A query's lifted coordinate is 0.
+        lifted = np.zeros((len(X), X.shape[1] + 2), dtype=np.float32)
+        lifted[:, :-2] = X
+        lifted[:, -1] = 1.0
+        scores, cells = self._nearest(
+            lifted,
+            self._probe_centers,
+            nprobe,
+            _flat_search.METRIC_INNER_PRODUCT,
+            n_threads,
+        )
+        # score = -<x, c> + ||c_lifted||^2 / 2 (cells with no centre at all,
+        # -1, only appear when nprobe > nlist, which callers clamp).
+        return scores - self._half_lifted_sqnorms[cells], cells
 
     def assign(self, X: np.ndarray, n_threads: int) -> np.ndarray:
-        """The cell of each row of X, shape (n,), int64."""
-        return self.search(X, 1, n_threads)[1][:, 0]
+        """The cell of each row of X (a vector to index), shape (n,), int64."""
+        if self.lift is None:
+            return self.search(X, 1, n_threads)[1][:, 0]
+        _, max_sqnorm = self.lift
+        lifted = np.empty((len(X), X.shape[1] + 2), dtype=np.float32)
+        lifted[:, :-2] = X
+        # Rows of larger norm than the training rows get 0 (the clipped lift).
+        lifted[:, -2] = _extra_coordinate(
+            _flat_search.row_sqnorms(X, n_threads), max_sqnorm
+        )
+        lifted[:, -1] = 1.0
+        return self._nearest(
+            lifted, self._probe_centers, 1, _flat_search.METRIC_INNER_PRODUCT, n_threads
+        )[1][:, 0]
+
+    def _nearest(self, X, centers, k, metric, n_threads):
+        # Both centre arrays have nlist rows; the kernel reads sqnorms for L2.
+        with flat_search_blas_guard():
+            return _flat_search.flat_kneighbors(
+                X, centers, self.sqnorms, k, metric, n_threads
+            )
+
+
+def _extra_coordinate(sqnorms: np.ndarray, max_sqnorm: float) -> np.ndarray:
+    """``sqrt(max_sqnorm - ||x||^2)`` of each row, 0 where negative."""
+    return np.sqrt(np.maximum(max_sqnorm - sqnorms.astype(np.float64), 0.0)).astype(
+        np.float32
+    )

@@ -1,0 +1,197 @@
+"""FlatStore: the vectors of an exact index, and the exact search over them.
+
+Layout: float32 rows as searched (centred or normalised by the estimator),
+their squared norms, their ids, and optionally the principal-component bound
+(a dict of arrays, :mod:`annlearn._pca_bound`). A ``FlatStore`` is never
+modified: ``add`` and ``remove`` return new stores, which the estimator
+publishes with one assignment, so a search running in another thread keeps a
+consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from annlearn import _flat_search, _pca_bound
+from annlearn._persistence import check_array_state, check_ids_state
+from annlearn._threads import flat_search_blas_guard
+
+__all__ = ["FlatStore"]
+
+METRIC_CODES = {
+    "sqeuclidean": _flat_search.METRIC_SQEUCLIDEAN,
+    "euclidean": _flat_search.METRIC_EUCLIDEAN,
+    "inner_product": _flat_search.METRIC_INNER_PRODUCT,
+    "cosine": _flat_search.METRIC_COSINE,
+}
+
+# The bound's arrays: dtype and shape for n vectors, d features, d1 components.
+_BOUND_ARRAYS = {
+    "mean": (np.float64, lambda n, d, d1: (d,)),
+    "rotation": (np.float64, lambda n, d, d1: (d, d1)),
+    "vectors": (np.float32, lambda n, d, d1: (n, d1 + 1)),
+    "sqnorms": (np.float32, lambda n, d, d1: (n,)),
+}
+
+
+class FlatStore:
+    """Vectors, squared norms, ids and the optional bound of an exact index.
+
+    Parameters
+    ----------
+    vectors : ndarray of shape (n, n_features), float32, C-contiguous
+    sqnorms : ndarray of shape (n,), float32
+    ids : ndarray of shape (n,), int64
+    bound : dict or None
+        The principal-component bound (``_pca_bound.fit_bound``), or None
+        for brute force.
+    """
+
+    _FIELDS = ("vectors", "sqnorms", "ids", "bound")
+    # __weakref__: the cache of exact answers keys digests by store.
+    __slots__ = (*_FIELDS, "__weakref__")
+
+    def __init__(self, vectors, sqnorms, ids, bound) -> None:
+        self.vectors, self.sqnorms, self.ids, self.bound = vectors, sqnorms, ids, bound
+
+    @classmethod
+    def build(
+        cls, X, ids, *, algorithm: str, n_threads: int, sqnorms=None
+    ) -> FlatStore:
+        """A store of prepared rows X (and their squared norms, if known);
+        ``algorithm`` as FlatNeighbors'."""
+        if sqnorms is None:
+            sqnorms = _flat_search.row_sqnorms(X, n_threads)
+        bound = None
+        if algorithm != "brute":
+            bound = _pca_bound.fit_bound(X, sqnorms, force=algorithm == "pca_bound")
+        return cls(X, sqnorms, ids, bound)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_bound_components(self) -> int:
+        """Principal components of the bound, 0 without one."""
+        return 0 if self.bound is None else self.bound["rotation"].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.vectors, self.sqnorms, self.ids]
+        if self.bound is not None:
+            arrays += [self.bound[key] for key in _BOUND_ARRAYS]
+        return sum(a.nbytes for a in arrays)
+
+    # -- changes -----------------------------------------------------------
+    def add(self, vectors, ids, n_threads: int) -> FlatStore:
+        """A store with these prepared vectors too (O(n) copy); the bound is
+        extended on the same axes, so it stays exact for any vector."""
+        sqnorms = _flat_search.row_sqnorms(vectors, n_threads)
+        bound = self.bound
+        return FlatStore(
+            np.concatenate([self.vectors, vectors]),
+            np.concatenate([self.sqnorms, sqnorms]),
+            np.concatenate([self.ids, ids]),
+            None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
+        )
+
+    def remove(self, mask) -> FlatStore:
+        """A store without the rows where ``mask`` is True (O(n) copy)."""
+        keep = ~mask
+        bound = self.bound
+        return FlatStore(
+            np.ascontiguousarray(self.vectors[keep]),
+            self.sqnorms[keep],
+            self.ids[keep],
+            None if bound is None else _pca_bound.subset(bound, keep),
+        )
+
+    # -- search ------------------------------------------------------------
+    def search(
+        self, X: np.ndarray, k: int, metric: str, n_threads: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact ``k`` nearest rows of each prepared query: (distances in
+        the metric's units, row positions), ties by the smaller position."""
+        bound = self.bound
+        if bound is not None:
+            l2 = metric in ("euclidean", "sqeuclidean")
+            bound = _pca_bound.query_bounds(bound, X, l2)
+        with flat_search_blas_guard():
+            return _flat_search.flat_kneighbors(
+                X,
+                self.vectors,
+                self.sqnorms,
+                k,
+                METRIC_CODES[metric],
+                n_threads,
+                bound=bound,
+            )
+
+    def exact_distances(self, Xq: np.ndarray, ids: np.ndarray, metric: str):
+        """float64 distances between prepared queries and the stored rows of
+        ``ids`` (one row of ids per query), in the metric's units; +inf for
+        ids not in the store (or < 0)."""
+        order = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        found = (ids >= 0) & (sorted_ids[pos] == ids)
+        rows = order[pos]
+        out = np.full(ids.shape, np.inf)
+        # One query row at a time keeps memory at O(k * n_features).
+        for i in range(len(Xq)):
+            q = Xq[i].astype(np.float64)
+            y = self.vectors[rows[i]].astype(np.float64)
+            if metric in ("euclidean", "sqeuclidean"):
+                d = ((y - q) ** 2).sum(axis=1)
+                if metric == "euclidean":
+                    d = np.sqrt(d)
+            elif metric == "cosine":
+                d = np.clip(1.0 - y @ q, 0.0, 2.0)
+            else:
+                d = -(y @ q)
+            out[i] = np.where(found[i], d, np.inf)
+        return out
+
+    # -- persistence ---------------------------------------------------------
+    def to_state(self) -> dict:
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FlatStore:
+        return cls(state["vectors"], state["sqnorms"], state["ids"], state["bound"])
+
+    @staticmethod
+    def check_state(owner: str, state, *, n: int, d: int, d1: int) -> None:
+        """Raise ValueError unless ``state`` (``to_state``'s dict, loaded)
+        holds ``n`` rows of ``d`` features and a bound on ``d1`` components
+        (none when 0)."""
+        if not isinstance(state, dict) or set(state) != set(FlatStore._FIELDS):
+            raise ValueError(f"Corrupted {owner} state: no index arrays.")
+        check_array_state(
+            owner, "vectors", state["vectors"], dtype=np.float32, ndim=2, shape=(n, d)
+        )
+        check_array_state(
+            owner, "sqnorms", state["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
+        )
+        check_ids_state(owner, state["ids"], n)
+        bound = state["bound"]
+        if bound is None:
+            if d1 != 0:
+                raise ValueError(
+                    f"Corrupted {owner} state: n_bound_components_ = {d1} "
+                    "without a bound."
+                )
+            return
+        max_sqnorm = bound.get("max_sqnorm") if isinstance(bound, dict) else None
+        if not isinstance(max_sqnorm, float) or np.isnan(max_sqnorm) or not 0 < d1 <= d:
+            raise ValueError(f"Corrupted {owner} state: bound.")
+        for key, (dtype, shape) in _BOUND_ARRAYS.items():
+            check_array_state(
+                owner,
+                f"bound {key}",
+                bound.get(key),
+                dtype=dtype,
+                ndim=len(shape(n, d, d1)),
+                shape=shape(n, d, d1),
+                finite=key in ("mean", "rotation"),
+            )
