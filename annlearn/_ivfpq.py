@@ -16,7 +16,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from annlearn._base import NeighborsBase, _megabytes, transactional
+from annlearn._base import NeighborsBase, transactional
 from annlearn._fit_source import FitSource, checksum
 from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._invlists import InvertedLists
@@ -54,6 +54,21 @@ def default_n_subquantizers(n_features: int) -> int:
     """The divisor of ``n_features`` closest to ``n_features / 8`` (sub-vectors
     of about 8 features; the smaller divisor on a tie)."""
     return min(_divisors(n_features), key=lambda m: (abs(m - n_features / 8), m))
+
+
+def _training_rows(n_samples, nlist, nbits, max_train_samples) -> int:
+    """Rows to train the quantizers on; a ValueError if there are too few
+    for the requested centres, a warning if too few to place them well."""
+    needed = max(nlist, 2**nbits)
+    if n_samples < needed:
+        raise ValueError(
+            f"IVFPQNeighbors needs at least max(nlist, 2**nbits) = {needed} "
+            f"samples to train its quantizers (nlist = {nlist}, nbits = {nbits}), "
+            f"but n_samples = {n_samples}."
+        )
+    n_train = max(min(max_train_samples or 256 * needed, n_samples), needed)
+    _warn_small_training(n_train, nlist, 2**nbits)
+    return n_train
 
 
 def _warn_small_training(n_train: int, nlist: int, ksub: int) -> None:
@@ -150,16 +165,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     memory : str, joblib.Memory or None, default=None
-        Caches the trained quantizers and the codes of the training data
-        (the expensive part of ``fit``), keyed by the data and the training
-        parameters (``nlist``, ``n_subquantizers``, ``nbits``, ``metric``,
-        ``by_residual``, ``max_train_samples``, ``random_state``): a ``fit``
-        that differs from a cached one only in search-time parameters
-        (``n_neighbors``, ``nprobe``, ``refine_factor``, ``mode``,
-        ``n_jobs``) loads them instead of training again. This is what makes
-        a :class:`~sklearn.model_selection.GridSearchCV` over ``nprobe``
-        cheap. A path or a :class:`joblib.Memory`, as for
-        :class:`sklearn.pipeline.Pipeline`; ``None`` caches nothing. With
+        Caches the trained quantizers and the codes of the training data,
+        keyed by the data and the training parameters, as
+        :class:`sklearn.pipeline.Pipeline` does: a ``fit`` that differs from
+        a cached one only in search-time parameters (``n_neighbors``,
+        ``nprobe``, ``refine_factor``, ``mode``, ``n_jobs``) does not train
+        again, which makes a grid search over ``nprobe`` cheap. With
         ``random_state=None`` a cached training is reused as is.
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and k-means.
@@ -196,12 +207,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     Notes
     -----
-    Memory per vector: ``n_subquantizers`` bytes of codes plus 8 bytes of id
-    (codes are stored one byte per sub-vector even when ``nbits < 8``), plus
-    ``4 * n_features`` bytes when ``refine_factor`` is set. The index also
-    holds the cell centres, the codebooks and a table of
-    ``nlist * n_subquantizers * 2**nbits`` floats (term 2 of the distance
-    decomposition, see ``annlearn/_ivf.pyx``).
+    Memory per vector: ``n_subquantizers`` bytes of codes (one byte each,
+    whatever ``nbits``) and 8 bytes of id, plus ``4 * n_features`` bytes
+    when ``refine_factor`` is set; ``summary()`` reports the whole index.
 
     Examples
     --------
@@ -289,17 +297,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         source = X
         X = validate_fit_data(self, X)
         ids = check_new_ids(ids, len(X), None)
-        n_samples, n_features = X.shape
-        n_sub = self._check_n_subquantizers(n_features)
-        needed = max(self.nlist, 2**self.nbits)
-        if n_samples < needed:
-            raise ValueError(
-                f"IVFPQNeighbors needs at least max(nlist, 2**nbits) = {needed} "
-                f"samples to train its quantizers (nlist = {self.nlist}, "
-                f"nbits = {self.nbits}), but n_samples = {n_samples}."
-            )
-        n_train = max(min(self.max_train_samples or 256 * needed, n_samples), needed)
-        _warn_small_training(n_train, self.nlist, 2**self.nbits)
+        n_sub = self._check_n_subquantizers(X.shape[1])
+        n_train = _training_rows(len(X), self.nlist, self.nbits, self.max_train_samples)
         n_threads = effective_n_threads(self.n_jobs)
         # score finds the exact neighbours in the stored vectors when kept,
         # else in the fit array, whose checksum tells if it was overwritten.
@@ -322,10 +321,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         )
         trained = train(X, params, n_threads, self.verbose)
         self.cluster_centers_ = trained["cluster_centers"]
-        lift = trained["cells_lift"]
-        self._ip_lift = (
-            None if lift is None else {"extra": lift[0], "max_sqnorm": lift[1]}
-        )
+        self._ip_lift = trained["cells_lift"]
         self.pq_codebooks_ = trained["pq_codebooks"]
         self.n_subquantizers_ = n_sub
         self._codec = self._make_codec()
@@ -365,30 +361,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
           memory: ... (lists ..., quantizers ..., lookup tables ...)
         """
         check_is_fitted(self)
-        lists, codec = self._store, self._codec
-        n, d = len(lists), self.n_features_in_
-        sizes = lists.sizes()
-        quantizers = codec.quantizer.centers.nbytes + codec.pq.codebooks.nbytes
-        tables = codec.nbytes - quantizers
-        kept = lists.vectors is not None
-        per_vector = codec.pq.M + 8 + (4 * d if kept else 0)
-        stored = " + float32 vectors for re-ranking" if kept else ""
-        return "\n".join(
-            [
-                f"IVFPQNeighbors: {n:,} vectors of {d} features, "
-                f"metric={self.effective_metric_!r}",
-                f"  cells: {len(sizes)} (vectors per cell: min {sizes.min()}, "
-                f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
-                f"{lists.imbalance_factor():.2f}, 1.00 is even)",
-                f"  codes: {codec.pq.M} sub-vectors x {codec.pq.nbits} bits "
-                f"per vector, stored one byte each{stored}",
-                f"  bytes per vector: {per_vector} in the lists (+ "
-                f"{quantizers / max(n, 1):.1f} for the quantizers)",
-                f"  memory: {_megabytes(lists.nbytes + codec.nbytes)} (lists "
-                f"{_megabytes(lists.nbytes)}, quantizers {_megabytes(quantizers)}, "
-                f"lookup tables {_megabytes(tables)})",
-            ]
+        lists = self._store
+        header = (
+            f"IVFPQNeighbors: {len(lists):,} vectors of {self.n_features_in_} "
+            f"features, metric={self.effective_metric_!r}"
         )
+        return "\n".join([header, *self._codec.describe(lists)])
 
     # -- internals ---------------------------------------------------------
     def _check_n_subquantizers(self, n_features: int) -> int:
@@ -408,11 +386,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _make_codec(self) -> IVFPQCodec:
         metric = fitted_metric(self)
         cells_metric = "inner_product" if metric == "inner_product" else "l2"
-        lift = self._ip_lift
-        if lift is not None:
-            lift = (lift["extra"], lift["max_sqnorm"])
         return IVFPQCodec(
-            CoarseQuantizer(self.cluster_centers_, cells_metric, lift),
+            CoarseQuantizer(self.cluster_centers_, cells_metric, self._ip_lift),
             ProductQuantizer(self.pq_codebooks_),
             metric,
             self._by_residual,
@@ -472,13 +447,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         # The fitted sizes come from the arrays, not from the parameters,
         # which set_params may have changed since fit.
         name = "IVFPQNeighbors"
-        n, d = self.n_samples_fit_, self.n_features_in_
-        n_sub = self.n_subquantizers_
-        if n_sub < 1 or d % n_sub or self.pq_codebooks_.shape[:1] != (n_sub,):
-            raise ValueError(
-                f"Corrupted {name} state: n_subquantizers_ = {n_sub} does not "
-                f"divide n_features_in_ = {d} or disagrees with the codebooks."
-            )
         metric = getattr(self, "effective_metric_", self.metric)
         if metric not in METRICS:
             raise ValueError(f"Corrupted {name} state: metric {metric!r}.")
@@ -487,12 +455,19 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             self.cluster_centers_,
             self.pq_codebooks_,
             self._center_sqnorms,
-            d,
+            d=self.n_features_in_,
+            M=self.n_subquantizers_,
             lift=self._ip_lift,
             metric=metric,
         )
         InvertedLists.check_state(
-            name, self._store, n=n, nlist=nlist, code_size=n_sub, ksub=ksub, d=d
+            name,
+            self._store,
+            n=self.n_samples_fit_,
+            nlist=nlist,
+            code_size=self.n_subquantizers_,
+            ksub=ksub,
+            d=self.n_features_in_,
         )
 
     def _derive_tables(self) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from annlearn import _flat_search, _ivf
+from annlearn._base import _megabytes
 from annlearn._invlists import InvertedLists
 from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
@@ -78,11 +79,12 @@ class IVFPQCodec:
 
     @staticmethod
     def check_state(
-        owner: str, centers, codebooks, center_sqnorms, d: int, *, lift, metric
+        owner: str, centers, codebooks, center_sqnorms, *, d: int, M: int, lift, metric
     ) -> tuple[int, int]:
         """Raise ValueError unless the loaded quantizer arrays are a valid
-        pair for ``d`` features (finite, float32, consistent shapes) and the
-        lift of the cells (a dict, or None) fits them; return (nlist, ksub)."""
+        pair for ``d`` features and ``M`` sub-quantizers (finite, float32,
+        consistent shapes) and the lift of the cells (a dict, or None) fits
+        them; return (nlist, ksub)."""
         check_array_state(
             owner,
             "cluster_centers_",
@@ -96,11 +98,12 @@ class IVFPQCodec:
         check_array_state(
             owner, "pq_codebooks_", codebooks, dtype=np.float32, ndim=3, finite=True
         )
-        M, ksub, dsub = codebooks.shape
-        if M * dsub != d:
+        n_books, ksub, dsub = codebooks.shape
+        if n_books != M or M * dsub != d:
             raise ValueError(
                 f"Corrupted {owner} state: pq_codebooks_ has shape "
-                f"{codebooks.shape}, which covers {M * dsub} features, not {d}."
+                f"{codebooks.shape}, not {M} sub-quantizers covering {d} features "
+                "(n_subquantizers_, n_features_in_)."
             )
         if nlist < 1 or ksub not in (16, 32, 64, 128, 256):
             raise ValueError(
@@ -138,6 +141,28 @@ class IVFPQCodec:
                     f"{max_sqnorm!r}, expected a finite number >= 0."
                 )
         return nlist, ksub
+
+    def describe(self, lists: InvertedLists) -> list[str]:
+        """Lines of ``IVFPQNeighbors.summary`` on the cells, the codes and
+        the memory of an index of ``lists`` coded by this codec."""
+        n, d = len(lists), self.quantizer.centers.shape[1]
+        sizes = lists.sizes()
+        quantizers = self.quantizer.centers.nbytes + self.pq.codebooks.nbytes
+        kept = lists.vectors is not None
+        per_vector = self.pq.M + 8 + (4 * d if kept else 0)
+        stored = " + float32 vectors for re-ranking" if kept else ""
+        return [
+            f"  cells: {len(sizes)} (vectors per cell: min {sizes.min()}, "
+            f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
+            f"{lists.imbalance_factor():.2f}, 1.00 is even)",
+            f"  codes: {self.pq.M} sub-vectors x {self.pq.nbits} bits "
+            f"per vector, stored one byte each{stored}",
+            f"  bytes per vector: {per_vector} in the lists (+ "
+            f"{quantizers / max(n, 1):.1f} for the quantizers)",
+            f"  memory: {_megabytes(lists.nbytes + self.nbytes)} (lists "
+            f"{_megabytes(lists.nbytes)}, quantizers {_megabytes(quantizers)}, "
+            f"lookup tables {_megabytes(self.nbytes - quantizers)})",
+        ]
 
     # -- coding -----------------------------------------------------------
     def residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ def test_coarse_quantizer_inner_product_cells_are_lifted_l2_cells():
     q = CoarseQuantizer.train(
         X, 16, metric="inner_product", max_iter=10, random_state=0, n_threads=2
     )
-    extra, max_sqnorm = q.lift
+    extra, max_sqnorm = q.lift["extra"], q.lift["max_sqnorm"]
     assert q.metric == "inner_product" and extra.shape == (16,)
     assert_allclose(max_sqnorm, (X.astype(np.float64) ** 2).sum(1).max(), rtol=1e-6)
     assert np.all(extra >= 0) and np.all(np.bincount(q.assign(X, 2), minlength=16))

@@ -34,12 +34,13 @@ class CoarseQuantizer:
         The cell centres.
     metric : {"l2", "inner_product"}
         The term 1 that ``search`` returns: ``||x - c||^2`` or ``-<x, c>``.
-    lift : tuple (extra, max_sqnorm) or None, default=None
-        ``"inner_product"`` only: the lifted coordinate of each centre
-        (shape (nlist,), float32) and the ``M2`` of the rows (see the module
-        docstring); cells are then those of the lifted L2 distance. ``None``
-        with ``"inner_product"``: a vector picks the cells of largest inner
-        product, as indexes saved by annlearn before the lift did.
+    lift : dict or None, default=None
+        ``"inner_product"`` only: ``"extra"``, the lifted coordinate of each
+        centre (shape (nlist,), float32), and ``"max_sqnorm"``, the ``M2`` of
+        the rows (a float; see the module docstring). Cells are then those
+        of the lifted L2 distance. ``None`` with ``"inner_product"``: a
+        vector picks the cells of largest inner product, as indexes saved by
+        annlearn before the lift did.
 
     Attributes
     ----------
@@ -48,7 +49,7 @@ class CoarseQuantizer:
     """
 
     def __init__(
-        self, centers: np.ndarray, metric: str = "l2", lift: tuple | None = None
+        self, centers: np.ndarray, metric: str = "l2", lift: dict | None = None
     ) -> None:
         if metric not in _METRICS:
             raise ValueError(f"metric must be 'l2' or 'inner_product', got {metric!r}.")
@@ -62,7 +63,7 @@ class CoarseQuantizer:
             # Centres as [c, extra, -||c_lifted||^2 / 2]: against a row
             # lifted to [x, e, 1], the inner product is <x, c> + e * extra -
             # ||c_lifted||^2 / 2, largest for the nearest lifted centre.
-            extra, _ = lift
+            extra = lift["extra"]
             lifted_sqnorms = self.sqnorms + extra * extra
             self._probe_centers = np.ascontiguousarray(
                 np.column_stack([centers, extra, -0.5 * lifted_sqnorms]),
@@ -99,7 +100,10 @@ class CoarseQuantizer:
             name="coarse quantizer",
         )
         if metric == "inner_product":
-            lift = (np.ascontiguousarray(centers[:, -1]), max_sqnorm)
+            lift = {
+                "extra": np.ascontiguousarray(centers[:, -1]),
+                "max_sqnorm": max_sqnorm,
+            }
             centers = np.ascontiguousarray(centers[:, :-1])
         return cls(centers, metric, lift)
 
@@ -146,7 +150,7 @@ class CoarseQuantizer:
         """The cell of each row of X (a vector to index), shape (n,), int64."""
         if self.lift is None:
             return self.search(X, 1, n_threads)[1][:, 0]
-        _, max_sqnorm = self.lift
+        max_sqnorm = self.lift["max_sqnorm"]
         lifted = np.empty((len(X), X.shape[1] + 2), dtype=np.float32)
         lifted[:, :-2] = X
         # Rows of larger norm than the training rows get 0 (the clipped lift).
