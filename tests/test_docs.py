@@ -10,6 +10,7 @@ import pytest
 DOC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "doc")
 
 
+@pytest.mark.slow
 def test_sphinx_build(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("numpydoc")

@@ -9,6 +9,8 @@ import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
 
+pytestmark = pytest.mark.slow
+
 
 def _run(name, argv):
     sys.path.insert(0, EXAMPLES)
