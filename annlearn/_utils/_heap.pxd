@@ -14,22 +14,23 @@
 # Empty slots hold (+inf, INT64_MAX). The sentinel is the largest id, so any
 # real candidate, even at +inf, beats an empty slot.
 #
+# Values are float32, the precision every annlearn kernel scores in.
+#
 # The functions are inline so that the scan loops of the kernels, which call
 # heap_push once per candidate that beats the root, pay no call overhead.
-from cython cimport floating
 from libc.math cimport INFINITY
 from libc.stdint cimport INT64_MAX
 
-from annlearn._utils._typedefs cimport id_t, intp_t
+from annlearn._utils._typedefs cimport float32_t, id_t, intp_t
 
 cdef inline bint heap_greater(
-    floating a_value, id_t a_id, floating b_value, id_t b_id
+    float32_t a_value, id_t a_id, float32_t b_value, id_t b_id
 ) noexcept nogil:
     """True if (a_value, a_id) ranks after (b_value, b_id)."""
     return a_value > b_value or (a_value == b_value and a_id > b_id)
 
 
-cdef inline void heap_init(floating* values, id_t* ids, intp_t size) noexcept nogil:
+cdef inline void heap_init(float32_t* values, id_t* ids, intp_t size) noexcept nogil:
     """Fill a heap of ``size`` slots with empty entries."""
     cdef intp_t i
     for i in range(size):
@@ -38,8 +39,8 @@ cdef inline void heap_init(floating* values, id_t* ids, intp_t size) noexcept no
 
 
 cdef inline void heap_sift_down(
-    floating* values, id_t* ids, intp_t size, intp_t start,
-    floating value, id_t value_id,
+    float32_t* values, id_t* ids, intp_t size, intp_t start,
+    float32_t value, id_t value_id,
 ) noexcept nogil:
     """Place (value, value_id) at ``start`` and sift it down to its position."""
     cdef intp_t current = start, left, right, child
@@ -61,7 +62,7 @@ cdef inline void heap_sift_down(
 
 
 cdef inline int heap_push(
-    floating* values, id_t* ids, intp_t size, floating value, id_t value_id
+    float32_t* values, id_t* ids, intp_t size, float32_t value, id_t value_id
 ) noexcept nogil:
     """Offer a candidate to the heap; return 1 if it was kept.
 
@@ -74,10 +75,10 @@ cdef inline int heap_push(
     return 1
 
 
-cdef inline void heap_sort(floating* values, id_t* ids, intp_t size) noexcept nogil:
+cdef inline void heap_sort(float32_t* values, id_t* ids, intp_t size) noexcept nogil:
     """Sort a heap in place into ascending order (best first)."""
     cdef intp_t end
-    cdef floating value
+    cdef float32_t value
     cdef id_t value_id
     for end in range(size - 1, 0, -1):
         value = values[end]
