@@ -22,6 +22,9 @@ works on:
     Prepared queries -> ``(distances, positions)``, each of shape
     ``(n_queries, n_neighbors)``, sorted by increasing distance, positions
     being rows of ``store``.
+``_radius_search(store, Xq, radius)``
+    Prepared queries -> ``(indptr, positions, distances)``: the rows within
+    ``radius`` of query ``q`` are ``positions[indptr[q]:indptr[q + 1]]``.
 
 A query call reads ``self._store`` once: the size it checks ``n_neighbors``
 against is the size it searches, even while another thread adds or removes
@@ -46,7 +49,9 @@ from annlearn._exact import exact_answers
 from annlearn._validation import (
     check_n_neighbors,
     check_new_ids,
+    check_radius,
     check_removed_ids,
+    fitted_metric,
     validate_query_data,
 )
 from annlearn.metrics import recall_at_k
@@ -103,6 +108,11 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _search(
         self, store, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _radius_search(
+        self, store, X: np.ndarray, radius: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
     def _store_with(self, store, X: np.ndarray, ids: np.ndarray):  # pragma: no cover
@@ -243,11 +253,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             CSR matrix; ``A[i, j]`` is set when ``j`` is one of the neighbours
             of query ``i``. Zero distances are stored explicitly.
         """
-        if mode not in ("connectivity", "distance"):
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity" or "distance" '
-                f"but got {mode!r} instead."
-            )
+        _check_graph_mode(mode)
         if mode == "distance":
             distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
             data = np.ravel(distances)
@@ -260,6 +266,121 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             (data, np.ravel(indices), indptr),
             shape=(n_queries, self._graph_n_columns()),
         )
+
+    def radius_neighbors(
+        self, X=None, radius=None, return_distance=True, sort_results=False
+    ):
+        """Find the neighbours within a given radius of each query.
+
+        As :meth:`sklearn.neighbors.NearestNeighbors.radius_neighbors`:
+        the result holds one array per query, as long as its number of
+        neighbours, and takes memory in proportion to it.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Queries. If None, the neighbours of each indexed vector (in id
+            order), the vector itself excluded.
+        radius : float, default=None
+            Largest distance returned, in the metric's units (for
+            ``"inner_product"`` the distance is ``-<x, y>``, so a negative
+            radius asks for inner products above ``-radius``); the
+            estimator's ``radius`` if None.
+        return_distance : bool, default=True
+            Whether to return the distances too.
+        sort_results : bool, default=False
+            Sort each query's neighbours by increasing distance (ties by
+            id); otherwise they come in no particular order. Needs
+            ``return_distance=True``.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype object
+            Per query, a float32 array of distances (only if
+            ``return_distance=True``).
+        neigh_ind : ndarray of shape (n_queries,), dtype object
+            Per query, an int64 array of the neighbours' ids.
+        """
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        indptr, ids, distances = self._radius_csr(X, radius, sort_results)
+        neigh_ind = _split(ids, indptr)
+        if return_distance:
+            return _split(distances, indptr), neigh_ind
+        return neigh_ind
+
+    def radius_neighbors_graph(
+        self, X=None, radius=None, mode="connectivity", sort_results=False
+    ):
+        """Compute the graph of the neighbours within a radius, as CSR.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Queries. If None, the neighbours of each indexed vector, the
+            vector itself excluded.
+        radius : float, default=None
+            As for :meth:`radius_neighbors`.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            ``"connectivity"`` stores ones, ``"distance"`` the distances.
+        sort_results : bool, default=False
+            Store each row's entries by increasing distance, otherwise by
+            column. Only used with ``mode="distance"``.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix; ``A[i, j]`` is set when id ``j`` is within the
+            radius of query ``i``. Zero distances are stored explicitly.
+        """
+        _check_graph_mode(mode)
+        sort_results = sort_results and mode == "distance"
+        indptr, ids, distances = self._radius_csr(X, radius, sort_results)
+        if mode == "connectivity":
+            distances = np.ones(len(ids), dtype=np.float32)
+        return csr_matrix(
+            (distances, ids, indptr), shape=(len(indptr) - 1, self._graph_n_columns())
+        )
+
+    def _radius_csr(self, X, radius, sort_results: bool):
+        """``(indptr, ids, distances)`` of a radius query, rows by query, each
+        row by id (by distance, then id, with ``sort_results``)."""
+        check_is_fitted(self)
+        radius = check_radius(
+            self.radius if radius is None else radius, fitted_metric(self)
+        )
+        store = self._store  # one snapshot for the whole call
+        if X is None:
+            indptr, positions, distances = self._radius_indexed(store, radius)
+        else:
+            Xq = self._prepare_queries(validate_query_data(self, X))
+            indptr, positions, distances = self._radius_search(store, Xq, radius)
+        ids = store.ids[positions]
+        # Each row by id, then stably by distance if asked.
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        keys = (ids, distances, rows) if sort_results else (ids, rows)
+        order = np.lexsort(keys)
+        return indptr, ids[order], distances[order]
+
+    def _radius_indexed(self, store, radius: float):
+        """Radius neighbours of every indexed vector but itself, rows in id
+        order, searched a block of vectors at a time."""
+        order = np.argsort(store.ids, kind="stable")
+        parts, counts = [], []
+        for start in range(0, len(order), _SELF_QUERY_BLOCK):
+            rows = order[start : start + _SELF_QUERY_BLOCK]
+            queries = self._indexed_queries(store, rows)
+            indptr, positions, distances = self._radius_search(store, queries, radius)
+            query = np.repeat(np.arange(len(rows)), np.diff(indptr))
+            keep = positions != rows[query]
+            parts.append((positions[keep], distances[keep]))
+            counts.append(np.bincount(query[keep], minlength=len(rows)))
+        indptr = np.zeros(len(order) + 1, dtype=np.int64)
+        if counts:
+            np.cumsum(np.concatenate(counts), out=indptr[1:])
+        positions = np.concatenate([p for p, _ in parts] or [np.zeros(0, np.int64)])
+        distances = np.concatenate([d for _, d in parts] or [np.zeros(0, np.float32)])
+        return indptr, positions, distances
 
     def transform(self, X):
         """Graph of the neighbours of each row of X, as KNeighborsTransformer.
@@ -379,6 +500,21 @@ def _ids_at(ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
             "This is a bug in annlearn: please report it with the data."
         )
     return ids[positions]
+
+
+def _check_graph_mode(mode) -> None:
+    if mode not in ("connectivity", "distance"):
+        raise ValueError(
+            'Unsupported mode, must be one of "connectivity" or "distance" '
+            f"but got {mode!r} instead."
+        )
+
+
+def _split(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """An object array of the slices ``values[indptr[i]:indptr[i + 1]]``."""
+    out = np.empty(len(indptr) - 1, dtype=object)
+    out[:] = np.split(values, indptr[1:-1]) if len(out) else []
+    return out
 
 
 def _drop_self(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import _fit_context
@@ -71,6 +71,9 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     n_neighbors : int, default=5
         Number of neighbours returned by ``kneighbors`` and used by
         ``transform``.
+    radius : float, default=1.0
+        Distance within which ``radius_neighbors`` and
+        ``radius_neighbors_graph`` look by default, in the metric's units.
     metric : str, default="euclidean"
         Dissimilarity, one of:
 
@@ -157,6 +160,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
 
     _parameter_constraints: dict = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "radius": [Interval(Real, None, None, closed="neither")],
         "metric": [StrOptions(set(METRICS))],
         "mode": [StrOptions({"distance", "connectivity"})],
         "algorithm": [StrOptions({"auto", "brute", "pca_bound"})],
@@ -167,12 +171,14 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self,
         n_neighbors=5,
         *,
+        radius=1.0,
         metric="euclidean",
         mode="distance",
         algorithm="auto",
         n_jobs=None,
     ):
         self.n_neighbors = n_neighbors
+        self.radius = radius
         self.metric = metric
         self.mode = mode
         self.algorithm = algorithm
@@ -328,6 +334,11 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
 
     def _indexed_queries(self, store: FlatStore, positions: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(store.vectors[positions])
+
+    def _radius_search(self, store: FlatStore, X: np.ndarray, radius: float):
+        return store.radius_search(
+            X, radius, fitted_metric(self), effective_n_threads(self.n_jobs)
+        )
 
     def _search(
         self, store: FlatStore, X: np.ndarray, n_neighbors: int

@@ -50,6 +50,12 @@ exact ones from below; ``_offer_row`` then computes the exact score (a
 dot product on the full vectors) only of the candidates whose bound may beat
 the query's current k-th best. Heaps, finalisation and results are those of
 brute force.
+
+Radius search (``flat_radius``) runs the same GEMM blocks, one (query block,
+database block) tile per task, and screens each score against the query's
+limit instead of a heap root; every survivor gets its exact distance (float64,
+as in finalisation) and is kept when within the radius, in the thread's own
+growable list (``_utils/_hits.pxd``).
 """
 
 import os
@@ -60,7 +66,7 @@ cimport cython
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdint cimport INT64_MAX
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 from annlearn._utils._blas cimport gemm_abt
 from annlearn._utils._packed_gemm cimport (
@@ -76,7 +82,8 @@ from annlearn._utils._packed_gemm cimport (
     annlearn_packed_size,
 )
 from annlearn._utils._heap cimport heap_greater, heap_init, heap_push, heap_sort
-from annlearn._utils._openmp_helpers cimport annlearn_omp_barrier
+from annlearn._utils._hits cimport Hits, hits_append, hits_collect, hits_free
+from annlearn._utils._openmp_helpers cimport annlearn_omp_barrier, omp_get_thread_num
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 
@@ -420,24 +427,15 @@ def flat_kneighbors(
         n_blocks = -(-n_queries // x_chunk)
         n_blocks = -(-n_blocks // n_threads) * n_threads
         x_chunk = -(-n_queries // n_blocks)
-    cdef const float32_t[:, ::1] GX = X
-    cdef const float32_t[:, ::1] GY = Y
-    cdef const float32_t[::1] G_sqnorms = Y_sqnorms
+    cdef const float32_t[:, ::1] GX
+    cdef const float32_t[:, ::1] GY
+    cdef const float32_t[::1] G_sqnorms
     cdef const float32_t[::1] shift
+    GX, GY, G_sqnorms, shift = _scanned_arrays(X, Y, Y_sqnorms, bound)
     cdef Bound b
     cdef Bound* bound_ptr = NULL
     if bound is not None:
-        GX, GY, G_sqnorms, shift = bound
-        if (GX.shape[0] != n_queries or GY.shape[0] != n_database
-                or GX.shape[1] != GY.shape[1] or G_sqnorms.shape[0] != n_database
-                or shift.shape[0] != n_queries):
-            raise ValueError("bound arrays do not match X and Y.")
-        b.X = &X[0, 0]
-        b.Y = &Y[0, 0]
-        b.Y_sqnorms = &Y_sqnorms[0]
-        b.shift = &shift[0]
-        b.n_features = n_features
-        b.l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+        _fill_bound(&b, X, Y, Y_sqnorms, shift, metric)
         bound_ptr = &b
     if strategy == "parallel_on_X":
         _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
@@ -448,6 +446,31 @@ def flat_kneighbors(
     else:
         raise ValueError(f"Unknown strategy {strategy!r}.")
     return distances_arr, indices_arr
+
+
+def _scanned_arrays(X, Y, Y_sqnorms, bound):
+    """What the GEMM scans: ``(X, Y, Y_sqnorms, shift)`` themselves (shift
+    unused), or the projections of a ``bound``, checked against X and Y."""
+    if bound is None:
+        return X, Y, Y_sqnorms, Y_sqnorms
+    GX, GY, G_sqnorms, shift = bound
+    if (GX.shape[0] != X.shape[0] or GY.shape[0] != Y.shape[0]
+            or GX.shape[1] != GY.shape[1] or G_sqnorms.shape[0] != Y.shape[0]
+            or shift.shape[0] != X.shape[0]):
+        raise ValueError("bound arrays do not match X and Y.")
+    return GX, GY, G_sqnorms, shift
+
+
+cdef void _fill_bound(
+    Bound* b, const float32_t[:, ::1] X, const float32_t[:, ::1] Y,
+    const float32_t[::1] Y_sqnorms, const float32_t[::1] shift, int metric,
+):
+    b.X = &X[0, 0]
+    b.Y = &Y[0, 0]
+    b.Y_sqnorms = &Y_sqnorms[0]
+    b.shift = &shift[0]
+    b.n_features = X.shape[1]
+    b.l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
 
 
 cdef void _raise_memory_error() except *:
@@ -597,3 +620,176 @@ def row_sqnorms(const float32_t[:, ::1] X, int n_threads):
                 acc = acc + <float64_t>X[i, f] * X[i, f]
             out[i] = <float32_t>acc
     return out_arr
+
+
+cdef inline float64_t _distance64(
+    const float32_t* x, const float32_t* y, intp_t n_features, int metric
+) noexcept nogil:
+    """The exact distance of (x, y) in the metric's units, in float64 (for
+    Euclidean, its square: the caller compares squares)."""
+    cdef intp_t f
+    cdef float64_t acc = 0.0, diff
+    if metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN:
+        for f in range(n_features):
+            diff = <float64_t>x[f] - <float64_t>y[f]
+            acc = acc + diff * diff
+        return acc
+    for f in range(n_features):
+        acc = acc + <float64_t>x[f] * <float64_t>y[f]
+    if metric == METRIC_COSINE:
+        acc = 1.0 - acc
+        return 0.0 if acc < 0.0 else (2.0 if acc > 2.0 else acc)
+    return -acc
+
+
+cdef void _radius_tile(
+    const float32_t* GX, intp_t gd, intp_t xs, intp_t xe,
+    const float32_t* GY, intp_t ys, intp_t ye, const float32_t* G_sqnorms,
+    const float32_t* X, const float32_t* Y, intp_t n_features,
+    const float32_t* limits, float64_t radius, int metric,
+    float32_t* buf, float32_t* packed_x, float32_t* packed_y,
+    const Bound* bound, Hits* hits,
+) noexcept nogil:
+    """Append to ``hits`` every pair of the tile within ``radius``.
+
+    The GEMM scores of the tile (on the projections with a ``bound``) are
+    screened against ``limits[q]`` (+ the bound's shift); survivors get their
+    exact float64 distance.
+    """
+    cdef intp_t nx = xe - xs, ny = ye - ys, i, j
+    cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+    cdef float32_t alpha = -2.0 if l2 else -1.0
+    cdef bint packed = packed_x != NULL and nx >= PACKED_MIN_QUERIES
+    cdef float32_t* row
+    cdef float32_t limit, score
+    cdef float64_t dist
+    if packed:
+        annlearn_pack_rows(GX + xs * gd, gd, nx, gd, annlearn_gemm_mr(), packed_x)
+        annlearn_pack_panels(GY + ys * gd, gd, ny, gd, packed_y)
+        annlearn_packed_gemm_abt(nx, ny, gd, alpha, packed_x, packed_y,
+                                 G_sqnorms + ys if l2 else NULL, buf, ny)
+    elif packed_x != NULL:
+        annlearn_dot_rows(nx, ny, gd, alpha, GX + xs * gd, gd, GY + ys * gd, gd,
+                          buf, ny)
+    else:
+        gemm_abt(nx, ny, gd, alpha, GX + xs * gd, gd, GY + ys * gd, gd,
+                 <float32_t>0.0, buf, ny)
+    for i in range(nx):
+        row = buf + i * ny
+        if l2 and not packed:
+            for j in range(ny):
+                row[j] = row[j] + G_sqnorms[ys + j]
+        limit = limits[xs + i]
+        if bound != NULL:
+            limit = limit + bound.shift[xs + i]
+        for j in range(ny):
+            if row[j] > limit:
+                continue
+            if bound != NULL:
+                score = _exact_score(bound, xs + i, ys + j)
+                if score > limits[xs + i]:
+                    continue
+            dist = _distance64(X + (xs + i) * n_features, Y + (ys + j) * n_features,
+                               n_features, metric)
+            if dist <= radius:
+                if metric == METRIC_EUCLIDEAN:
+                    dist = sqrt(dist)
+                hits_append(hits, xs + i, ys + j, <float32_t>dist)
+
+
+def flat_radius(
+    const float32_t[:, ::1] X,
+    const float32_t[:, ::1] Y,
+    const float32_t[::1] Y_sqnorms,
+    const float32_t[::1] limits,
+    float64_t radius,
+    int metric,
+    int n_threads,
+    x_chunk=None,
+    y_chunk=None,
+    str gemm="auto",
+    bound=None,
+):
+    """Every row of ``Y`` within ``radius`` of each row of ``X``, exactly.
+
+    Parameters
+    ----------
+    X, Y, Y_sqnorms, metric, n_threads, x_chunk, y_chunk, gemm, bound
+        As for :func:`flat_kneighbors`.
+    limits : ndarray of shape (n_queries,), float32
+        Per query, the largest GEMM score (``||y||^2 - 2 x.y`` or ``-x.y``)
+        that may still be within the radius, float32 rounding included: a
+        screen only, every survivor is checked on its exact distance.
+    radius : float
+        In the metric's units, squared for ``METRIC_EUCLIDEAN``.
+
+    Returns
+    -------
+    indptr : ndarray of shape (n_queries + 1,), int64
+        The hits of query ``q`` are ``indptr[q]:indptr[q + 1]``.
+    rows : ndarray of shape (n_hits,), int64
+        Row positions in ``Y``, increasing within each query.
+    distances : ndarray of shape (n_hits,), float32
+        Their distances in the metric's units (not squared for Euclidean).
+    """
+    cdef intp_t n_queries = X.shape[0], n_database = Y.shape[0]
+    cdef intp_t n_features = X.shape[1]
+    if Y.shape[1] != n_features or Y_sqnorms.shape[0] != n_database:
+        raise ValueError("X, Y and Y_sqnorms do not match.")
+    if limits.shape[0] != n_queries:
+        raise ValueError("limits must have one entry per query.")
+    if gemm == "auto":
+        gemm = DEFAULT_GEMM
+    if gemm not in DEFAULT_CHUNKS or (gemm == "packed" and not PACKED_GEMM_AVAILABLE):
+        raise ValueError(f"Unavailable gemm {gemm!r}.")
+    cdef bint packed = gemm == "packed"
+    cdef intp_t xc = min(DEFAULT_CHUNKS[gemm][0] if x_chunk is None else int(x_chunk),
+                         max(n_queries, 1))
+    cdef intp_t yc = min(DEFAULT_CHUNKS[gemm][1] if y_chunk is None else int(y_chunk),
+                         max(n_database, 1))
+    if n_threads < 1 or xc < 1 or yc < 1:
+        raise ValueError("n_threads, x_chunk and y_chunk must be positive.")
+    cdef const float32_t[:, ::1] GX
+    cdef const float32_t[:, ::1] GY
+    cdef const float32_t[::1] G_sqnorms
+    cdef const float32_t[::1] shift
+    GX, GY, G_sqnorms, shift = _scanned_arrays(X, Y, Y_sqnorms, bound)
+    cdef Bound b
+    cdef Bound* bound_ptr = NULL
+    if bound is not None:
+        _fill_bound(&b, X, Y, Y_sqnorms, shift, metric)
+        bound_ptr = &b
+    cdef intp_t gd = GX.shape[1]
+    cdef intp_t n_xb = (n_queries + xc - 1) // xc, n_yb = (n_database + yc - 1) // yc
+    cdef intp_t n_tiles = n_xb * n_yb if n_queries and n_database else 0
+    cdef int n_threads_used = <int>max(1, _imin(n_threads, n_tiles))
+    cdef Hits* hits = <Hits*> calloc(n_threads_used, sizeof(Hits))
+    if hits == NULL:
+        _raise_memory_error()
+    cdef intp_t tile, xs, ys
+    cdef float32_t* buf = NULL
+    cdef float32_t* packed_x = NULL
+    cdef float32_t* packed_y = NULL
+    cdef int t
+    with nogil, parallel(num_threads=n_threads_used):
+        buf = <float32_t*> malloc(xc * yc * sizeof(float32_t))
+        packed_x = _alloc_packed(xc, gd, annlearn_gemm_mr(), packed)
+        packed_y = _alloc_packed(yc, gd, annlearn_gemm_nr(), packed)
+        t = omp_get_thread_num()
+        # Tiles of one query block are consecutive: a thread's tiles mostly
+        # share their queries.
+        for tile in prange(n_tiles, schedule="dynamic"):
+            if not _workspace_ok(buf, packed_x, packed_y, packed):
+                hits[t].failed = 1
+                continue
+            xs = (tile // n_yb) * xc
+            ys = (tile % n_yb) * yc
+            _radius_tile(&GX[0, 0], gd, xs, _imin(xs + xc, n_queries),
+                         &GY[0, 0], ys, _imin(ys + yc, n_database), &G_sqnorms[0],
+                         &X[0, 0], &Y[0, 0], n_features, &limits[0], radius,
+                         metric, buf, packed_x, packed_y, bound_ptr, &hits[t])
+        _free_workspace(buf, packed_x, packed_y)
+    try:
+        return hits_collect(hits, n_threads_used, n_queries)
+    finally:
+        free(hits)

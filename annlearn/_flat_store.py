@@ -25,6 +25,10 @@ METRIC_CODES = {
     "cosine": _flat_search.METRIC_COSINE,
 }
 
+# Relative float32 rounding allowed for in the radius screen (the GEMM scores
+# of d-feature float32 rows are within ~1e-6 * sqrt(d) of exact).
+_SCREEN_RTOL = 1e-4
+
 # The bound's arrays: dtype and shape for n vectors, d features, d1 components.
 _BOUND_ARRAYS = {
     "mean": (np.float64, lambda n, d, d1: (d,)),
@@ -122,6 +126,39 @@ class FlatStore:
                 self.vectors,
                 self.sqnorms,
                 k,
+                METRIC_CODES[metric],
+                n_threads,
+                bound=bound,
+            )
+
+    def radius_search(
+        self, X: np.ndarray, radius: float, metric: str, n_threads: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows within ``radius`` of each prepared query, exactly:
+        ``(indptr, rows, distances)``, rows increasing within a query."""
+        q_sq = _flat_search.row_sqnorms(X, n_threads).astype(np.float64)
+        max_sq = float(self.sqnorms.max()) if len(self) else 0.0
+        # The GEMM screen keeps every score within float32 rounding of the
+        # limit; the kernel then decides on the exact float64 distance.
+        margin = _SCREEN_RTOL * (q_sq + max_sq) + 1e-30
+        l2 = metric in ("euclidean", "sqeuclidean")
+        kernel_radius = radius * radius if metric == "euclidean" else radius
+        if l2:
+            limits = kernel_radius - q_sq + margin
+        elif metric == "cosine":
+            limits = np.full(len(X), radius - 1.0) + margin
+        else:
+            limits = radius + margin
+        bound = self.bound
+        if bound is not None:
+            bound = _pca_bound.query_bounds(bound, X, l2)
+        with flat_search_blas_guard():
+            return _flat_search.flat_radius(
+                X,
+                self.vectors,
+                self.sqnorms,
+                limits.astype(np.float32),
+                kernel_radius,
                 METRIC_CODES[metric],
                 n_threads,
                 bound=bound,

@@ -28,6 +28,11 @@ table of codeword norms, folded into term 3 once per query.
 For the inner product, -<x, y> = -<x, c> - sum_m <x_m, r_m>: term 1 is the
 coarse search's -<x, c> and there is no term 2.
 
+A radius search (``ivfpq_radius``) scans the same lists and keeps every code
+whose ADC distance is within the limit, or, when the vectors are stored, every
+vector of the probed cells whose exact distance is, in per-thread growable
+lists (``_utils/_hits.pxd``).
+
 Threads split the queries (FAISS's search mode 0): each owns its term-3
 table, one lookup table and the heaps, which are rows of the output. Nothing is shared, so concurrent calls from several
 Python threads, each with its own nprobe, cannot disturb each other.
@@ -38,7 +43,7 @@ import numpy as np
 cimport cython
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport INT64_MAX
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 cdef extern from "_simd.h" nogil:
     float annlearn_l2sqr(const float* x, const float* y, Py_ssize_t d)
@@ -48,6 +53,8 @@ cdef extern from "_simd.h" nogil:
                             float alpha, float* table)
     void annlearn_add(const float* x, const float* y, Py_ssize_t n, float* out)
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
+from annlearn._utils._hits cimport Hits, hits_append, hits_collect
+from annlearn._utils._openmp_helpers cimport omp_get_thread_num
 from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
 
 cdef inline intp_t _imin(intp_t a, intp_t b) noexcept nogil:
@@ -112,6 +119,26 @@ cdef void _scan_list(
         j = j + 1
 
 
+def _check_scan_inputs(Q, probe_cells, probe_base, codebooks_t, term2,
+                       list_offsets, codes):
+    """Raise ValueError unless the arrays of a scan fit together."""
+    n_queries, d = Q.shape[0], Q.shape[1]
+    M, dsub, ksub = codebooks_t.shape[:3]
+    nlist, n_tables = list_offsets.shape[0] - 1, term2.shape[0]
+    if M * dsub != d:
+        raise ValueError(f"codebooks cover {M * dsub} features, queries have {d}.")
+    if probe_base.shape[:2] != probe_cells.shape[:2] or probe_cells.shape[0] != n_queries:
+        raise ValueError("probe_cells and probe_base must be (n_queries, nprobe).")
+    if n_tables not in (0, 1, nlist) or (n_tables and (
+            term2.shape[1] != M or term2.shape[2] != ksub)):
+        raise ValueError("term2 must be (nlist or 1 or 0, M, ksub).")
+    if codes.shape[1] != M and codes.shape[0] > 0:
+        raise ValueError("codes must have M columns.")
+    if n_queries and probe_cells.shape[1] and (
+            np.max(probe_cells) >= nlist or np.min(probe_cells) < -1):
+        raise ValueError(f"probe_cells must lie in [-1, {nlist}).")
+
+
 def ivfpq_scan(
     const float32_t[:, ::1] Q,
     const id_t[:, ::1] probe_cells,
@@ -163,21 +190,10 @@ def ivfpq_scan(
     cdef intp_t ksub = codebooks_t.shape[2], nprobe = probe_cells.shape[1]
     cdef intp_t nlist = list_offsets.shape[0] - 1
     cdef intp_t n_tables = term2.shape[0]
-    if M * dsub != d:
-        raise ValueError(f"codebooks cover {M * dsub} features, queries have {d}.")
-    if probe_base.shape[0] != n_queries or probe_base.shape[1] != nprobe \
-            or probe_cells.shape[0] != n_queries:
-        raise ValueError("probe_cells and probe_base must be (n_queries, nprobe).")
-    if n_tables not in (0, 1, nlist) or (n_tables and (
-            term2.shape[1] != M or term2.shape[2] != ksub)):
-        raise ValueError("term2 must be (nlist or 1 or 0, M, ksub).")
-    if codes.shape[1] != M and codes.shape[0] > 0:
-        raise ValueError("codes must have M columns.")
+    _check_scan_inputs(Q, probe_cells, probe_base, codebooks_t, term2,
+                       list_offsets, codes)
     if k < 1:
         raise ValueError("k must be >= 1.")
-    if n_queries and probe_cells.shape[1] and (
-            np.max(probe_cells) >= nlist or np.min(probe_cells) < -1):
-        raise ValueError(f"probe_cells must lie in [-1, {nlist}).")
 
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
@@ -303,3 +319,125 @@ def refine(
                 if positions[q, r] == INT64_MAX:
                     positions[q, r] = -1
     return distances_arr, positions_arr
+
+
+cdef void _radius_list(
+    const code_t* codes, intp_t start, intp_t end, intp_t M, intp_t ksub,
+    const float32_t* table, float32_t base, float32_t limit, intp_t query,
+    Hits* hits,
+) noexcept nogil:
+    """Append every code of one list whose ADC distance is <= limit."""
+    cdef intp_t j, m
+    cdef const code_t* c
+    cdef float32_t dist
+    for j in range(start, end):
+        c = codes + j * M
+        dist = base
+        for m in range(M):
+            dist = dist + table[m * ksub + c[m]]
+        if dist <= limit:
+            hits_append(hits, query, j, dist)
+
+
+def ivfpq_radius(
+    const float32_t[:, ::1] Q,
+    const id_t[:, ::1] probe_cells,
+    const float32_t[:, ::1] probe_base,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, :, ::1] term2,
+    const id_t[::1] list_offsets,
+    const code_t[:, ::1] codes,
+    vectors,
+    float32_t limit,
+    bint inner_product,
+    int n_threads,
+):
+    """Every stored row within ``limit`` of each query, in the probed lists.
+
+    Parameters
+    ----------
+    Q, probe_cells, probe_base, codebooks_t, term2, list_offsets, codes, \
+inner_product, n_threads
+        As for :func:`ivfpq_scan`.
+    vectors : ndarray of shape (n_codes, n_features), float32, or None
+        The stored vectors: when given, rows are kept by their exact
+        distance (the codes are not read); otherwise by their ADC distance.
+    limit : float
+        The largest distance kept, in scan units (``||x - y||^2`` or
+        ``-<x, y>``).
+
+    Returns
+    -------
+    indptr : ndarray of shape (n_queries + 1,), int64
+    positions : ndarray of shape (n_hits,), int64
+        Rows of ``codes``, increasing within each query.
+    distances : ndarray of shape (n_hits,), float32
+        In scan units.
+    """
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
+    cdef intp_t ksub = codebooks_t.shape[2], nprobe = probe_cells.shape[1]
+    cdef intp_t nlist = list_offsets.shape[0] - 1
+    cdef intp_t n_tables = term2.shape[0]
+    _check_scan_inputs(Q, probe_cells, probe_base, codebooks_t, term2,
+                       list_offsets, codes)
+    cdef const float32_t[:, ::1] V
+    cdef bint exact = vectors is not None
+    if exact:
+        V = vectors
+        if V.shape[0] != codes.shape[0] or V.shape[1] != d:
+            raise ValueError("vectors must be (n_codes, n_features).")
+    cdef intp_t table_size = M * ksub
+    cdef float32_t alpha = -1.0 if inner_product else -2.0
+    cdef bint shared_term2 = n_tables == 1
+    cdef bint per_cell_term2 = n_tables > 1
+    cdef int n_threads_used = <int>max(1, _imin(n_threads, n_queries))
+    cdef Hits* hits = <Hits*> calloc(n_threads_used, sizeof(Hits))
+    if hits == NULL:
+        raise MemoryError("annlearn: could not allocate the radius search lists.")
+    cdef intp_t q, p, j
+    cdef id_t cell
+    cdef int t
+    cdef float32_t dist
+    cdef float32_t* term3 = NULL
+    cdef float32_t* lut = NULL
+    with nogil, parallel(num_threads=n_threads_used):
+        t = omp_get_thread_num()
+        term3 = <float32_t*> malloc(table_size * sizeof(float32_t))
+        lut = <float32_t*> malloc(table_size * sizeof(float32_t))
+        for q in prange(n_queries, schedule="dynamic", chunksize=16):
+            if term3 == NULL or lut == NULL:
+                hits[t].failed = 1
+                continue
+            if not exact:
+                annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, ksub,
+                                   alpha, term3)
+                if shared_term2:
+                    annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
+            for p in range(nprobe):
+                cell = probe_cells[q, p]
+                if cell < 0:
+                    continue
+                if exact:
+                    for j in range(list_offsets[cell], list_offsets[cell + 1]):
+                        if inner_product:
+                            dist = -annlearn_inner_product(&Q[q, 0], &V[j, 0], d)
+                        else:
+                            dist = annlearn_l2sqr(&Q[q, 0], &V[j, 0], d)
+                        if dist <= limit:
+                            hits_append(&hits[t], q, j, dist)
+                elif per_cell_term2:
+                    annlearn_add(term3, &term2[cell, 0, 0], table_size, lut)
+                    _radius_list(&codes[0, 0], list_offsets[cell],
+                                 list_offsets[cell + 1], M, ksub, lut,
+                                 probe_base[q, p], limit, q, &hits[t])
+                else:
+                    _radius_list(&codes[0, 0], list_offsets[cell],
+                                 list_offsets[cell + 1], M, ksub, term3,
+                                 probe_base[q, p], limit, q, &hits[t])
+        free(term3)
+        free(lut)
+    try:
+        return hits_collect(hits, n_threads_used, n_queries)
+    finally:
+        free(hits)

@@ -9,7 +9,7 @@ by ``add`` and ``remove``.
 from __future__ import annotations
 
 import warnings
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import _fit_context
@@ -129,6 +129,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     n_neighbors : int, default=5
         Number of neighbours returned by ``kneighbors`` and used by
         ``transform``.
+    radius : float, default=1.0
+        Distance within which ``radius_neighbors`` and
+        ``radius_neighbors_graph`` look by default, in the metric's units.
     nlist : int, default=256
         Number of cells of the coarse quantizer.
     nprobe : int, default=8
@@ -224,6 +227,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     _parameter_constraints: dict = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "radius": [Interval(Real, None, None, closed="neither")],
         "nlist": [Interval(Integral, 1, None, closed="left")],
         "nprobe": [Interval(Integral, 1, None, closed="left")],
         "n_subquantizers": [Interval(Integral, 1, None, closed="left"), None],
@@ -244,6 +248,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self,
         n_neighbors=5,
         *,
+        radius=1.0,
         nlist=256,
         nprobe=8,
         n_subquantizers=None,
@@ -259,6 +264,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         verbose=0,
     ):
         self.n_neighbors = n_neighbors
+        self.radius = radius
         self.nlist = nlist
         self.nprobe = nprobe
         self.n_subquantizers = n_subquantizers
@@ -485,6 +491,15 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         if store.vectors is not None:
             return np.ascontiguousarray(store.vectors[positions])
         return self._codec.decode(store.cells_of(positions), store.codes[positions])
+
+    def _radius_search(self, store: InvertedLists, X: np.ndarray, radius: float):
+        return self._codec.radius_search(
+            store,
+            X,
+            radius,
+            nprobe=self.nprobe,
+            n_threads=effective_n_threads(self.n_jobs),
+        )
 
     def _search(self, store: InvertedLists, X: np.ndarray, n_neighbors: int):
         if self.refine_factor is not None and store.vectors is None:

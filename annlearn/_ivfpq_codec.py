@@ -232,6 +232,35 @@ class IVFPQCodec:
         distances = np.ascontiguousarray(distances[:, :n_neighbors])
         return self._to_metric(distances), positions[:, :n_neighbors]
 
+    def radius_search(
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        radius: float,
+        *,
+        nprobe: int,
+        n_threads: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of the ``nprobe`` nearest cells within ``radius`` of each
+        query: by exact distance when ``lists`` stores the vectors, by ADC
+        distance otherwise. ``(indptr, positions, distances)``, positions
+        increasing within a query, distances in ``metric``'s units."""
+        if self.metric == "euclidean":
+            limit = radius * radius
+        elif self.metric == "cosine":
+            limit = radius - 1.0  # -<x, y> of normalised rows
+        else:
+            limit = radius
+        nprobe = min(nprobe, self.quantizer.nlist)
+        indptr, positions, distances = _ivf.ivfpq_radius(
+            *self._scan_inputs(lists, X, nprobe, n_threads),
+            lists.vectors,
+            np.float32(limit),
+            self.inner_product,
+            n_threads,
+        )
+        return indptr, positions, self._to_metric(distances)
+
     def _to_metric(self, distances: np.ndarray) -> np.ndarray:
         """Scan units (||x - y||^2 or -<x, y>) -> the metric's distance."""
         if self.metric == "cosine":
@@ -247,6 +276,17 @@ class IVFPQCodec:
     def _scan(
         self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
     ):
+        return _ivf.ivfpq_scan(
+            *self._scan_inputs(lists, X, nprobe, n_threads),
+            n_scan,
+            self.inner_product,
+            n_threads,
+        )
+
+    def _scan_inputs(self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_threads):
+        """The arrays the ``_ivf`` scans take first: the queries, the
+        ``nprobe`` cells of each and their term 1 (scan units), the tables
+        and the lists."""
         base, cells = self.quantizer.search(X, nprobe, n_threads)
         if not self.by_residual:
             if self.inner_product:
@@ -259,18 +299,9 @@ class IVFPQCodec:
             # becomes -<x, c> = (||x - c||^2 - ||x||^2 - ||c||^2) / 2.
             sq = _flat_search.row_sqnorms(X, n_threads)
             base = 0.5 * (base - sq[:, None] - self.quantizer.sqnorms[cells])
-        return _ivf.ivfpq_scan(
-            X,
-            cells,
-            base,
-            self.pq.codebooks_t,
-            self.term2,
-            lists.offsets,
-            lists.codes,
-            n_scan,
-            self.inner_product,
-            n_threads,
-        )
+        base = np.ascontiguousarray(base, dtype=np.float32)
+        tables = (self.pq.codebooks_t, self.term2)
+        return X, cells, base, *tables, lists.offsets, lists.codes
 
     # -- training ----------------------------------------------------------
     @classmethod

@@ -269,6 +269,8 @@ _OPTIONAL = {
         "_ip_lift": _Maybe({"extra": _ARRAY, "max_sqnorm": _FLOAT}),
     },
 }
+# Parameters added after the first file layout, which older files lack.
+_PARAMS_ADDED_LATER = ("radius",)
 _OPTIONAL_EVERYWHERE = {
     "feature_names_in_": _STRINGS,
     "_sklearn_version": _STR,
@@ -458,6 +460,9 @@ def _decode_and_check(cls: type, json_params, json_state, arrays: dict):
     state = _file_format.decode(json_state, "state", arrays, used)
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise ValueError("params and state must be objects, not tagged values.")
+    # Files written before a parameter existed load with its default.
+    defaults = cls().get_params(deep=False)
+    params = {**{key: defaults[key] for key in _PARAMS_ADDED_LATER}, **params}
     _check_contents(cls, params, state)
     unused = sorted(set(arrays) - used)
     if unused:

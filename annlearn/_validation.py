@@ -213,6 +213,26 @@ def validate_query_data(estimator, X) -> np.ndarray:
     return _check_magnitude(X, fitted_metric(estimator))
 
 
+def check_radius(radius, metric: str) -> float:
+    """Check a radius passed to a radius query against the fitted metric.
+
+    A finite number; at least 0 for the distance metrics (0 finds exact
+    duplicates only), any finite value for ``"inner_product"``, whose
+    distance ``-<x, y>`` may be negative.
+    """
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise ValueError(f"Expected radius to be a real number, got {radius!r}.")
+    radius = float(radius)
+    if not np.isfinite(radius):
+        raise ValueError(f"Expected a finite radius, got {radius!r}.")
+    if radius < 0 and metric != "inner_product":
+        raise ValueError(
+            f"Expected radius >= 0 for metric {metric!r}, got {radius!r} (only "
+            "metric='inner_product' has negative distances)."
+        )
+    return radius
+
+
 def check_n_neighbors(
     n_neighbors, n_samples_fit: int, *, query_is_train: bool = False
 ) -> int:

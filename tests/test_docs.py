@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -109,3 +111,13 @@ def test_benchmark_directive_renders_runs():
         )
     )
     assert "- QPS / faiss: **1.08**" in flat
+
+
+def test_user_guide_code_blocks_run():
+    """Every ``.. code-block:: python`` of the user guide runs as written."""
+    with open(os.path.join(DOC, "user_guide.rst")) as f:
+        text = f.read()
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text)
+    assert blocks
+    for block in blocks:
+        exec(compile(textwrap.dedent(block), "user_guide.rst", "exec"), {})

@@ -551,3 +551,15 @@ def test_corrupted_cells_lift_is_refused(data, edit, match):
     l2_state["_ip_lift"] = est.__getstate__()["_ip_lift"]
     with pytest.raises(ValueError, match="_ip_lift is set for metric 'euclidean'"):
         IVFPQNeighbors().__setstate__(l2_state)
+
+
+def test_files_without_later_parameters_load_with_their_default(saved, tmp_path):
+    """``radius`` came after the first file layout: older files lack it."""
+    path, raw = saved
+    header, _ = _split(raw)
+    header["params"].pop("radius")
+    path.write_bytes(_with_header(raw, header))
+    assert load(path).radius == 1.0
+    header["params"]["radius"] = "far"
+    path.write_bytes(_with_header(raw, header))
+    _refused(path, "radius")
