@@ -1,0 +1,364 @@
+/*
+ * 4-bit fast-scan product-quantization kernels: the code layout, the
+ * register image of the lookup tables and the block scan, with AVX-512BW and
+ * AVX2 versions selected at run time (annlearn_fs_best_isa()) and a portable
+ * one. Plain C, called without the GIL from _fastscan.pyx.
+ *
+ * Why 4 bits: a sub-quantizer with 16 centroids has a lookup table of 16
+ * bytes once its entries are quantized to uint8, which is exactly what one
+ * byte shuffle (vpshufb) indexes: the table sits in a register and 32 (AVX2)
+ * or 64 (AVX-512) lookups cost one instruction, where the 8-bit scan of
+ * _ivf.pyx pays one scalar load per code and sub-quantizer.
+ *
+ * Code layout (annlearn_fs_pack)
+ * ------------------------------
+ * Vectors are grouped in blocks of 32 (the last block of a list is padded
+ * with code 0; the caller knows how many rows are real). M is padded to an
+ * even M2 (the extra sub-quantizer has code 0 and an all-zero table). A block
+ * is M2 / 2 "pairs" of 32 bytes; pair j holds sub-quantizers 2j (low nibble)
+ * and 2j + 1 (high nibble) of the 32 vectors, so a block is 16 * M2 bytes and
+ * pair j of block b starts at byte (b * M2 / 2 + j) * 32.
+ *
+ * Inside a pair, byte t (lane L = t / 16 of the 128-bit lanes, i = t % 16)
+ * holds vector
+ *
+ *     v(t) = (i % 2) * 16 + L * 8 + i / 2
+ *
+ * i.e. the even bytes hold vectors 0..15 and the odd bytes vectors 16..31:
+ *
+ *     byte t : 0  1  2  3 ... 14 15 | 16 17 18 19 ... 30 31
+ *     vector : 0 16  1 17 ...  7 23 |  8 24  9 25 ... 15 31
+ *
+ * The reason is the accumulation. Shuffle results are 32 bytes; read as 16
+ * uint16 words, word w is (byte 2w) + 256 * (byte 2w + 1). Adding the words
+ * as they are into acc_e and their high bytes (word >> 8) into acc_o gives,
+ * modulo 2^16, acc_e = sum(low bytes) + 256 * acc_o, so at the end
+ *
+ *     sums of vectors  0..15 = acc_e - (acc_o << 8)   (word w: vector w)
+ *     sums of vectors 16..31 = acc_o                  (word w: vector 16 + w)
+ *
+ * exactly, provided no true sum exceeds 65535 (quantize_tables bounds every
+ * entry by min(255, 65535 // M)). The byte order above makes word w of both
+ * results vector w (resp. 16 + w): no cross-lane shuffle at the end of a
+ * block, and the threshold mask comes out in vector order with one pack and
+ * one permute (AVX2) or two mask compares (AVX-512).
+ *
+ * Register image of the tables (annlearn_fs_image)
+ * ------------------------------------------------
+ * vpshufb looks up within each 128-bit lane, so every 16-byte table appears
+ * twice (32 bytes). The AVX-512 kernel takes two pairs per 64-byte load of
+ * codes (pairs j, j + 1 of one block are contiguous), so the tables are
+ * grouped four sub-quantizers at a time, 128 bytes per group g (pairs 2g and
+ * 2g + 1):
+ *
+ *     [T(4g) x2][T(4g+2) x2] [T(4g+1) x2][T(4g+3) x2]
+ *      low nibbles (64 B)     high nibbles (64 B)
+ *
+ * Missing tables (M not a multiple of 4) are zero. The AVX2 kernel reads the
+ * same image 32 bytes at a time. Building it costs a few hundred bytes of
+ * copying per (query, probed cell), small against the scan of a cell.
+ *
+ * Scan (annlearn_fs_scan)
+ * -----------------------
+ * Scans blocks [b, end) of one list and stops at the first block in which
+ * some vector's sum is <= threshold (the caller's current k-th best,
+ * converted to this probe's quantized units, rounded up): it stores that
+ * block's 32 sums (vector order) and the mask of passing vectors and returns
+ * the block index; `end` if no block has one. The caller does the heap work
+ * for the set bits and calls again from the next block, so once the heap is
+ * full most blocks cost the SIMD work alone and no call.
+ */
+#ifndef ANNLEARN_FASTSCAN_H
+#define ANNLEARN_FASTSCAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "_packed_gemm.h" /* annlearn_isa(), ANNLEARN_HAVE_X86_DISPATCH */
+
+#define ANNLEARN_FS_BLOCK 32
+
+/* Vector held by byte t (0..31) of a pair (see the layout above). */
+static inline int annlearn_fs_lane_vector(int t) {
+    int lane = t >> 4, i = t & 15;
+    return (i & 1) * 16 + lane * 8 + (i >> 1);
+}
+
+static inline ptrdiff_t annlearn_fs_n_pairs(ptrdiff_t M) { return (M + 1) / 2; }
+
+static inline ptrdiff_t annlearn_fs_block_bytes(ptrdiff_t M) {
+    return 32 * annlearn_fs_n_pairs(M);
+}
+
+/* Index of the lowest set bit of a non-zero mask. */
+static inline int annlearn_fs_ctz(uint32_t mask) {
+#if defined(__GNUC__)
+    return __builtin_ctz(mask);
+#else
+    int i = 0;
+    while (!(mask & 1u)) {
+        mask >>= 1;
+        i++;
+    }
+    return i;
+#endif
+}
+
+/* Pack rows [0, n) of `codes` (n x M, values 0..15) into ceil(n / 32) blocks
+ * of annlearn_fs_block_bytes(M) bytes at `out`; padding rows and the padding
+ * sub-quantizer get code 0. */
+static inline void annlearn_fs_pack(const uint8_t* codes, ptrdiff_t n,
+                                    ptrdiff_t M, uint8_t* out) {
+    const ptrdiff_t n_pairs = annlearn_fs_n_pairs(M);
+    const ptrdiff_t n_blocks = (n + 31) / 32;
+    ptrdiff_t b, j;
+    int t;
+    for (b = 0; b < n_blocks; b++) {
+        for (j = 0; j < n_pairs; j++) {
+            uint8_t* dst = out + (b * n_pairs + j) * 32;
+            for (t = 0; t < 32; t++) {
+                ptrdiff_t v = b * 32 + annlearn_fs_lane_vector(t);
+                uint8_t lo = 0, hi = 0;
+                if (v < n) {
+                    lo = codes[v * M + 2 * j] & 15;
+                    if (2 * j + 1 < M) hi = codes[v * M + 2 * j + 1] & 15;
+                }
+                dst[t] = (uint8_t)(lo | (hi << 4));
+            }
+        }
+    }
+}
+
+/* The inverse of annlearn_fs_pack for rows [0, n): `out` is n x M. */
+static inline void annlearn_fs_unpack(const uint8_t* packed, ptrdiff_t n,
+                                      ptrdiff_t M, uint8_t* out) {
+    const ptrdiff_t n_pairs = annlearn_fs_n_pairs(M);
+    const ptrdiff_t n_blocks = (n + 31) / 32;
+    ptrdiff_t b, j;
+    int t;
+    for (b = 0; b < n_blocks; b++) {
+        for (j = 0; j < n_pairs; j++) {
+            const uint8_t* src = packed + (b * n_pairs + j) * 32;
+            for (t = 0; t < 32; t++) {
+                ptrdiff_t v = b * 32 + annlearn_fs_lane_vector(t);
+                if (v >= n) continue;
+                out[v * M + 2 * j] = src[t] & 15;
+                if (2 * j + 1 < M) out[v * M + 2 * j + 1] = src[t] >> 4;
+            }
+        }
+    }
+}
+
+/* Bytes of the register image of M tables. */
+static inline ptrdiff_t annlearn_fs_image_bytes(ptrdiff_t M) {
+    return 128 * ((annlearn_fs_n_pairs(M) + 1) / 2);
+}
+
+/* Offset in the image of the (first copy of the) table of sub-quantizer s. */
+static inline ptrdiff_t annlearn_fs_image_offset(ptrdiff_t s) {
+    ptrdiff_t j = s >> 1;
+    return (j >> 1) * 128 + (s & 1) * 64 + (j & 1) * 32;
+}
+
+/* Write the register image of `tables` (M x 16 bytes) and return the largest
+ * table entry (the caller checks that M times it fits in 16 bits). */
+static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
+                                    uint8_t* image) {
+    ptrdiff_t s;
+    int j, largest = 0;
+    memset(image, 0, (size_t)annlearn_fs_image_bytes(M));
+    for (s = 0; s < M; s++) {
+        uint8_t* dst = image + annlearn_fs_image_offset(s);
+        const uint8_t* src = tables + 16 * s;
+        for (j = 0; j < 16; j++) {
+            dst[j] = dst[16 + j] = src[j];
+            if (src[j] > largest) largest = src[j];
+        }
+    }
+    return largest;
+}
+
+/* The reference: plain loops over the same layout and image. */
+static inline ptrdiff_t annlearn_fs_scan_portable(
+    const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
+    const uint8_t* image, uint16_t threshold, uint16_t* sums,
+    uint32_t* mask) {
+    static const uint8_t lane_vector[32] = {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    for (; b < end; b++) {
+        const uint8_t* block = codes + b * n_pairs * 32;
+        uint16_t acc[32];
+        uint32_t passing = 0;
+        ptrdiff_t j;
+        int t;
+        memset(acc, 0, sizeof(acc));
+        for (j = 0; j < n_pairs; j++) {
+            const uint8_t* lo = image + (j >> 1) * 128 + (j & 1) * 32;
+            const uint8_t* hi = lo + 64;
+            const uint8_t* src = block + j * 32;
+            for (t = 0; t < 32; t++)
+                acc[lane_vector[t]] = (uint16_t)(acc[lane_vector[t]] +
+                                                 lo[src[t] & 15] + hi[src[t] >> 4]);
+        }
+        for (t = 0; t < 32; t++)
+            if (acc[t] <= threshold) passing |= 1u << t;
+        if (passing) {
+            memcpy(sums, acc, sizeof(acc));
+            *mask = passing;
+            return b;
+        }
+    }
+    return end;
+}
+
+#if ANNLEARN_HAVE_X86_DISPATCH
+
+__attribute__((target("avx2")))
+static inline ptrdiff_t annlearn_fs_scan_avx2(
+    const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
+    const uint8_t* image, uint16_t threshold, uint16_t* sums,
+    uint32_t* mask) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i thr = _mm256_set1_epi16((short)threshold);
+    for (; b < end; b++) {
+        const uint8_t* block = codes + b * n_pairs * 32;
+        __m256i acc_e = _mm256_setzero_si256(), acc_o = _mm256_setzero_si256();
+        __m256i sum_e, pass_e, pass_o;
+        uint32_t passing;
+        ptrdiff_t j;
+        for (j = 0; j < n_pairs; j++) {
+            const uint8_t* lut = image + (j >> 1) * 128 + (j & 1) * 32;
+            const __m256i c = _mm256_loadu_si256((const __m256i*)(block + j * 32));
+            const __m256i lo = _mm256_and_si256(c, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+            const __m256i r_lo = _mm256_shuffle_epi8(
+                _mm256_loadu_si256((const __m256i*)lut), lo);
+            const __m256i r_hi = _mm256_shuffle_epi8(
+                _mm256_loadu_si256((const __m256i*)(lut + 64)), hi);
+            acc_e = _mm256_add_epi16(acc_e, _mm256_add_epi16(r_lo, r_hi));
+            acc_o = _mm256_add_epi16(acc_o,
+                                     _mm256_add_epi16(_mm256_srli_epi16(r_lo, 8),
+                                                      _mm256_srli_epi16(r_hi, 8)));
+        }
+        sum_e = _mm256_sub_epi16(acc_e, _mm256_slli_epi16(acc_o, 8));
+        /* x <= thr (unsigned) as min(x, thr) == x; packing the two word masks
+         * to bytes interleaves their 64-bit quarters, which one permute puts
+         * back in vector order. */
+        pass_e = _mm256_cmpeq_epi16(_mm256_min_epu16(sum_e, thr), sum_e);
+        pass_o = _mm256_cmpeq_epi16(_mm256_min_epu16(acc_o, thr), acc_o);
+        passing = (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(
+            _mm256_packs_epi16(pass_e, pass_o), 0xD8));
+        if (passing) {
+            _mm256_storeu_si256((__m256i*)sums, sum_e);
+            _mm256_storeu_si256((__m256i*)(sums + 16), acc_o);
+            *mask = passing;
+            return b;
+        }
+    }
+    return end;
+}
+
+/* Two pairs (64 bytes of codes, four sub-quantizers) per step; an odd last
+ * pair takes one AVX2-width step. The two 256-bit halves of the accumulators
+ * hold partial sums of the same 32 vectors and are added at the end. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline ptrdiff_t annlearn_fs_scan_avx512(
+    const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
+    const uint8_t* image, uint16_t threshold, uint16_t* sums,
+    uint32_t* mask) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m256i low4_256 = _mm256_set1_epi8(0x0F);
+    const __m256i thr = _mm256_set1_epi16((short)threshold);
+    const ptrdiff_t n_even = n_pairs & ~(ptrdiff_t)1;
+    for (; b < end; b++) {
+        const uint8_t* block = codes + b * n_pairs * 32;
+        __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
+        __m256i e, o, sum_e;
+        uint32_t passing;
+        ptrdiff_t j;
+        for (j = 0; j < n_even; j += 2) {
+            const uint8_t* lut = image + (j >> 1) * 128;
+            const __m512i c = _mm512_loadu_si512((const void*)(block + j * 32));
+            const __m512i lo = _mm512_and_si512(c, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
+            const __m512i r_lo =
+                _mm512_shuffle_epi8(_mm512_loadu_si512((const void*)lut), lo);
+            const __m512i r_hi =
+                _mm512_shuffle_epi8(_mm512_loadu_si512((const void*)(lut + 64)), hi);
+            acc_e = _mm512_add_epi16(acc_e, _mm512_add_epi16(r_lo, r_hi));
+            acc_o = _mm512_add_epi16(acc_o,
+                                     _mm512_add_epi16(_mm512_srli_epi16(r_lo, 8),
+                                                      _mm512_srli_epi16(r_hi, 8)));
+        }
+        e = _mm256_add_epi16(_mm512_castsi512_si256(acc_e),
+                             _mm512_extracti64x4_epi64(acc_e, 1));
+        o = _mm256_add_epi16(_mm512_castsi512_si256(acc_o),
+                             _mm512_extracti64x4_epi64(acc_o, 1));
+        if (n_pairs & 1) {
+            const uint8_t* lut = image + (n_even >> 1) * 128;
+            const __m256i c =
+                _mm256_loadu_si256((const __m256i*)(block + n_even * 32));
+            const __m256i r_lo = _mm256_shuffle_epi8(
+                _mm256_loadu_si256((const __m256i*)lut), _mm256_and_si256(c, low4_256));
+            const __m256i r_hi = _mm256_shuffle_epi8(
+                _mm256_loadu_si256((const __m256i*)(lut + 64)),
+                _mm256_and_si256(_mm256_srli_epi16(c, 4), low4_256));
+            e = _mm256_add_epi16(e, _mm256_add_epi16(r_lo, r_hi));
+            o = _mm256_add_epi16(o, _mm256_add_epi16(_mm256_srli_epi16(r_lo, 8),
+                                                     _mm256_srli_epi16(r_hi, 8)));
+        }
+        sum_e = _mm256_sub_epi16(e, _mm256_slli_epi16(o, 8));
+        passing = (uint32_t)_mm256_cmple_epu16_mask(sum_e, thr) |
+                  ((uint32_t)_mm256_cmple_epu16_mask(o, thr) << 16);
+        if (passing) {
+            _mm256_storeu_si256((__m256i*)sums, sum_e);
+            _mm256_storeu_si256((__m256i*)(sums + 16), o);
+            *mask = passing;
+            return b;
+        }
+    }
+    return end;
+}
+
+/* The widest kernel this CPU runs: annlearn_isa() (which ANNLEARN_ISA=avx2 or
+ * =none lowers), except that AVX-512 also needs the BW and VL extensions. */
+static inline int annlearn_fs_best_isa(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        int isa = annlearn_isa();
+        if (isa == ANNLEARN_ISA_AVX512 && !(__builtin_cpu_supports("avx512bw") &&
+                                            __builtin_cpu_supports("avx512vl")))
+            isa = ANNLEARN_ISA_AVX2;
+        cached = isa;
+    }
+    return cached;
+}
+
+#else
+
+static inline int annlearn_fs_best_isa(void) { return ANNLEARN_ISA_NONE; }
+
+#endif
+
+/* Scan with the kernel of `isa` (at most annlearn_fs_best_isa()). */
+static inline ptrdiff_t annlearn_fs_scan(int isa, const uint8_t* codes,
+                                         ptrdiff_t b, ptrdiff_t end,
+                                         ptrdiff_t n_pairs, const uint8_t* image,
+                                         uint16_t threshold, uint16_t* sums,
+                                         uint32_t* mask) {
+#if ANNLEARN_HAVE_X86_DISPATCH
+    if (isa == ANNLEARN_ISA_AVX512)
+        return annlearn_fs_scan_avx512(codes, b, end, n_pairs, image, threshold,
+                                       sums, mask);
+    if (isa == ANNLEARN_ISA_AVX2)
+        return annlearn_fs_scan_avx2(codes, b, end, n_pairs, image, threshold,
+                                     sums, mask);
+#endif
+    (void)isa;
+    return annlearn_fs_scan_portable(codes, b, end, n_pairs, image, threshold,
+                                     sums, mask);
+}
+
+#endif
