@@ -315,13 +315,15 @@ def quantize_tables(tables, base=None, int n_threads=1):
                 for m in range(M):
                     lo = T[q, p, m, 0]
                     hi = lo
-                    for j in range(1, 16):
+                    for j in range(16):
                         x = T[q, p, m, j]
+                        if not (x - x == 0):  # NaN or infinite
+                            bad_ptr[0] = 1
                         if x < lo:
                             lo = x
                         if x > hi:
                             hi = x
-                    if not (hi - lo <= 3.4e38):  # also catches NaN
+                    if not (hi - lo <= 3.4e38):
                         bad_ptr[0] = 1
                     total = total + lo
                     if hi - lo > span:
