@@ -165,17 +165,21 @@ static inline ptrdiff_t annlearn_fs_image_offset(ptrdiff_t s) {
  * table entry (the caller checks that M times it fits in 16 bits). */
 static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
                                     uint8_t* image) {
-    ptrdiff_t s;
-    int j, largest = 0;
-    memset(image, 0, (size_t)annlearn_fs_image_bytes(M));
+    ptrdiff_t s, i;
+    uint8_t largest = 0;
+    /* Zero only the tables past M (a multiple-of-4 tail): the others are
+     * overwritten. Fixed-size memcpy compiles to 16-byte moves, and the max
+     * is a plain reduction the compiler vectorises. */
+    for (s = M; s < 4 * ((M + 3) / 4); s++) {
+        memset(image + annlearn_fs_image_offset(s), 0, 32);
+    }
     for (s = 0; s < M; s++) {
         uint8_t* dst = image + annlearn_fs_image_offset(s);
-        const uint8_t* src = tables + 16 * s;
-        for (j = 0; j < 16; j++) {
-            dst[j] = dst[16 + j] = src[j];
-            if (src[j] > largest) largest = src[j];
-        }
+        memcpy(dst, tables + 16 * s, 16);
+        memcpy(dst + 16, tables + 16 * s, 16);
     }
+    for (i = 0; i < 16 * M; i++)
+        largest = tables[i] > largest ? tables[i] : largest;
     return largest;
 }
 

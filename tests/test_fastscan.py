@@ -20,6 +20,8 @@ from annlearn._fastscan import (
     unpack_codes,
 )
 
+# The checkout whose annlearn the tests import (for the subprocess).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(_fastscan.__file__)))
 ISAS = {"none": ["none"], "avx2": ["none", "avx2"]}.get(
     fastscan_isa(), ["none", "avx2", "avx512"]
 )
@@ -117,9 +119,12 @@ def test_isa_parameter_and_environment():
     # ANNLEARN_ISA lowers the automatic choice (read once per process).
     for env, expected in [("avx2", ISAS[min(1, len(ISAS) - 1)]), ("none", "none")]:
         out = subprocess.run(
-            [sys.executable, "-c", "from annlearn import _fastscan as f; "
-             "print(f.fastscan_isa())"],
-            env=dict(os.environ, ANNLEARN_ISA=env),
+            [
+                sys.executable,
+                "-c",
+                "from annlearn import _fastscan as f; print(f.fastscan_isa())",
+            ],
+            env=dict(os.environ, ANNLEARN_ISA=env, PYTHONPATH=REPO),
             capture_output=True,
             text=True,
             timeout=60,
@@ -161,12 +166,14 @@ def test_quantize_tables_reference_and_error_bound(rng, M, n_threads):
     assert scale[4] == 1
     # Error bound: each sum is off by at most M / 2 steps of 1 / scale.
     codes = rng.integers(0, 16, (50, M))
-    exact = base[..., None] + tables[:, :, np.arange(M), codes].astype(
-        np.float64
-    ).sum(axis=-1)
-    approx = bias[..., None] + q[:, :, np.arange(M), codes].astype(np.float64).sum(
+    exact = base[..., None] + tables[:, :, np.arange(M), codes].astype(np.float64).sum(
         axis=-1
-    ) / scale[:, None, None]
+    )
+    approx = (
+        bias[..., None]
+        + q[:, :, np.arange(M), codes].astype(np.float64).sum(axis=-1)
+        / scale[:, None, None]
+    )
     bound = M / (2 * scale[:, None, None]) + 1e-6 * np.abs(exact) + 1e-4
     assert np.all(np.abs(approx - exact) <= bound)
     # ... and the bound is not loose by orders of magnitude: the typical
@@ -189,8 +196,9 @@ def test_quantize_tables_validation():
 # -- the IVF scan ------------------------------------------------------------
 
 
-def _ivf_problem(rng, n_queries=13, M=6, sizes=(0, 33, 5, 64, 0, 100, 31, 1),
-                 nprobe=5, table_max=3):
+def _ivf_problem(
+    rng, n_queries=13, M=6, sizes=(0, 33, 5, 64, 0, 100, 31, 1), nprobe=5, table_max=3
+):
     """Lists with empty cells and partial last blocks, few distinct table
     values (many ties), probes with -1 holes."""
     sizes = np.asarray(sizes)
@@ -206,8 +214,14 @@ def _ivf_problem(rng, n_queries=13, M=6, sizes=(0, 33, 5, 64, 0, 100, 31, 1),
     cells = np.stack([rng.permutation(nlist)[:nprobe] for _ in range(n_queries)])
     cells[rng.random(cells.shape) < 0.2] = -1
     return dict(
-        codes=codes, offsets=offsets, packed=packed, blocks=blocks,
-        qtables=qtables, scale=scale, bias=bias, cells=cells.astype(np.int64),
+        codes=codes,
+        offsets=offsets,
+        packed=packed,
+        blocks=blocks,
+        qtables=qtables,
+        scale=scale,
+        bias=bias,
+        cells=cells.astype(np.int64),
     )
 
 
@@ -216,8 +230,8 @@ def _scan_reference(pb, k):
     codes, offsets = pb["codes"], pb["offsets"]
     M = codes.shape[1]
     n_queries = pb["qtables"].shape[0]
-    D = np.full((n_queries, k), np.inf, dtype=np.float32)
-    I = np.full((n_queries, k), -1, dtype=np.int64)  # noqa: E741
+    dist = np.full((n_queries, k), np.inf, dtype=np.float32)
+    ids = np.full((n_queries, k), -1, dtype=np.int64)
     for q in range(n_queries):
         dists, positions = [], []
         for p, c in enumerate(pb["cells"][q]):
@@ -232,15 +246,23 @@ def _scan_reference(pb, k):
             continue
         dists, positions = np.concatenate(dists), np.concatenate(positions)
         order = np.lexsort((positions, dists))[:k]
-        D[q, : len(order)] = dists[order]
-        I[q, : len(order)] = positions[order]
-    return D, I
+        dist[q, : len(order)] = dists[order]
+        ids[q, : len(order)] = positions[order]
+    return dist, ids
 
 
 def _scan(pb, k, n_threads=1, isa=None):
     return ivf_fastscan(
-        pb["qtables"], pb["scale"], pb["bias"], pb["cells"], pb["packed"],
-        pb["blocks"], pb["offsets"], k, n_threads, isa,
+        pb["qtables"],
+        pb["scale"],
+        pb["bias"],
+        pb["cells"],
+        pb["packed"],
+        pb["blocks"],
+        pb["offsets"],
+        k,
+        n_threads,
+        isa,
     )
 
 
@@ -250,9 +272,9 @@ def _scan(pb, k, n_threads=1, isa=None):
 def test_ivf_fastscan_equals_brute_force(rng, isa, k, M):
     pb = _ivf_problem(rng, M=M)
     D_ref, I_ref = _scan_reference(pb, k)
-    D, I = _scan(pb, k, isa=isa)  # noqa: E741
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_array_equal(D, D_ref)
+    dist, ids = _scan(pb, k, isa=isa)
+    np.testing.assert_array_equal(ids, I_ref)
+    np.testing.assert_array_equal(dist, D_ref)
 
 
 def test_ivf_fastscan_wide_tables_and_large_bias(rng):
@@ -264,27 +286,28 @@ def test_ivf_fastscan_wide_tables_and_large_bias(rng):
     for k in (1, 10):
         D_ref, I_ref = _scan_reference(pb, k)
         for isa in ISAS:
-            D, I = _scan(pb, k, isa=isa)  # noqa: E741
-            np.testing.assert_array_equal(I, I_ref)
-            np.testing.assert_array_equal(D, D_ref)
+            dist, ids = _scan(pb, k, isa=isa)
+            np.testing.assert_array_equal(ids, I_ref)
+            np.testing.assert_array_equal(dist, D_ref)
 
 
 def test_ivf_fastscan_pads_when_fewer_rows_than_k(rng):
     pb = _ivf_problem(rng, sizes=(3, 0, 2), nprobe=3)
     pb["cells"][:] = [0, 1, 2]
     pb["cells"][0] = [-1, 1, -1]  # nothing probed at all
-    D, I = _scan(pb, 8)  # noqa: E741
+    dist, ids = _scan(pb, 8)
     D_ref, I_ref = _scan_reference(pb, 8)
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_array_equal(D, D_ref)
-    assert (I[0] == -1).all() and np.isinf(D[0]).all()
-    assert (I[1:, :5] >= 0).all() and (I[1:, 5:] == -1).all()
-    assert np.isinf(D[1:, 5:]).all() and np.isfinite(D[1:, :5]).all()
+    np.testing.assert_array_equal(ids, I_ref)
+    np.testing.assert_array_equal(dist, D_ref)
+    assert (ids[0] == -1).all() and np.isinf(dist[0]).all()
+    assert (ids[1:, :5] >= 0).all() and (ids[1:, 5:] == -1).all()
+    assert np.isinf(dist[1:, 5:]).all() and np.isfinite(dist[1:, :5]).all()
 
 
 def test_ivf_fastscan_threads_identical(rng):
-    pb = _ivf_problem(rng, n_queries=200, M=8, sizes=(400, 130, 0, 77, 260),
-                      nprobe=4, table_max=20)
+    pb = _ivf_problem(
+        rng, n_queries=200, M=8, sizes=(400, 130, 0, 77, 260), nprobe=4, table_max=20
+    )
     D1, I1 = _scan(pb, 25, n_threads=1)
     D2, I2 = _scan(pb, 25, n_threads=2)
     np.testing.assert_array_equal(I1, I2)
@@ -320,8 +343,9 @@ def _clustered_ivf(rng, n=3000, d=32, M=16, nlist=8, n_queries=40):
         C = X[rng.choice(len(X), k, replace=False)]
         for _ in range(iters):
             a = ((X[:, None] - C[None]) ** 2).sum(-1).argmin(1)
-            C = np.stack([X[a == j].mean(0) if (a == j).any() else C[j]
-                          for j in range(k)])
+            C = np.stack(
+                [X[a == j].mean(0) if (a == j).any() else C[j] for j in range(k)]
+            )
         return C, a
 
     centers = rng.standard_normal((20, d)) * 4
@@ -331,7 +355,7 @@ def _clustered_ivf(rng, n=3000, d=32, M=16, nlist=8, n_queries=40):
     order = np.argsort(assign, kind="stable")
     X, assign = X[order], assign[order]
     R = (X - coarse[assign]).reshape(n, M, d // M)
-    codebooks, codes = zip(*(kmeans(R[:, m], 16) for m in range(M)))
+    codebooks, codes = zip(*(kmeans(R[:, m], 16) for m in range(M)), strict=True)
     codebooks, codes = np.stack(codebooks), np.stack(codes, 1).astype(np.uint8)
     offsets = np.searchsorted(assign, np.arange(nlist + 1)).astype(np.int64)
     return Q, coarse, codebooks, codes, offsets
@@ -350,21 +374,21 @@ def test_quantized_ranking_recall_on_clustered_data(rng):
     tables = ((resid - codebooks[None, None]) ** 2).sum(-1).astype(np.float32)
     qt, scale, bias = quantize_tables(tables)
     packed, blocks = pack_lists(codes, offsets)
-    D, I = ivf_fastscan(qt, scale, bias, cells.astype(np.int64), packed, blocks,
-                        offsets, k, 2)
+    dist, ids = ivf_fastscan(
+        qt, scale, bias, cells.astype(np.int64), packed, blocks, offsets, k, 2
+    )
     recalls = []
     for q in range(n_queries):
-        rows = np.concatenate([np.arange(offsets[c], offsets[c + 1])
-                               for c in cells[q]])
+        rows = np.concatenate([np.arange(offsets[c], offsets[c + 1]) for c in cells[q]])
         where = np.repeat(np.arange(nprobe), np.diff(offsets)[cells[q]])
         exact = tables[q, where[:, None], np.arange(M), codes[rows]].sum(1)
         truth = rows[np.argsort(exact, kind="stable")[:k]]
-        recalls.append(len(np.intersect1d(truth, I[q])) / k)
+        recalls.append(len(np.intersect1d(truth, ids[q])) / k)
         # The returned distances are within the error bound of the float ones.
-        probe_of = dict(zip(rows, where))
-        got = tables[q, [[probe_of[i]] for i in I[q]], np.arange(M), codes[I[q]]]
+        probe_of = dict(zip(rows, where, strict=True))
+        got = tables[q, [[probe_of[i]] for i in ids[q]], np.arange(M), codes[ids[q]]]
         got = got.sum(1)
-        assert np.all(np.abs(D[q] - got) <= M / (2 * scale[q]) + 1e-3)
+        assert np.all(np.abs(dist[q] - got) <= M / (2 * scale[q]) + 1e-3)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
 
@@ -392,11 +416,19 @@ def test_ivf_fastscan_releases_the_gil(rng):
     inside = [t for t in ticks if start <= t <= end]
     gaps = np.diff([start, *inside, end])
     assert end - start > 0.05
-    assert len(inside) > 10 and gaps.max() < (end - start) / 3, (end - start, gaps.max())
+    assert len(inside) > 10 and gaps.max() < (end - start) / 3, (
+        end - start,
+        gaps.max(),
+    )
 
 
 def test_module_docstring_names_every_entry_point():
-    for name in ("pack_codes", "unpack_codes", "pack_lists", "quantize_tables",
-                 "ivf_fastscan"):
+    for name in (
+        "pack_codes",
+        "unpack_codes",
+        "pack_lists",
+        "quantize_tables",
+        "ivf_fastscan",
+    ):
         assert name in _fastscan.__doc__
         assert getattr(_fastscan, name).__doc__
