@@ -77,6 +77,10 @@
 
 #include "_packed_gemm.h" /* annlearn_isa(), ANNLEARN_HAVE_X86_DISPATCH */
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #define ANNLEARN_FS_BLOCK 32
 
 /* Vector held by byte t (0..31) of a pair (see the layout above). */
@@ -181,6 +185,92 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
     for (i = 0; i < 16 * M; i++)
         largest = tables[i] > largest ? tables[i] : largest;
     return largest;
+}
+
+/* Quantize the nprobe * M tables (16 floats each) of one query to uint8:
+ * bias[p] = base[p] + sum_m min(table), *scale = vmax / (largest range),
+ * out = min(vmax, floor((table - min) * scale + 0.5f)) in float32. Returns
+ * 1 if an entry is not finite, else 0. SSE2 (the x86-64 baseline) when
+ * available: this runs once per query and probed cell, as often as the scan
+ * of a cell, so scalar min/max and floor calls would cost more than the scan.
+ */
+static inline int annlearn_fs_quantize_query(const float* tables,
+                                             ptrdiff_t nprobe, ptrdiff_t M,
+                                             const float* base, float vmax,
+                                             uint8_t* out, float* scale,
+                                             float* bias) {
+    ptrdiff_t p, m, j;
+    float span = 0.0f, s, check = 0.0f;
+    for (p = 0; p < nprobe; p++) {
+        double total = base[p];
+        for (m = 0; m < M; m++) {
+            const float* t = tables + (p * M + m) * 16;
+            float lo, hi;
+#if defined(__SSE2__)
+            __m128 a = _mm_loadu_ps(t), b = _mm_loadu_ps(t + 4);
+            __m128 c = _mm_loadu_ps(t + 8), d = _mm_loadu_ps(t + 12);
+            __m128 vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
+            __m128 vhi = _mm_max_ps(_mm_max_ps(a, b), _mm_max_ps(c, d));
+            /* x * 0 is 0 unless x is NaN or infinite. */
+            __m128 z = _mm_mul_ps(_mm_add_ps(_mm_add_ps(a, b), _mm_add_ps(c, d)),
+                                  _mm_setzero_ps());
+            vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
+            vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
+            vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(1, 0, 3, 2)));
+            vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(2, 3, 0, 1)));
+            z = _mm_add_ps(z, _mm_movehl_ps(z, z));
+            z = _mm_add_ss(z, _mm_shuffle_ps(z, z, 1));
+            lo = _mm_cvtss_f32(vlo);
+            hi = _mm_cvtss_f32(vhi);
+            check += _mm_cvtss_f32(z);
+#else
+            lo = hi = t[0];
+            for (j = 0; j < 16; j++) {
+                lo = t[j] < lo ? t[j] : lo;
+                hi = t[j] > hi ? t[j] : hi;
+                check += t[j] * 0.0f;
+            }
+#endif
+            total += lo;
+            if (hi - lo > span) span = hi - lo;
+        }
+        bias[p] = (float)total;
+    }
+    if (!(check == 0.0f && span <= 3.4e38f)) return 1;
+    s = span > 1e-30f ? vmax / span : 1.0f;
+    *scale = s;
+    for (p = 0; p < nprobe * M; p++) {
+        const float* t = tables + p * 16;
+        uint8_t* o = out + p * 16;
+#if defined(__SSE2__)
+        __m128 a = _mm_loadu_ps(t), b = _mm_loadu_ps(t + 4);
+        __m128 c = _mm_loadu_ps(t + 8), d = _mm_loadu_ps(t + 12);
+        __m128 vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
+        const __m128 vs = _mm_set1_ps(s), half = _mm_set1_ps(0.5f);
+        const __m128 top = _mm_set1_ps(vmax);
+        __m128i ia, ib, ic, id;
+        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
+        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
+        /* (t - lo) * s + 0.5 >= 0, so truncation is floor. */
+#define ANNLEARN_FS_Q(v) _mm_cvttps_epi32(_mm_min_ps(                      \
+            _mm_add_ps(_mm_mul_ps(_mm_sub_ps(v, vlo), vs), half), top))
+        ia = ANNLEARN_FS_Q(a);
+        ib = ANNLEARN_FS_Q(b);
+        ic = ANNLEARN_FS_Q(c);
+        id = ANNLEARN_FS_Q(d);
+#undef ANNLEARN_FS_Q
+        _mm_storeu_si128((__m128i*)o, _mm_packus_epi16(_mm_packs_epi32(ia, ib),
+                                                       _mm_packs_epi32(ic, id)));
+#else
+        float lo = t[0];
+        for (j = 1; j < 16; j++) lo = t[j] < lo ? t[j] : lo;
+        for (j = 0; j < 16; j++) {
+            float x = (t[j] - lo) * s + 0.5f;
+            o[j] = (uint8_t)(int)(x < vmax ? x : vmax);
+        }
+#endif
+    }
+    return 0;
 }
 
 /* The reference: plain loops over the same layout and image. */

@@ -28,7 +28,7 @@ thread count (ties rank by the smaller position, _utils/_heap.pxd).
 import numpy as np
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, fabs, floor
+from libc.math cimport INFINITY, fabs
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 
@@ -48,6 +48,9 @@ cdef extern from "_fastscan.h" nogil:
     intp_t annlearn_fs_image_bytes(intp_t M)
     int annlearn_fs_image(const uint8_t* tables, intp_t M, uint8_t* image)
     int annlearn_fs_best_isa()
+    int annlearn_fs_quantize_query(const float* tables, intp_t nprobe, intp_t M,
+                                   const float* base, float vmax, uint8_t* out,
+                                   float* scale, float* bias)
     intp_t annlearn_fs_scan(int isa, const uint8_t* codes, intp_t b, intp_t end,
                             intp_t n_pairs, const uint8_t* image,
                             uint16_t threshold, uint16_t* sums, uint32_t* mask)
@@ -240,6 +243,7 @@ def quantize_tables(tables, base=None, int n_threads=1):
     different cells rank in one heap:
 
         qtables = floor((tables - min) * scale + 0.5), clipped to vmax
+                  (float32 operations)
         bias[q, p] = base[q, p] + sum_m min(tables[q, p, m])
 
     Parameters
@@ -301,46 +305,14 @@ def quantize_tables(tables, base=None, int n_threads=1):
     cdef float32_t[::1] scale = scale_arr
     cdef float32_t[:, ::1] bias = bias_arr
     cdef float32_t vmax = min(255, 65535 // M)
-    cdef intp_t q, p, m, j
-    cdef float32_t lo, hi, span, s, x
-    cdef float64_t total
+    cdef intp_t q
     cdef int bad = 0
-    cdef int* bad_ptr = &bad
+    cdef int* bad_ptr = &bad  # a flag, not a reduction variable of the prange
     with nogil:
         for q in prange(n_queries, num_threads=n_threads, schedule="static"):
-            # Pass 1: per-table minima into the bias, the query's largest range.
-            span = 0
-            for p in range(nprobe):
-                total = B[q, p]
-                for m in range(M):
-                    lo = T[q, p, m, 0]
-                    hi = lo
-                    for j in range(16):
-                        x = T[q, p, m, j]
-                        if not (x - x == 0):  # NaN or infinite
-                            bad_ptr[0] = 1
-                        if x < lo:
-                            lo = x
-                        if x > hi:
-                            hi = x
-                    if not (hi - lo <= 3.4e38):
-                        bad_ptr[0] = 1
-                    total = total + lo
-                    if hi - lo > span:
-                        span = hi - lo
-                bias[q, p] = <float32_t>total
-            s = vmax / span if span > 1e-30 else 1
-            scale[q] = s
-            # Pass 2: round to the nearest step.
-            for p in range(nprobe):
-                for m in range(M):
-                    lo = T[q, p, m, 0]
-                    for j in range(1, 16):
-                        if T[q, p, m, j] < lo:
-                            lo = T[q, p, m, j]
-                    for j in range(16):
-                        x = <float32_t>floor((T[q, p, m, j] - lo) * s + 0.5)
-                        out[q, p, m, j] = <uint8_t>(x if x < vmax else vmax)
+            if annlearn_fs_quantize_query(&T[q, 0, 0, 0], nprobe, M, &B[q, 0], vmax,
+                                          &out[q, 0, 0, 0], &scale[q], &bias[q, 0]):
+                bad_ptr[0] = 1
     if bad:
         raise ValueError("Expected finite lookup tables.")
     return qtables_arr, scale_arr, bias_arr

@@ -144,7 +144,7 @@ def _quantize_reference(tables, base):
     scale = np.ones_like(span)
     np.divide(np.float32(vmax), span, out=scale, where=span > 0)
     x = (tables - lo) * scale[:, None, None, None]
-    q = np.minimum(np.floor(x.astype(np.float64) + 0.5), vmax).astype(np.uint8)
+    q = np.floor(np.minimum(x + np.float32(0.5), vmax)).astype(np.uint8)
     bias = base.astype(np.float64) + lo[..., 0].astype(np.float64).sum(axis=2)
     return q, scale, bias.astype(np.float32)
 
