@@ -326,8 +326,10 @@ cdef inline int _sum_threshold(
 
     A row's distance is float32(bias + float32(sum) / scale); the bound is
     computed in float64 with slack for those two roundings (relative 2**-24
-    each, on terms at most |worst| + |bias|) and rounded up, so that it never
-    rejects a row the heap would keep; the heap makes the exact comparison.
+    each, on terms at most |worst| + |bias|, and the rounding of 1 / scale),
+    so that it never rejects a row the heap would keep; the heap makes the
+    exact comparison. Sums are integers: sum <= x if and only if
+    sum <= floor(x).
     """
     cdef float64_t x
     if worst == INFINITY:
@@ -335,7 +337,7 @@ cdef inline int _sum_threshold(
     x = (<float64_t>worst - bias + (fabs(worst) + fabs(bias)) * 1e-6) * scale
     if x < 0:
         return -1
-    x = x * (1 + 1e-6) + 1
+    x = x * (1 + 1e-6)
     if x >= 65535:
         return 65535
     return <int>x
