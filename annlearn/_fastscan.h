@@ -199,7 +199,7 @@ static inline int annlearn_fs_quantize_query(const float* tables,
                                              const float* base, float vmax,
                                              uint8_t* out, float* scale,
                                              float* bias) {
-    ptrdiff_t p, m, j;
+    ptrdiff_t p, m;
     float span = 0.0f, s, check = 0.0f;
     for (p = 0; p < nprobe; p++) {
         double total = base[p];
@@ -224,6 +224,7 @@ static inline int annlearn_fs_quantize_query(const float* tables,
             hi = _mm_cvtss_f32(vhi);
             check += _mm_cvtss_f32(z);
 #else
+            ptrdiff_t j;
             lo = hi = t[0];
             for (j = 0; j < 16; j++) {
                 lo = t[j] < lo ? t[j] : lo;
@@ -262,6 +263,7 @@ static inline int annlearn_fs_quantize_query(const float* tables,
         _mm_storeu_si128((__m128i*)o, _mm_packus_epi16(_mm_packs_epi32(ia, ib),
                                                        _mm_packs_epi32(ic, id)));
 #else
+        ptrdiff_t j;
         float lo = t[0];
         for (j = 1; j < 16; j++) lo = t[j] < lo ? t[j] : lo;
         for (j = 0; j < 16; j++) {
