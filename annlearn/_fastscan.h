@@ -109,6 +109,202 @@ static inline int annlearn_fs_ctz(uint32_t mask) {
 #endif
 }
 
+/* Candidate order of the top-k: smaller distance first, then smaller
+ * position (the tie-break of _utils/_heap.pxd). */
+static inline int annlearn_fs_before(float da, int64_t ia, float db,
+                                     int64_t ib) {
+    return da < db || (da == db && ia < ib);
+}
+
+/* Reorder the n candidates (d, ids) so that the first k (0 < k < n) are the
+ * k first in annlearn_fs_before order, the k-th of them at index k - 1
+ * (quickselect with Hoare partitions and a median-of-three pivot). */
+static inline void annlearn_fs_select(float* d, int64_t* ids, ptrdiff_t n,
+                                      ptrdiff_t k) {
+    ptrdiff_t lo = 0, hi = n - 1, target = k - 1;
+    if (k <= 0 || k >= n) return;
+    while (lo < hi) {
+        ptrdiff_t mid = lo + (hi - lo) / 2, i = lo, j = hi;
+        float pd;
+        int64_t pi;
+        /* Median of d[lo], d[mid], d[hi] as the pivot. */
+        ptrdiff_t a = lo, b = mid, c = hi, m;
+        if (annlearn_fs_before(d[b], ids[b], d[a], ids[a])) { m = a; a = b; b = m; }
+        if (annlearn_fs_before(d[c], ids[c], d[b], ids[b])) {
+            b = c;
+            if (annlearn_fs_before(d[b], ids[b], d[a], ids[a])) b = a;
+        }
+        pd = d[b];
+        pi = ids[b];
+        while (i <= j) {
+            while (annlearn_fs_before(d[i], ids[i], pd, pi)) i++;
+            while (annlearn_fs_before(pd, pi, d[j], ids[j])) j--;
+            if (i <= j) {
+                float td = d[i];
+                int64_t ti = ids[i];
+                d[i] = d[j];
+                ids[i] = ids[j];
+                d[j] = td;
+                ids[j] = ti;
+                i++;
+                j--;
+            }
+        }
+        /* [lo, j] before-or-equal the pivot, [i, hi] after-or-equal it,
+         * (j, i) equal to it. */
+        if (target <= j)
+            hi = j;
+        else if (target >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Candidate collection for large k (annlearn_fs_compact)
+ *
+ * A heap insertion is a sift-down of log2(k) levels whose branches the CPU
+ * cannot predict, and the final heap sort as many again; beyond a few tens
+ * of candidates that, not the SIMD scan, is most of the scan time (on
+ * Fashion-MNIST with 16 probes, one thread: ~2.2 G codes/s at k = 1, ~0.5 G
+ * at k = 40, ~0.04 G at k = 640 with the heap). For large k the candidates
+ * that pass the SIMD threshold are instead appended to a buffer
+ * unconditionally, and when the buffer is full it is compacted to the k
+ * first by (distance, position): a radix select on the distances' bits
+ * (histograms, no data-dependent branches), the ties at the k-th distance
+ * settled by position, then one branch-free partition. The k-th kept
+ * candidate becomes the threshold. Which candidates end in the top k does not
+ * depend on when compactions happen, so the result equals the heap's; the
+ * final k are ordered by a radix sort (annlearn_fs_sort).
+ * ------------------------------------------------------------------------ */
+
+/* An unsigned key with the order of the float (NaN excluded; -0.0 must have
+ * been turned into +0.0 by the caller). */
+static inline uint32_t annlearn_fs_key(float d) {
+    uint32_t u;
+    memcpy(&u, &d, sizeof(u));
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+
+/* The k-th smallest key (1 <= k <= n) of d[0..n), by bytes from the most
+ * significant; *rank receives how many candidates with exactly that key
+ * belong to the k first. */
+static inline uint32_t annlearn_fs_kth_key(const float* d, ptrdiff_t n,
+                                           ptrdiff_t k, ptrdiff_t* rank) {
+    uint32_t prefix = 0, fixed = 0;
+    ptrdiff_t i, need = k;
+    int shift;
+    for (shift = 24; shift >= 0; shift -= 8) {
+        ptrdiff_t hist[257], below = 0;
+        int bin;
+        memset(hist, 0, sizeof(hist));
+        for (i = 0; i < n; i++) {
+            uint32_t key = annlearn_fs_key(d[i]);
+            /* Candidates outside the current prefix go to bin 256. */
+            hist[(key & fixed) == prefix ? (key >> shift) & 255u : 256]++;
+        }
+        for (bin = 0; bin < 255 && below + hist[bin] < need; bin++)
+            below += hist[bin];
+        need -= below;
+        prefix |= (uint32_t)bin << shift;
+        fixed |= 255u << shift;
+    }
+    *rank = need;
+    return prefix;
+}
+
+/* Keep the k first of the n candidates (k < n) by (d, id), in no particular
+ * order, at d[0..k), ids[0..k); `ties` is scratch of n pairs. Sets *worst,
+ * *worst_id to the k-th (the last kept). */
+static inline void annlearn_fs_compact(float* d, int64_t* ids, ptrdiff_t n,
+                                       ptrdiff_t k, float* tie_d,
+                                       int64_t* tie_ids, float* worst,
+                                       int64_t* worst_id) {
+    ptrdiff_t rank, n_ties = 0, kept = 0, i;
+    const uint32_t kth = annlearn_fs_kth_key(d, n, k, &rank);
+    /* The candidates at the k-th distance: usually one. */
+    for (i = 0; i < n; i++) {
+        if (annlearn_fs_key(d[i]) == kth) {
+            tie_d[n_ties] = d[i];
+            tie_ids[n_ties] = ids[i];
+            n_ties++;
+        }
+    }
+    if (rank < n_ties) annlearn_fs_select(tie_d, tie_ids, n_ties, rank);
+    /* Branch-free partition: the candidates strictly below the k-th
+     * distance, then the `rank` first ties. Writes never pass reads. */
+    for (i = 0; i < n; i++) {
+        const int keep = annlearn_fs_key(d[i]) < kth;
+        d[kept] = d[i];
+        ids[kept] = ids[i];
+        kept += keep;
+    }
+    *worst_id = INT64_MIN;
+    for (i = 0; i < rank; i++) {
+        d[kept + i] = tie_d[i];
+        ids[kept + i] = tie_ids[i];
+        if (tie_ids[i] > *worst_id) *worst_id = tie_ids[i];
+    }
+    *worst = tie_d[0];
+}
+
+/* Sort n candidates by (d, ids) ascending into out_d, out_ids: an LSD radix
+ * sort of the distance keys, 8 bits a pass (a pass is skipped when all keys
+ * share its byte, as the exponent bytes of nearby distances usually do),
+ * then the rare runs of equal distances ordered by position (insertion
+ * sort). `scratch` holds 16 * n bytes. A heap sort costs k log2 k
+ * unpredictable branches, ~20 cycles each: more than the whole scan at
+ * k = 640. */
+static inline void annlearn_fs_sort(const float* d, const int64_t* ids,
+                                    ptrdiff_t n, float* out_d,
+                                    int64_t* out_ids, void* scratch) {
+    uint32_t* keys = (uint32_t*)scratch;
+    uint32_t* idx = keys + n;
+    uint32_t* keys2 = idx + n;
+    uint32_t* idx2 = keys2 + n;
+    ptrdiff_t i, j;
+    int shift;
+    for (i = 0; i < n; i++) {
+        keys[i] = annlearn_fs_key(d[i]);
+        idx[i] = (uint32_t)i;
+    }
+    for (shift = 0; shift < 32; shift += 8) {
+        ptrdiff_t count[256], total = 0;
+        int bin, skip = 0;
+        uint32_t* t;
+        memset(count, 0, sizeof(count));
+        for (i = 0; i < n; i++) count[(keys[i] >> shift) & 255u]++;
+        for (bin = 0; bin < 256; bin++) {
+            ptrdiff_t c = count[bin];
+            if (c == n) skip = 1;
+            count[bin] = total;
+            total += c;
+        }
+        if (skip) continue;
+        for (i = 0; i < n; i++) {
+            ptrdiff_t at = count[(keys[i] >> shift) & 255u]++;
+            keys2[at] = keys[i];
+            idx2[at] = idx[i];
+        }
+        t = keys; keys = keys2; keys2 = t;
+        t = idx; idx = idx2; idx2 = t;
+    }
+    for (i = 0; i < n; i++) {
+        out_d[i] = d[idx[i]];
+        out_ids[i] = ids[idx[i]];
+    }
+    /* Equal distances: by position. */
+    for (i = 1; i < n; i++) {
+        if (out_d[i] == out_d[i - 1] && out_ids[i] < out_ids[i - 1]) {
+            const int64_t id = out_ids[i];
+            for (j = i; j > 0 && out_d[j - 1] == out_d[i] && out_ids[j - 1] > id; j--)
+                out_ids[j] = out_ids[j - 1];
+            out_ids[j] = id;
+        }
+    }
+}
+
 /* Pack rows [0, n) of `codes` (n x M, values 0..15) into ceil(n / 32) blocks
  * of annlearn_fs_block_bytes(M) bytes at `out`; padding rows and the padding
  * sub-quantizer get code 0. */

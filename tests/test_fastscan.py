@@ -1,5 +1,6 @@
 """The 4-bit fast-scan kernels against numpy references (annlearn._fastscan)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def _scan_reference(pb, k):
     return dist, ids
 
 
-def _scan(pb, k, n_threads=1, isa=None):
+def _scan(pb, k, n_threads=1, isa=None, collector=None):
     return ivf_fastscan(
         pb["qtables"],
         pb["scale"],
@@ -263,16 +264,21 @@ def _scan(pb, k, n_threads=1, isa=None):
         k,
         n_threads,
         isa,
+        collector,
     )
 
 
+@pytest.mark.parametrize("collector", ["heap", "buffer"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k", [1, 7, 40])
 @pytest.mark.parametrize("M", [1, 6, 33])
-def test_ivf_fastscan_equals_brute_force(rng, isa, k, M):
+def test_ivf_fastscan_equals_brute_force(rng, isa, k, M, collector):
+    # Few distinct table values: many ties, also at the k-th distance, which
+    # the buffer's compactions (every 2k + 32 candidates) must settle by
+    # position as the heap does.
     pb = _ivf_problem(rng, M=M)
     D_ref, I_ref = _scan_reference(pb, k)
-    dist, ids = _scan(pb, k, isa=isa)
+    dist, ids = _scan(pb, k, isa=isa, collector=collector)
     np.testing.assert_array_equal(ids, I_ref)
     np.testing.assert_array_equal(dist, D_ref)
 
@@ -285,8 +291,8 @@ def test_ivf_fastscan_wide_tables_and_large_bias(rng):
     pb["bias"] = pb["bias"] * 1e5 + 3e6
     for k in (1, 10):
         D_ref, I_ref = _scan_reference(pb, k)
-        for isa in ISAS:
-            dist, ids = _scan(pb, k, isa=isa)
+        for isa, collector in itertools.product(ISAS, ["heap", "buffer"]):
+            dist, ids = _scan(pb, k, isa=isa, collector=collector)
             np.testing.assert_array_equal(ids, I_ref)
             np.testing.assert_array_equal(dist, D_ref)
 
@@ -304,14 +310,33 @@ def test_ivf_fastscan_pads_when_fewer_rows_than_k(rng):
     assert np.isinf(dist[1:, 5:]).all() and np.isfinite(dist[1:, :5]).all()
 
 
+def test_buffer_collector_with_many_candidates(rng):
+    # Long lists and k = 100: the buffer is compacted many times, with ties
+    # and without, on every ISA; the automatic choice picks it from
+    # HEAP_MAX_K on.
+    pb = _ivf_problem(
+        rng, n_queries=6, M=4, sizes=(700, 0, 450, 333), nprobe=3, table_max=7
+    )
+    k = max(100, _fastscan.HEAP_MAX_K)
+    D_ref, I_ref = _scan_reference(pb, k)
+    for isa in ISAS:
+        for collector in ("buffer", None, "heap"):
+            dist, ids = _scan(pb, k, isa=isa, collector=collector)
+            np.testing.assert_array_equal(ids, I_ref)
+            np.testing.assert_array_equal(dist, D_ref)
+    with pytest.raises(ValueError, match="collector must be"):
+        _scan(pb, k, collector="reservoir")
+
+
 def test_ivf_fastscan_threads_identical(rng):
     pb = _ivf_problem(
         rng, n_queries=200, M=8, sizes=(400, 130, 0, 77, 260), nprobe=4, table_max=20
     )
-    D1, I1 = _scan(pb, 25, n_threads=1)
-    D2, I2 = _scan(pb, 25, n_threads=2)
-    np.testing.assert_array_equal(I1, I2)
-    np.testing.assert_array_equal(D1, D2)
+    for collector in ("heap", "buffer"):
+        D1, I1 = _scan(pb, 25, n_threads=1, collector=collector)
+        D2, I2 = _scan(pb, 25, n_threads=2, collector=collector)
+        np.testing.assert_array_equal(I1, I2)
+        np.testing.assert_array_equal(D1, D2)
 
 
 def test_ivf_fastscan_overflow_and_validation(rng):
