@@ -13,6 +13,9 @@ the scan sums M table entries for 32 vectors at a time in uint16 lanes
     float32 tables (n_queries, nprobe, M, 16) -> uint8 tables, one scale per
     query (shared by its probed cells, so that sums from different cells
     compare in one heap) and one float bias per (query, probed cell).
+``ivf_tables``
+    The same quantized tables computed from the queries, the codebooks and
+    term 2 of _ivf.pyx's decomposition, without the float array.
 ``ivf_fastscan``
     The k best rows per query over the probed lists: per block of 32 the
     uint16 sums, one SIMD comparison with the current k-th best (in this
@@ -31,6 +34,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, fabs
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
 
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
@@ -61,6 +65,12 @@ cdef extern from "_fastscan.h" nogil:
 
 cdef enum:
     _BLOCK = 32  # vectors per block (the C kernels assume it)
+
+cdef extern from "_simd.h" nogil:
+    void annlearn_pq_tables(const float* x, const float* codebooks_t,
+                            intp_t M, intp_t dsub, intp_t ksub,
+                            float alpha, float* table)
+    void annlearn_add(const float* x, const float* y, intp_t n, float* out)
 
 BLOCK = _BLOCK
 # ivf_fastscan keeps its candidates in a heap below this k, in a buffer
@@ -325,6 +335,118 @@ def quantize_tables(tables, base=None, int n_threads=1):
                 bad_ptr[0] = 1
     if bad:
         raise ValueError("Expected finite lookup tables.")
+    return qtables_arr, scale_arr, bias_arr
+
+
+def ivf_tables(
+    const float32_t[:, ::1] Q,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, :, ::1] term2,
+    const id_t[:, ::1] probe_cells,
+    const float32_t[:, ::1] probe_base,
+    bint inner_product,
+    int n_threads,
+):
+    """Quantized lookup tables of the probed cells, from the queries directly.
+
+    The fused equivalent of building the float tables of ``_ivf.pyx``'s
+    decomposition (term 3 of the query plus term 2 of each probed cell) and
+    calling :func:`quantize_tables` on them, without the float array of
+    shape (n_queries, nprobe, M, 16); inputs as ``_ivf.ivfpq_scan`` takes
+    them, for 4-bit codebooks.
+
+    Parameters
+    ----------
+    Q : ndarray of shape (n_queries, n_features), float32
+        Prepared queries.
+    codebooks_t : ndarray of shape (M, dsub, 16), float32
+        PQ codebooks, transposed, ``M * dsub == n_features``.
+    term2 : ndarray of shape (n_tables, M, 16), float32
+        Term 2 per cell (``n_tables == nlist``), one table for every cell
+        (``n_tables == 1``) or none (``n_tables == 0``).
+    probe_cells : ndarray of shape (n_queries, nprobe), int64
+        Cells to scan per query (-1: skipped; its table is zero, so that it
+        does not widen the query's scale).
+    probe_base : ndarray of shape (n_queries, nprobe), float32
+        Term 1 of each probed cell.
+    inner_product : bool
+        Tables of -<x, y> instead of ||x - y||^2.
+    n_threads : int
+        OpenMP threads (over queries).
+
+    Returns
+    -------
+    qtables : ndarray of shape (n_queries, nprobe, M, 16), uint8
+    scale : ndarray of shape (n_queries,), float32
+    bias : ndarray of shape (n_queries, nprobe), float32
+        As :func:`quantize_tables` returns them.
+    """
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
+    cdef intp_t nprobe = probe_cells.shape[1], n_tables = term2.shape[0]
+    if codebooks_t.shape[2] != 16 or M * dsub != d or M < 1:
+        raise ValueError(
+            f"Expected codebooks_t of shape (M, dsub, 16) with M * dsub == {d}, "
+            f"got {tuple(codebooks_t.shape)}."
+        )
+    if n_tables and (term2.shape[1] != M or term2.shape[2] != 16):
+        raise ValueError(f"Expected term2 of shape (n_tables, {M}, 16).")
+    if probe_cells.shape[0] != n_queries or probe_base.shape[0] != n_queries \
+            or probe_base.shape[1] != nprobe:
+        raise ValueError(
+            f"Expected probe_cells and probe_base of shape ({n_queries}, nprobe)."
+        )
+    if n_queries and nprobe and np.min(probe_cells) < -1:
+        raise ValueError("Expected probe_cells >= -1.")
+    if n_tables > 1 and n_queries and nprobe and np.max(probe_cells) >= n_tables:
+        raise ValueError(f"Expected probe_cells < {n_tables} (one term 2 per cell).")
+    qtables_arr = np.empty((n_queries, nprobe, M, 16), dtype=np.uint8)
+    scale_arr = np.ones(n_queries, dtype=np.float32)
+    bias_arr = np.empty((n_queries, nprobe), dtype=np.float32)
+    if n_queries == 0 or nprobe == 0:
+        return qtables_arr, scale_arr, bias_arr
+    cdef uint8_t[:, :, :, ::1] out = qtables_arr
+    cdef float32_t[::1] scale = scale_arr
+    cdef float32_t[:, ::1] bias = bias_arr
+    cdef float32_t vmax = min(255, 65535 // M)
+    cdef float32_t alpha = -1.0 if inner_product else -2.0
+    cdef intp_t table_size = M * 16, q, p
+    cdef id_t cell
+    cdef float32_t* term3 = NULL
+    cdef float32_t* tables = NULL
+    cdef int failed = 0, bad = 0
+    cdef int* failed_ptr = &failed
+    cdef int* bad_ptr = &bad
+    with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
+        term3 = <float32_t*>malloc(table_size * sizeof(float32_t))
+        tables = <float32_t*>malloc(nprobe * table_size * sizeof(float32_t))
+        for q in prange(n_queries, schedule="static"):
+            if term3 == NULL or tables == NULL:
+                failed_ptr[0] = 1
+                continue
+            annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, 16, alpha,
+                               term3)
+            if n_tables == 1:
+                annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
+            for p in range(nprobe):
+                cell = probe_cells[q, p]
+                if cell < 0:
+                    memset(tables + p * table_size, 0, table_size * sizeof(float32_t))
+                elif n_tables > 1:
+                    annlearn_add(term3, &term2[cell, 0, 0], table_size,
+                                 tables + p * table_size)
+                else:
+                    memcpy(tables + p * table_size, term3,
+                           table_size * sizeof(float32_t))
+            if annlearn_fs_quantize_query(tables, nprobe, M, &probe_base[q, 0], vmax,
+                                          &out[q, 0, 0, 0], &scale[q], &bias[q, 0]):
+                bad_ptr[0] = 1
+        free(term3)
+        free(tables)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the table buffers.")
+    if bad:
+        raise ValueError("Expected finite queries, codebooks and term 2.")
     return qtables_arr, scale_arr, bias_arr
 
 

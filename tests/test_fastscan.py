@@ -183,7 +183,53 @@ def test_quantize_tables_reference_and_error_bound(rng, M, n_threads):
     assert steps.max() > 0.1 * np.sqrt(M / 12)
 
 
+@pytest.mark.parametrize("n_tables", [0, 1, 5])
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_ivf_tables_equal_quantized_float_tables(rng, n_tables, inner_product):
+    n_queries, nprobe, M, dsub = 7, 3, 6, 5
+    Q = rng.standard_normal((n_queries, M * dsub)).astype(np.float32)
+    codebooks = rng.standard_normal((M, 16, dsub)).astype(np.float32)
+    term2 = rng.standard_normal((n_tables, M, 16)).astype(np.float32)
+    cells = rng.integers(0, 5, (n_queries, nprobe))
+    cells[2, 1] = -1
+    base = rng.standard_normal((n_queries, nprobe)).astype(np.float32)
+    alpha = -1 if inner_product else -2
+    term3 = alpha * np.einsum("qmd,mkd->qmk", Q.reshape(-1, M, dsub), codebooks)
+    tables = np.repeat(term3[:, None], nprobe, axis=1)
+    if n_tables == 1:
+        tables += term2[0]
+    elif n_tables > 1:
+        tables += term2[cells]
+    tables[cells < 0] = 0
+    q_ref, scale_ref, bias_ref = quantize_tables(tables.astype(np.float32), base)
+    q, scale, bias = _fastscan.ivf_tables(
+        Q,
+        np.ascontiguousarray(codebooks.transpose(0, 2, 1)),
+        term2,
+        cells,
+        base,
+        inner_product,
+        2,
+    )
+    # Float sums in another order: a table entry may round the other way.
+    assert np.abs(q.astype(int) - q_ref).max() <= 1
+    assert (q != q_ref).mean() < 0.01
+    np.testing.assert_allclose(scale, scale_ref, rtol=1e-5)
+    np.testing.assert_allclose(bias, bias_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_tables_validation():
+    Q = np.zeros((2, 6), dtype=np.float32)
+    cb = np.zeros((3, 2, 16), dtype=np.float32)
+    cells, base = np.zeros((2, 4), dtype=np.int64), np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="Expected codebooks_t of shape"):
+        _fastscan.ivf_tables(Q, cb[:, :, :8].copy(), cb[:0], cells, base, False, 1)
+    with pytest.raises(ValueError, match="one term 2 per cell"):
+        _fastscan.ivf_tables(
+            Q, cb, np.zeros((2, 3, 16), np.float32), cells + 2, base, False, 1
+        )
+    with pytest.raises(ValueError, match="finite queries"):
+        _fastscan.ivf_tables(Q + np.nan, cb, cb[:0], cells, base, False, 1)
     with pytest.raises(ValueError, match="Expected tables of shape"):
         quantize_tables(np.zeros((2, 3, 4), dtype=np.float32))
     tables = np.zeros((2, 1, 3, 16), dtype=np.float32)
