@@ -19,13 +19,17 @@ the scan sums M table entries for 32 vectors at a time in uint16 lanes
 ``ivf_fastscan``
     The k best rows per query over the probed lists: per block of 32 the
     uint16 sums, one SIMD comparison with the current k-th best (in this
-    probe's quantized units) and heap work only for the vectors that pass.
+    probe's quantized units) and candidate work only for the vectors that
+    pass: a heap (_utils/_heap.pxd) for small k, a buffer compacted by radix
+    select for large k (HEAP_MAX_K).
 
 The approximate distance of row i of probed cell p is
 ``bias[q, p] + sum_m qtables[q, p, m, code_m(i)] / scale[q]``, in float32.
-Threads split the queries (prange); each owns its heaps, which are rows of
-the output, a table image and a sums buffer, so results do not depend on the
-thread count (ties rank by the smaller position, _utils/_heap.pxd).
+Threads split the queries (prange); each owns its heap (a row of the output)
+or buffer, a table image and a sums buffer, so results do not depend on the
+thread count; ties rank by the smaller position either way.
+
+Not yet used by IVFPQNeighbors (issue 12 wires it in).
 """
 
 import numpy as np
@@ -37,12 +41,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
-from annlearn._utils._typedefs cimport code_t, float32_t, float64_t, id_t, intp_t
+from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 cdef extern from "_fastscan.h" nogil:
-    int ANNLEARN_ISA_NONE
-    int ANNLEARN_ISA_AVX2
-    int ANNLEARN_ISA_AVX512
     intp_t annlearn_fs_n_pairs(intp_t M)
     intp_t annlearn_fs_block_bytes(intp_t M)
     int annlearn_fs_ctz(uint32_t mask)
@@ -63,14 +64,14 @@ cdef extern from "_fastscan.h" nogil:
                             intp_t n_pairs, const uint8_t* image,
                             uint16_t threshold, uint16_t* sums, uint32_t* mask)
 
-cdef enum:
-    _BLOCK = 32  # vectors per block (the C kernels assume it)
-
 cdef extern from "_simd.h" nogil:
     void annlearn_pq_tables(const float* x, const float* codebooks_t,
                             intp_t M, intp_t dsub, intp_t ksub,
                             float alpha, float* table)
     void annlearn_add(const float* x, const float* y, intp_t n, float* out)
+
+cdef enum:
+    _BLOCK = 32  # vectors per block (the C kernels assume it)
 
 BLOCK = _BLOCK
 # ivf_fastscan keeps its candidates in a heap below this k, in a buffer
@@ -543,7 +544,8 @@ def ivf_fastscan(
     bias : ndarray of shape (n_queries, nprobe), float32
         Distance offset of each probed cell (finite).
     probe_cells : ndarray of shape (n_queries, nprobe), int64
-        Cells to scan per query (-1: skip).
+        Cells to scan per query, distinct within a row (a cell probed twice
+        would offer its rows twice); -1: skip.
     packed : ndarray of shape (n_blocks, 16 * M2), uint8
         Lists packed by :func:`pack_lists`.
     block_offsets : ndarray of shape (nlist + 1,), int64
