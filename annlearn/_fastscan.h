@@ -73,6 +73,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #include "_packed_gemm.h" /* annlearn_isa(), ANNLEARN_HAVE_X86_DISPATCH */
@@ -383,92 +384,199 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
     return largest;
 }
 
-/* Quantize the nprobe * M tables (16 floats each) of one query to uint8:
- * bias[p] = base[p] + sum_m min(table), *scale = vmax / (largest range),
- * out = min(vmax, floor((table - min) * scale + 0.5f)) in float32. Returns
- * 1 if an entry is not finite, else 0. SSE2 (the x86-64 baseline) when
- * available: this runs once per query and probed cell, as often as the scan
- * of a cell, so scalar min/max and floor calls would cost more than the scan.
- */
-static inline int annlearn_fs_quantize_query(const float* tables,
-                                             ptrdiff_t nprobe, ptrdiff_t M,
-                                             const float* base, float vmax,
-                                             uint8_t* out, float* scale,
-                                             float* bias) {
+/* ------------------------------------------------------------------------
+ * Table quantization, one query at a time (quantize_tables, ivf_tables)
+ *
+ * Table (p, m) of the query is A[p][m] + B[p][m] (16 floats each; A[p] and
+ * B[p] point to M x 16 floats; B[p] == NULL: no second term; A[p] == NULL:
+ * a zero table, for a skipped probe). Giving the tables as a sum lets
+ * ivf_tables pass term 3 and each probed cell's term 2 without writing the
+ * float tables out. Then
+ *
+ *     lo(p, m)  = min of table (p, m)
+ *     bias[p]   = base[p] + sum_m lo(p, m)          (double, m ascending)
+ *     scale     = vmax / (largest max - min over p, m), 1 if that is ~0
+ *     out       = rint(min((table - lo) * scale, vmax))     float32
+ *
+ * with rint rounding half to even (the default rounding mode of cvtps2dq and
+ * lrintf). Not floor(x + 0.5): the compiler may contract a multiply and an
+ * add into one FMA on some paths and not others, which changes a result at
+ * ties; a subtract then a multiply cannot be contracted, so every path gives
+ * the same bytes. Two passes over the tables (the scale needs all of them);
+ * lo is kept in `lo_buf` (nprobe * M floats) between them. Returns 1 if an
+ * entry is not finite, else 0.
+ * ------------------------------------------------------------------------ */
+
+/* SSE2 (the x86-64 baseline) or plain C. */
+static inline int annlearn_fs_tables_query_base(
+    const float** A, const float** B, ptrdiff_t nprobe,
+    ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
+    float* scale, float* bias) {
     ptrdiff_t p, m;
-    float span = 0.0f, s, check = 0.0f;
+    float span = 0.0f, s;
+#if defined(__SSE2__)
+    __m128 check = _mm_setzero_ps();
+#define ANNLEARN_FS_LOAD(dst, off)                                             \
+    dst = A[p] == NULL ? _mm_setzero_ps() : _mm_loadu_ps(A[p] + m * 16 + off); \
+    if (B[p] != NULL) dst = _mm_add_ps(dst, _mm_loadu_ps(B[p] + m * 16 + off));
+#else
+    float check = 0.0f;
+#endif
     for (p = 0; p < nprobe; p++) {
         double total = base[p];
         for (m = 0; m < M; m++) {
-            const float* t = tables + (p * M + m) * 16;
             float lo, hi;
 #if defined(__SSE2__)
-            __m128 a = _mm_loadu_ps(t), b = _mm_loadu_ps(t + 4);
-            __m128 c = _mm_loadu_ps(t + 8), d = _mm_loadu_ps(t + 12);
-            __m128 vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
-            __m128 vhi = _mm_max_ps(_mm_max_ps(a, b), _mm_max_ps(c, d));
+            __m128 a, b, c, d, vlo, vhi;
+            ANNLEARN_FS_LOAD(a, 0)
+            ANNLEARN_FS_LOAD(b, 4)
+            ANNLEARN_FS_LOAD(c, 8)
+            ANNLEARN_FS_LOAD(d, 12)
+            vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
+            vhi = _mm_max_ps(_mm_max_ps(a, b), _mm_max_ps(c, d));
             /* x * 0 is 0 unless x is NaN or infinite. */
-            __m128 z = _mm_mul_ps(_mm_add_ps(_mm_add_ps(a, b), _mm_add_ps(c, d)),
-                                  _mm_setzero_ps());
+            check = _mm_add_ps(check, _mm_mul_ps(_mm_add_ps(_mm_add_ps(a, b),
+                                                            _mm_add_ps(c, d)),
+                                                 _mm_setzero_ps()));
             vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
             vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
             vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(1, 0, 3, 2)));
             vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(2, 3, 0, 1)));
-            z = _mm_add_ps(z, _mm_movehl_ps(z, z));
-            z = _mm_add_ss(z, _mm_shuffle_ps(z, z, 1));
             lo = _mm_cvtss_f32(vlo);
             hi = _mm_cvtss_f32(vhi);
-            check += _mm_cvtss_f32(z);
 #else
-            ptrdiff_t j;
-            lo = hi = t[0];
+            int j;
+            lo = INFINITY;
+            hi = -INFINITY;
             for (j = 0; j < 16; j++) {
-                lo = t[j] < lo ? t[j] : lo;
-                hi = t[j] > hi ? t[j] : hi;
-                check += t[j] * 0.0f;
+                float x = (A[p] == NULL ? 0.0f : A[p][m * 16 + j]) +
+                          (B[p] == NULL ? 0.0f : B[p][m * 16 + j]);
+                lo = x < lo ? x : lo;
+                hi = x > hi ? x : hi;
+                check += x * 0.0f;
             }
 #endif
+            lo_buf[p * M + m] = lo;
             total += lo;
             if (hi - lo > span) span = hi - lo;
         }
         bias[p] = (float)total;
     }
-    if (!(check == 0.0f && span <= 3.4e38f)) return 1;
+#if defined(__SSE2__)
+    {
+        float c4[4];
+        _mm_storeu_ps(c4, check);
+        if (!(c4[0] == 0.0f && c4[1] == 0.0f && c4[2] == 0.0f && c4[3] == 0.0f))
+            return 1;
+    }
+#else
+    if (!(check == 0.0f)) return 1;
+#endif
+    if (!(span <= 3.4e38f)) return 1;
     s = span > 1e-30f ? vmax / span : 1.0f;
     *scale = s;
-    for (p = 0; p < nprobe * M; p++) {
-        const float* t = tables + p * 16;
-        uint8_t* o = out + p * 16;
+    for (p = 0; p < nprobe; p++) {
+        for (m = 0; m < M; m++) {
+            uint8_t* o = out + (p * M + m) * 16;
 #if defined(__SSE2__)
-        __m128 a = _mm_loadu_ps(t), b = _mm_loadu_ps(t + 4);
-        __m128 c = _mm_loadu_ps(t + 8), d = _mm_loadu_ps(t + 12);
-        __m128 vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
-        const __m128 vs = _mm_set1_ps(s), half = _mm_set1_ps(0.5f);
-        const __m128 top = _mm_set1_ps(vmax);
-        __m128i ia, ib, ic, id;
-        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
-        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
-        /* (t - lo) * s + 0.5 >= 0, so truncation is floor. */
-#define ANNLEARN_FS_Q(v) _mm_cvttps_epi32(_mm_min_ps(                      \
-            _mm_add_ps(_mm_mul_ps(_mm_sub_ps(v, vlo), vs), half), top))
-        ia = ANNLEARN_FS_Q(a);
-        ib = ANNLEARN_FS_Q(b);
-        ic = ANNLEARN_FS_Q(c);
-        id = ANNLEARN_FS_Q(d);
+            const __m128 vlo = _mm_set1_ps(lo_buf[p * M + m]);
+            const __m128 vs = _mm_set1_ps(s), top = _mm_set1_ps(vmax);
+            __m128 a, b, c, d;
+            ANNLEARN_FS_LOAD(a, 0)
+            ANNLEARN_FS_LOAD(b, 4)
+            ANNLEARN_FS_LOAD(c, 8)
+            ANNLEARN_FS_LOAD(d, 12)
+#define ANNLEARN_FS_Q(v) \
+    _mm_cvtps_epi32(_mm_min_ps(_mm_mul_ps(_mm_sub_ps(v, vlo), vs), top))
+            _mm_storeu_si128(
+                (__m128i*)o,
+                _mm_packus_epi16(_mm_packs_epi32(ANNLEARN_FS_Q(a), ANNLEARN_FS_Q(b)),
+                                 _mm_packs_epi32(ANNLEARN_FS_Q(c), ANNLEARN_FS_Q(d))));
 #undef ANNLEARN_FS_Q
-        _mm_storeu_si128((__m128i*)o, _mm_packus_epi16(_mm_packs_epi32(ia, ib),
-                                                       _mm_packs_epi32(ic, id)));
 #else
-        ptrdiff_t j;
-        float lo = t[0];
-        for (j = 1; j < 16; j++) lo = t[j] < lo ? t[j] : lo;
-        for (j = 0; j < 16; j++) {
-            float x = (t[j] - lo) * s + 0.5f;
-            o[j] = (uint8_t)(int)(x < vmax ? x : vmax);
-        }
+            const float lo = lo_buf[p * M + m];
+            int j;
+            for (j = 0; j < 16; j++) {
+                float x = (A[p] == NULL ? 0.0f : A[p][m * 16 + j]) +
+                          (B[p] == NULL ? 0.0f : B[p][m * 16 + j]);
+                x = (x - lo) * s;
+                o[j] = (uint8_t)lrintf(x < vmax ? x : vmax);
+            }
 #endif
+        }
     }
+#if defined(__SSE2__)
+#undef ANNLEARN_FS_LOAD
+#endif
     return 0;
+}
+
+#if ANNLEARN_HAVE_X86_DISPATCH
+
+/* The same with one table per zmm register. */
+__attribute__((target("avx512f")))
+static inline int annlearn_fs_tables_query_avx512(
+    const float** A, const float** B, ptrdiff_t nprobe,
+    ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
+    float* scale, float* bias) {
+    ptrdiff_t p, m;
+    __m512 check = _mm512_setzero_ps(), vspan = _mm512_setzero_ps();
+    float span, s;
+#define ANNLEARN_FS_LOAD512(dst)                                              \
+    dst = A[p] == NULL ? _mm512_setzero_ps() : _mm512_loadu_ps(A[p] + m * 16); \
+    if (B[p] != NULL) dst = _mm512_add_ps(dst, _mm512_loadu_ps(B[p] + m * 16));
+    for (p = 0; p < nprobe; p++) {
+        double total = base[p];
+        for (m = 0; m < M; m++) {
+            __m512 t;
+            float lo, hi;
+            ANNLEARN_FS_LOAD512(t)
+            check = _mm512_add_ps(check, _mm512_mul_ps(t, _mm512_setzero_ps()));
+            lo = _mm512_reduce_min_ps(t);
+            hi = _mm512_reduce_max_ps(t);
+            lo_buf[p * M + m] = lo;
+            total += lo;
+            vspan = _mm512_max_ps(vspan, _mm512_set1_ps(hi - lo));
+        }
+        bias[p] = (float)total;
+    }
+    if (_mm512_cmpneq_ps_mask(check, _mm512_setzero_ps())) return 1;
+    span = _mm512_cvtss_f32(vspan);
+    if (!(span <= 3.4e38f)) return 1;
+    s = span > 1e-30f ? vmax / span : 1.0f;
+    *scale = s;
+    {
+        const __m512 vs = _mm512_set1_ps(s), top = _mm512_set1_ps(vmax);
+        for (p = 0; p < nprobe; p++) {
+            for (m = 0; m < M; m++) {
+                __m512 t;
+                ANNLEARN_FS_LOAD512(t)
+                t = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_set1_ps(lo_buf[p * M + m])),
+                                  vs);
+                _mm_storeu_si128((__m128i*)(out + (p * M + m) * 16),
+                                 _mm512_cvtusepi32_epi8(
+                                     _mm512_cvtps_epi32(_mm512_min_ps(t, top))));
+            }
+        }
+    }
+#undef ANNLEARN_FS_LOAD512
+    return 0;
+}
+
+#endif
+
+static inline int annlearn_fs_tables_query(
+    int isa, const float** A, const float** B, ptrdiff_t nprobe,
+    ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
+    float* scale, float* bias) {
+#if ANNLEARN_HAVE_X86_DISPATCH
+    if (isa == ANNLEARN_ISA_AVX512)
+        return annlearn_fs_tables_query_avx512(A, B, nprobe, M, base, vmax, lo_buf,
+                                               out, scale, bias);
+#endif
+    (void)isa;
+    return annlearn_fs_tables_query_base(A, B, nprobe, M, base, vmax, lo_buf, out,
+                                         scale, bias);
 }
 
 /* The reference: plain loops over the same layout and image. */

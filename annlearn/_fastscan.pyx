@@ -38,7 +38,6 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, fabs
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
 
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
@@ -57,9 +56,10 @@ cdef extern from "_fastscan.h" nogil:
                           id_t* out_ids, void* scratch)
     void annlearn_fs_compact(float* d, id_t* ids, intp_t n, intp_t k, float* tie_d,
                              id_t* tie_ids, float* worst, id_t* worst_id)
-    int annlearn_fs_quantize_query(const float* tables, intp_t nprobe, intp_t M,
-                                   const float* base, float vmax, uint8_t* out,
-                                   float* scale, float* bias)
+    int annlearn_fs_tables_query(int isa, const float** A, const float** B,
+                                 intp_t nprobe, intp_t M, const float* base,
+                                 float vmax, float* lo_buf, uint8_t* out,
+                                 float* scale, float* bias)
     intp_t annlearn_fs_scan(int isa, const uint8_t* codes, intp_t b, intp_t end,
                             intp_t n_pairs, const uint8_t* image,
                             uint16_t threshold, uint16_t* sums, uint32_t* mask)
@@ -252,7 +252,7 @@ def pack_lists(codes, offsets):
     return packed_arr, block_offsets
 
 
-def quantize_tables(tables, base=None, int n_threads=1):
+def quantize_tables(tables, base=None, int n_threads=1, isa=None):
     """Quantize float lookup tables to uint8 for the fast scan.
 
     Per table (query q, probed cell p, sub-quantizer m), the minimum
@@ -263,8 +263,8 @@ def quantize_tables(tables, base=None, int n_threads=1):
     M entries sum to at most 65535 (no uint16 overflow) and sums from
     different cells rank in one heap:
 
-        qtables = floor((tables - min) * scale + 0.5), clipped to vmax
-                  (float32 operations)
+        qtables = rint(min((tables - min) * scale, vmax))
+                  (float32 operations, rounding half to even)
         bias[q, p] = base[q, p] + sum_m min(tables[q, p, m])
 
     Parameters
@@ -275,6 +275,9 @@ def quantize_tables(tables, base=None, int n_threads=1):
         Term 1 of each probed cell (the coarse distance); zeros if None.
     n_threads : int, default=1
         OpenMP threads (over queries).
+    isa : {"avx512", "avx2", "none"}, default=None
+        Kernel to run (all give the same bytes; for tests); None: the
+        widest available.
 
     Returns
     -------
@@ -321,19 +324,39 @@ def quantize_tables(tables, base=None, int n_threads=1):
         scale_arr[:] = 1
         return qtables_arr, scale_arr, bias_arr
     cdef const float32_t[:, :, :, ::1] T = tables
-    cdef const float32_t[:, ::1] B = base
+    cdef const float32_t[:, ::1] B_ = base
     cdef uint8_t[:, :, :, ::1] out = qtables_arr
     cdef float32_t[::1] scale = scale_arr
     cdef float32_t[:, ::1] bias = bias_arr
     cdef float32_t vmax = min(255, 65535 // M)
-    cdef intp_t q
-    cdef int bad = 0
-    cdef int* bad_ptr = &bad  # a flag, not a reduction variable of the prange
-    with nogil:
-        for q in prange(n_queries, num_threads=n_threads, schedule="static"):
-            if annlearn_fs_quantize_query(&T[q, 0, 0, 0], nprobe, M, &B[q, 0], vmax,
-                                          &out[q, 0, 0, 0], &scale[q], &bias[q, 0]):
+    cdef int isa_ = _resolve_isa(isa)
+    cdef intp_t q, p
+    cdef int bad = 0, failed = 0
+    cdef int* bad_ptr = &bad  # flags, not reduction variables of the prange
+    cdef int* failed_ptr = &failed
+    cdef const float** A = NULL
+    cdef const float** B = NULL
+    cdef float32_t* lo_buf = NULL
+    with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
+        A = <const float**>malloc(nprobe * sizeof(float*))
+        B = <const float**>malloc(nprobe * sizeof(float*))
+        lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+        for q in prange(n_queries, schedule="static"):
+            if A == NULL or B == NULL or lo_buf == NULL:
+                failed_ptr[0] = 1
+                continue
+            for p in range(nprobe):
+                A[p] = &T[q, p, 0, 0]
+                B[p] = NULL
+            if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &B_[q, 0], vmax,
+                                        lo_buf, &out[q, 0, 0, 0], &scale[q],
+                                        &bias[q, 0]):
                 bad_ptr[0] = 1
+        free(A)
+        free(B)
+        free(lo_buf)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the table buffers.")
     if bad:
         raise ValueError("Expected finite lookup tables.")
     return qtables_arr, scale_arr, bias_arr
@@ -347,6 +370,7 @@ def ivf_tables(
     const float32_t[:, ::1] probe_base,
     bint inner_product,
     int n_threads,
+    isa=None,
 ):
     """Quantized lookup tables of the probed cells, from the queries directly.
 
@@ -374,6 +398,9 @@ def ivf_tables(
         Tables of -<x, y> instead of ||x - y||^2.
     n_threads : int
         OpenMP threads (over queries).
+    isa : {"avx512", "avx2", "none"}, default=None
+        Kernel of the quantization (all give the same bytes; for tests);
+        None: the widest available.
 
     Returns
     -------
@@ -411,18 +438,23 @@ def ivf_tables(
     cdef float32_t[:, ::1] bias = bias_arr
     cdef float32_t vmax = min(255, 65535 // M)
     cdef float32_t alpha = -1.0 if inner_product else -2.0
+    cdef int isa_ = _resolve_isa(isa)
     cdef intp_t table_size = M * 16, q, p
     cdef id_t cell
     cdef float32_t* term3 = NULL
-    cdef float32_t* tables = NULL
+    cdef float32_t* lo_buf = NULL
+    cdef const float** A = NULL
+    cdef const float** B = NULL
     cdef int failed = 0, bad = 0
     cdef int* failed_ptr = &failed
     cdef int* bad_ptr = &bad
     with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
         term3 = <float32_t*>malloc(table_size * sizeof(float32_t))
-        tables = <float32_t*>malloc(nprobe * table_size * sizeof(float32_t))
+        lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+        A = <const float**>malloc(nprobe * sizeof(float*))
+        B = <const float**>malloc(nprobe * sizeof(float*))
         for q in prange(n_queries, schedule="static"):
-            if term3 == NULL or tables == NULL:
+            if term3 == NULL or lo_buf == NULL or A == NULL or B == NULL:
                 failed_ptr[0] = 1
                 continue
             annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, 16, alpha,
@@ -431,19 +463,17 @@ def ivf_tables(
                 annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
             for p in range(nprobe):
                 cell = probe_cells[q, p]
-                if cell < 0:
-                    memset(tables + p * table_size, 0, table_size * sizeof(float32_t))
-                elif n_tables > 1:
-                    annlearn_add(term3, &term2[cell, 0, 0], table_size,
-                                 tables + p * table_size)
-                else:
-                    memcpy(tables + p * table_size, term3,
-                           table_size * sizeof(float32_t))
-            if annlearn_fs_quantize_query(tables, nprobe, M, &probe_base[q, 0], vmax,
-                                          &out[q, 0, 0, 0], &scale[q], &bias[q, 0]):
+                # A skipped probe gets a zero table (A == NULL).
+                A[p] = term3 if cell >= 0 else NULL
+                B[p] = &term2[cell, 0, 0] if cell >= 0 and n_tables > 1 else NULL
+            if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &probe_base[q, 0], vmax,
+                                        lo_buf, &out[q, 0, 0, 0], &scale[q],
+                                        &bias[q, 0]):
                 bad_ptr[0] = 1
         free(term3)
-        free(tables)
+        free(lo_buf)
+        free(A)
+        free(B)
     if failed:
         raise MemoryError("annlearn: could not allocate the table buffers.")
     if bad:
