@@ -510,8 +510,17 @@ def test_ivf_fastscan_releases_the_gil(rng):
     )
 
 
+def test_docstring_examples_run():
+    # pytest --doctest-modules does not collect compiled modules.
+    import doctest
+
+    result = doctest.testmod(_fastscan)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_module_docstring_names_every_entry_point():
     for name in (
+        "ivf_tables",
         "pack_codes",
         "unpack_codes",
         "pack_lists",
