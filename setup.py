@@ -40,6 +40,7 @@ EXTENSIONS = [
     "annlearn._flat_search",
     "annlearn._kmeans",
     "annlearn._ivf",
+    "annlearn._fastscan",
 ]
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(
