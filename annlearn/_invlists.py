@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from annlearn import _fastscan
 from annlearn._persistence import check_array_state, check_ids_state
 
 __all__ = ["InvertedLists"]
@@ -30,13 +31,24 @@ class InvertedLists:
         Kept for exact re-ranking.
     """
 
-    __slots__ = ("offsets", "codes", "ids", "vectors")
+    __slots__ = ("offsets", "codes", "ids", "vectors", "_packed")
 
     def __init__(self, offsets, codes, ids, vectors=None) -> None:
         self.offsets = offsets
         self.codes = codes
         self.ids = ids
         self.vectors = vectors
+        self._packed = None
+
+    def packed_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """4-bit codes in the fast-scan layout of ``annlearn/_fastscan.h``
+        (each list in blocks of 32 rows) and the first block of each list,
+        packed on first use: ``(packed, block_offsets)``."""
+        packed = self._packed
+        if packed is None:
+            # Two threads may both pack; either result is the same.
+            packed = self._packed = _fastscan.pack_lists(self.codes, self.offsets)
+        return packed
 
     @classmethod
     def from_cells(
@@ -122,6 +134,7 @@ class InvertedLists:
     @property
     def nbytes(self) -> int:
         arrays = (self.offsets, self.codes, self.ids, self.vectors)
+        arrays += self._packed or ()
         return sum(a.nbytes for a in arrays if a is not None)
 
     def to_state(self) -> dict:

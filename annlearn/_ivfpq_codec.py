@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.utils import check_random_state
 
-from annlearn import _flat_search, _ivf
+from annlearn import _fastscan, _flat_search, _ivf
 from annlearn._base import _megabytes
 from annlearn._invlists import InvertedLists
 from annlearn._persistence import check_array_state
@@ -27,6 +27,9 @@ __all__ = ["IVFPQCodec", "train_and_encode"]
 
 # Rows encoded at once: bounds the residual buffer (ENCODE_BLOCK x n_features).
 _ENCODE_BLOCK = 65_536
+
+# Lookup tables of the 4-bit scan held at once (nprobe * M * 16 bytes a query).
+_FASTSCAN_TABLE_BYTES = 32 << 20
 
 # Lloyd iterations of the coarse quantizer and of each sub-quantizer: FAISS's
 # defaults for IndexIVFPQ. The cells only need to spread the data evenly; the
@@ -276,12 +279,43 @@ class IVFPQCodec:
     def _scan(
         self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
     ):
-        return _ivf.ivfpq_scan(
-            *self._scan_inputs(lists, X, nprobe, n_threads),
-            n_scan,
-            self.inner_product,
-            n_threads,
-        )
+        inputs = self._scan_inputs(lists, X, nprobe, n_threads)
+        if self.pq.ksub == 16:
+            return self._fast_scan(lists, *inputs[:5], n_scan, n_threads)
+        return _ivf.ivfpq_scan(*inputs, n_scan, self.inner_product, n_threads)
+
+    def _fast_scan(
+        self, lists, X, cells, base, codebooks_t, term2, n_scan: int, n_threads
+    ):
+        """The 4-bit scan (``annlearn/_fastscan.h``): tables quantized to
+        uint8 per query, codes read 32 rows at a time. Queries go by chunks
+        whose tables take at most ``_FASTSCAN_TABLE_BYTES``."""
+        packed, block_offsets = lists.packed_codes()
+        table_bytes = cells.shape[1] * self.pq.M * 16
+        chunk = max(1, _FASTSCAN_TABLE_BYTES // max(table_bytes, 1))
+        distances = np.empty((len(X), n_scan), dtype=np.float32)
+        positions = np.empty((len(X), n_scan), dtype=np.int64)
+        for start in range(0, len(X), chunk):
+            rows = slice(start, start + chunk)
+            tables = _fastscan.ivf_tables(
+                X[rows],
+                codebooks_t,
+                term2,
+                cells[rows],
+                base[rows],
+                self.inner_product,
+                n_threads,
+            )
+            distances[rows], positions[rows] = _fastscan.ivf_fastscan(
+                *tables,
+                cells[rows],
+                packed,
+                block_offsets,
+                lists.offsets,
+                n_scan,
+                n_threads,
+            )
+        return distances, positions
 
     def _scan_inputs(self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_threads):
         """The arrays the ``_ivf`` scans take first: the queries, the
