@@ -46,10 +46,11 @@ from sklearn.base import (
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn._exact import exact_answers
+from annlearn._radius import RadiusNeighborsMixin
 from annlearn._validation import (
+    check_graph_mode,
     check_n_neighbors,
     check_new_ids,
-    check_radius,
     check_removed_ids,
     fitted_metric,
     validate_query_data,
@@ -57,10 +58,6 @@ from annlearn._validation import (
 from annlearn.metrics import recall_at_k
 
 __all__ = ["NeighborsBase", "transactional"]
-
-# Indexed vectors searched at once by ``kneighbors(X=None)``: bounds the
-# prepared (decoded, for IVF-PQ) copy to a block instead of the whole index.
-_SELF_QUERY_BLOCK = 8192
 
 
 def transactional(method):
@@ -87,8 +84,17 @@ def transactional(method):
     return wrapper
 
 
-class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class NeighborsBase(
+    RadiusNeighborsMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    BaseEstimator,
+):
     """Shared query API of annlearn's indexes (see the module docstring)."""
+
+    # Indexed vectors searched at once by queries with X=None: bounds their
+    # prepared (decoded, for IVF-PQ) copy to a block, not the whole index.
+    _self_query_block = 8192
 
     # -- hooks -------------------------------------------------------------
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
@@ -108,6 +114,10 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def _search(
         self, store, X: np.ndarray, n_neighbors: int
     ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _describe(self, store) -> list[str]:  # pragma: no cover
+        """The lines of ``summary()`` after its header."""
         raise NotImplementedError
 
     def _radius_search(
@@ -223,8 +233,8 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         order = np.argsort(ids, kind="stable")
         distances = np.empty((len(ids), n_neighbors), dtype=np.float32)
         indices = np.empty((len(ids), n_neighbors), dtype=np.int64)
-        for start in range(0, len(ids), _SELF_QUERY_BLOCK):
-            rows = order[start : start + _SELF_QUERY_BLOCK]
+        for start in range(0, len(ids), self._self_query_block):
+            rows = order[start : start + self._self_query_block]
             queries = self._indexed_queries(store, rows)
             dist, positions = self._search(store, queries, n_neighbors + 1)
             block = slice(start, start + len(rows))
@@ -253,7 +263,7 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             CSR matrix; ``A[i, j]`` is set when ``j`` is one of the neighbours
             of query ``i``. Zero distances are stored explicitly.
         """
-        _check_graph_mode(mode)
+        check_graph_mode(mode)
         if mode == "distance":
             distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
             data = np.ravel(distances)
@@ -266,121 +276,6 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             (data, np.ravel(indices), indptr),
             shape=(n_queries, self._graph_n_columns()),
         )
-
-    def radius_neighbors(
-        self, X=None, radius=None, return_distance=True, sort_results=False
-    ):
-        """Find the neighbours within a given radius of each query.
-
-        As :meth:`sklearn.neighbors.NearestNeighbors.radius_neighbors`:
-        the result holds one array per query, as long as its number of
-        neighbours, and takes memory in proportion to it.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Queries. If None, the neighbours of each indexed vector (in id
-            order), the vector itself excluded.
-        radius : float, default=None
-            Largest distance returned, in the metric's units (for
-            ``"inner_product"`` the distance is ``-<x, y>``, so a negative
-            radius asks for inner products above ``-radius``); the
-            estimator's ``radius`` if None.
-        return_distance : bool, default=True
-            Whether to return the distances too.
-        sort_results : bool, default=False
-            Sort each query's neighbours by increasing distance (ties by
-            id); otherwise they come in no particular order. Needs
-            ``return_distance=True``.
-
-        Returns
-        -------
-        neigh_dist : ndarray of shape (n_queries,), dtype object
-            Per query, a float32 array of distances (only if
-            ``return_distance=True``).
-        neigh_ind : ndarray of shape (n_queries,), dtype object
-            Per query, an int64 array of the neighbours' ids.
-        """
-        if sort_results and not return_distance:
-            raise ValueError("return_distance must be True if sort_results is True.")
-        indptr, ids, distances = self._radius_csr(X, radius, sort_results)
-        neigh_ind = _split(ids, indptr)
-        if return_distance:
-            return _split(distances, indptr), neigh_ind
-        return neigh_ind
-
-    def radius_neighbors_graph(
-        self, X=None, radius=None, mode="connectivity", sort_results=False
-    ):
-        """Compute the graph of the neighbours within a radius, as CSR.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Queries. If None, the neighbours of each indexed vector, the
-            vector itself excluded.
-        radius : float, default=None
-            As for :meth:`radius_neighbors`.
-        mode : {"connectivity", "distance"}, default="connectivity"
-            ``"connectivity"`` stores ones, ``"distance"`` the distances.
-        sort_results : bool, default=False
-            Store each row's entries by increasing distance, otherwise by
-            column. Only used with ``mode="distance"``.
-
-        Returns
-        -------
-        A : sparse matrix of shape (n_queries, n_samples_fit)
-            CSR matrix; ``A[i, j]`` is set when id ``j`` is within the
-            radius of query ``i``. Zero distances are stored explicitly.
-        """
-        _check_graph_mode(mode)
-        sort_results = sort_results and mode == "distance"
-        indptr, ids, distances = self._radius_csr(X, radius, sort_results)
-        if mode == "connectivity":
-            distances = np.ones(len(ids), dtype=np.float32)
-        return csr_matrix(
-            (distances, ids, indptr), shape=(len(indptr) - 1, self._graph_n_columns())
-        )
-
-    def _radius_csr(self, X, radius, sort_results: bool):
-        """``(indptr, ids, distances)`` of a radius query, rows by query, each
-        row by id (by distance, then id, with ``sort_results``)."""
-        check_is_fitted(self)
-        radius = check_radius(
-            self.radius if radius is None else radius, fitted_metric(self)
-        )
-        store = self._store  # one snapshot for the whole call
-        if X is None:
-            indptr, positions, distances = self._radius_indexed(store, radius)
-        else:
-            Xq = self._prepare_queries(validate_query_data(self, X))
-            indptr, positions, distances = self._radius_search(store, Xq, radius)
-        ids = store.ids[positions]
-        # Each row by id, then stably by distance if asked.
-        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        keys = (ids, distances, rows) if sort_results else (ids, rows)
-        order = np.lexsort(keys)
-        return indptr, ids[order], distances[order]
-
-    def _radius_indexed(self, store, radius: float):
-        """Radius neighbours of every indexed vector but itself, rows in id
-        order, searched a block of vectors at a time."""
-        order = np.argsort(store.ids, kind="stable")
-        parts, counts = [], []
-        for start in range(0, len(order), _SELF_QUERY_BLOCK):
-            rows = order[start : start + _SELF_QUERY_BLOCK]
-            queries = self._indexed_queries(store, rows)
-            indptr, positions, distances = self._radius_search(store, queries, radius)
-            query = np.repeat(np.arange(len(rows)), np.diff(indptr))
-            keep = positions != rows[query]
-            parts.append((positions[keep], distances[keep]))
-            counts.append(np.bincount(query[keep], minlength=len(rows)))
-        indptr = np.zeros(len(order) + 1, dtype=np.int64)
-        if counts:
-            np.cumsum(np.concatenate(counts), out=indptr[1:])
-        positions = np.concatenate([p for p, _ in parts] or [np.zeros(0, np.int64)])
-        distances = np.concatenate([d for _, d in parts] or [np.zeros(0, np.float32)])
-        return indptr, positions, distances
 
     def transform(self, X):
         """Graph of the neighbours of each row of X, as KNeighborsTransformer.
@@ -422,6 +317,34 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             CSR graph of float32 values.
         """
         return self.fit(X).transform(X)
+
+    def summary(self) -> str:
+        """What the fitted index holds: vectors, bytes per vector, memory.
+
+        Returns
+        -------
+        summary : str
+            Several lines: the number of vectors and features, the metric,
+            the bytes per vector and the memory of the index by part (with
+            the cells and codes of an IVF-PQ index).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from annlearn import FlatNeighbors
+        >>> print(FlatNeighbors().fit(np.ones((1000, 8))).summary())
+        FlatNeighbors: 1,000 vectors of 8 features, metric='euclidean'
+          bytes per vector: 44 (float32 vector 32, squared norm 4, id 8)
+          search: brute
+          memory: 43.0 KiB
+        """
+        check_is_fitted(self)
+        store = self._store
+        header = (
+            f"{type(self).__name__}: {len(store.ids):,} vectors of "
+            f"{self.n_features_in_} features, metric={fitted_metric(self)!r}"
+        )
+        return "\n".join([header, *self._describe(store)])
 
     def score(self, X, y=None) -> float:
         """Recall@k of ``kneighbors(X)`` against exact search.
@@ -479,14 +402,6 @@ class NeighborsBase(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return tags
 
 
-def _megabytes(n_bytes: int) -> str:
-    """A byte count in the largest binary unit that keeps it >= 1."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{n_bytes} B"
-
-
 def _ids_at(ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The ids stored at ``positions``, which must all be filled.
 
@@ -500,21 +415,6 @@ def _ids_at(ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
             "This is a bug in annlearn: please report it with the data."
         )
     return ids[positions]
-
-
-def _check_graph_mode(mode) -> None:
-    if mode not in ("connectivity", "distance"):
-        raise ValueError(
-            'Unsupported mode, must be one of "connectivity" or "distance" '
-            f"but got {mode!r} instead."
-        )
-
-
-def _split(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """An object array of the slices ``values[indptr[i]:indptr[i + 1]]``."""
-    out = np.empty(len(indptr) - 1, dtype=object)
-    out[:] = np.split(values, indptr[1:-1]) if len(out) else []
-    return out
 
 
 def _drop_self(

@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn import _flat_search
-from annlearn._base import NeighborsBase, _megabytes, transactional
+from annlearn._base import NeighborsBase, transactional
 from annlearn._flat_store import FlatStore
 from annlearn._persistence import PersistenceMixin, check_array_state
 from annlearn._threads import effective_n_threads
@@ -284,41 +284,8 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return X
 
     # -- hooks of NeighborsBase -------------------------------------------
-    def summary(self) -> str:
-        """What the fitted index holds: vectors, bytes per vector, memory.
-
-        Returns
-        -------
-        summary : str
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from annlearn import FlatNeighbors
-        >>> print(FlatNeighbors().fit(np.ones((1000, 8))).summary())
-        FlatNeighbors: 1,000 vectors of 8 features, metric='euclidean'
-          bytes per vector: 44 (float32 vector 32, squared norm 4, id 8)
-          search: brute
-          memory: 43.0 KiB
-        """
-        check_is_fitted(self)
-        store = self._store
-        n, d = self.n_samples_fit_, self.n_features_in_
-        d1 = store.n_bound_components
-        search = "brute"
-        if d1:
-            search = f"pca_bound on {d1} principal components, +{4 * (d1 + 2)} "
-            search += "bytes per vector"
-        return "\n".join(
-            [
-                f"FlatNeighbors: {n:,} vectors of {d} features, "
-                f"metric={fitted_metric(self)!r}",
-                f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, "
-                "squared norm 4, id 8)",
-                f"  search: {search}",
-                f"  memory: {_megabytes(store.nbytes)}",
-            ]
-        )
+    def _describe(self, store: FlatStore) -> list[str]:
+        return store.describe(self.n_features_in_)
 
     def _exact_reference(self) -> FlatNeighbors:
         check_is_fitted(self)

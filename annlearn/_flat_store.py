@@ -15,6 +15,7 @@ import numpy as np
 from annlearn import _flat_search, _pca_bound
 from annlearn._persistence import check_array_state, check_ids_state
 from annlearn._threads import flat_search_blas_guard
+from annlearn._utils import format_bytes
 
 __all__ = ["FlatStore"]
 
@@ -85,6 +86,21 @@ class FlatStore:
         if self.bound is not None:
             arrays += [self.bound[key] for key in _BOUND_ARRAYS]
         return sum(a.nbytes for a in arrays)
+
+    def describe(self, d: int) -> list[str]:
+        """Lines of ``summary()`` on the bytes and the search of a store of
+        ``d``-feature vectors."""
+        d1 = self.n_bound_components
+        search = "brute"
+        if d1:
+            search = f"pca_bound on {d1} principal components, +{4 * (d1 + 2)} "
+            search += "bytes per vector"
+        return [
+            f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
+            "norm 4, id 8)",
+            f"  search: {search}",
+            f"  memory: {format_bytes(self.nbytes)}",
+        ]
 
     # -- changes -----------------------------------------------------------
     def add(self, vectors, ids, n_threads: int) -> FlatStore:

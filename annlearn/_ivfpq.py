@@ -116,13 +116,10 @@ def _warn_imbalance(lists: InvertedLists) -> None:
 class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     """Approximate k-nearest-neighbour search with an IVF-PQ index.
 
-    The vectors are partitioned into ``nlist`` cells by k-means (the coarse
-    quantizer, an inverted file), and each is stored as ``n_subquantizers``
-    one-byte codes of its residual to its cell centre (product quantization).
-    A query scans the codes of the ``nprobe`` cells nearest to it with
-    asymmetric distance computation (lookup tables per query, the query
-    itself never quantized) and optionally re-ranks the best candidates with
-    exact distances.
+    k-means cells (an inverted file) and product-quantization codes of the
+    residuals to the cell centres: a query scans the codes of its ``nprobe``
+    nearest cells with per-query lookup tables and optionally re-ranks the
+    best candidates by exact distance.
 
     Parameters
     ----------
@@ -135,35 +132,25 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     nlist : int, default=256
         Number of cells of the coarse quantizer.
     nprobe : int, default=8
-        Cells scanned per query; values above ``nlist`` scan every cell. A
-        search-time parameter: changing it needs no refit. More cells, higher
-        recall, slower. When the probed cells hold fewer than
-        ``n_neighbors`` vectors, further cells are probed: results are never
-        padded.
+        Cells scanned per query (search time: no refit); more is slower and
+        finds more. Further cells are probed when these hold fewer than
+        ``n_neighbors`` vectors: results are never padded.
     n_subquantizers : int, default=None
         Number of sub-vectors (bytes per code), a divisor of ``n_features``.
         ``None`` picks the divisor closest to ``n_features / 8``.
     nbits : int, default=8
         Bits per sub-vector code, from 4 to 8: ``2**nbits`` centres per
-        sub-quantizer. With 4, the lists are scanned 32 codes at a time by
-        SIMD lookups in 16-entry tables quantized to 8 bits per query
-        ("fast scan"), several times faster per code than 8-bit codes, so
-        that twice as many 4-bit codes cost less than 8-bit ones; the
-        quantized tables move each distance by at most
-        ``n_subquantizers / 2`` steps of 1/255 of the table range.
+        sub-quantizer. 4-bit codes are scanned 32 at a time with lookup
+        tables quantized to 8 bits (user guide, "Fast scan").
     metric : str, default="euclidean"
-        One of ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` and
-        ``"inner_product"``, defined as in :class:`FlatNeighbors` (a zero
-        vector is at cosine distance 1 from everything). ``"cosine"``
-        indexes normalised vectors and ranks them by inner product;
-        ``"inner_product"`` builds its cells on lifted vectors, so that cells
-        are trained, assigned and probed by one distance (user guide,
-        "Inner-product cells").
+        ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or
+        ``"inner_product"``, as in :class:`FlatNeighbors`. Inner-product
+        cells are built on lifted vectors (user guide, "Inner-product
+        cells").
     refine_factor : int, default=None
         If set, keep a float32 copy of the vectors and re-rank the best
-        ``refine_factor * n_neighbors`` candidates of each query by exact
-        distance. Search-time for any value once the index was fitted with
-        one (fitting with ``None`` stores no vectors).
+        ``refine_factor * n_neighbors`` candidates by exact distance (search
+        time, once fitted with a value: ``None`` stores no vectors).
     by_residual : bool, default=True
         Encode the residuals to the cell centres (more accurate) rather than
         the vectors.
@@ -173,12 +160,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     memory : str, joblib.Memory or None, default=None
-        Caches the trained quantizers and the codes of the training data,
-        keyed by the data and the training parameters, as
-        :class:`sklearn.pipeline.Pipeline` does: a ``fit`` that differs from
-        a cached one only in search-time parameters (``n_neighbors``,
-        ``nprobe``, ``refine_factor``, ``mode``, ``n_jobs``) does not train
-        again, which makes a grid search over ``nprobe`` cheap. With
+        Caches the training (quantizers and codes) as
+        :class:`sklearn.pipeline.Pipeline` caches its steps, so that a grid
+        search over search-time parameters trains once. With
         ``random_state=None`` a cached training is reused as is.
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and k-means.
@@ -199,9 +183,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     n_subquantizers_ : int
         Sub-vectors per code.
     effective_metric_ : str
-        The metric fitted and searched with. Training parameters (``metric``,
-        ``nlist``, ``n_subquantizers``, ``nbits``, ``by_residual``) changed
-        with ``set_params`` take effect at the next ``fit``.
+        The metric fitted and searched with (training parameters changed by
+        ``set_params`` take effect at the next ``fit``).
     n_samples_fit_ : int
         Number of indexed vectors.
     n_features_in_ : int
@@ -349,37 +332,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         _warn_imbalance(lists)
         return self
 
-    def summary(self) -> str:
-        """What the fitted index holds: vectors, cells, bytes, memory.
-
-        Returns
-        -------
-        summary : str
-            Several lines: the number of vectors and features, the cell
-            sizes and their imbalance factor, the code size, the bytes per
-            vector, and the memory of the index by part.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from annlearn import IVFPQNeighbors
-        >>> X = np.random.default_rng(0).standard_normal((2000, 16))
-        >>> index = IVFPQNeighbors(nlist=8, nbits=4, random_state=0).fit(X)
-        >>> print(index.summary())  # doctest: +ELLIPSIS
-        IVFPQNeighbors: 2,000 vectors of 16 features, metric='euclidean'
-          cells: 8 (vectors per cell: min ..., median ..., max ...; imbalance ...)
-          codes: 2 sub-vectors x 4 bits per vector, stored one byte each
-          bytes per vector: 10 in the lists (+ ... for the quantizers)
-          memory: ... (lists ..., quantizers ..., lookup tables ...)
-        """
-        check_is_fitted(self)
-        lists = self._store
-        header = (
-            f"IVFPQNeighbors: {len(lists):,} vectors of {self.n_features_in_} "
-            f"features, metric={self.effective_metric_!r}"
-        )
-        return "\n".join([header, *self._codec.describe(lists)])
-
     # -- internals ---------------------------------------------------------
     def _check_n_subquantizers(self, n_features: int) -> int:
         if self.n_subquantizers is None:
@@ -419,13 +371,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self._fit_source = None
 
     def _exact_reference(self) -> FlatNeighbors:
-        """An exact index over the indexed vectors, for ``score``.
-
-        From the stored vectors when ``refine_factor`` keeps them; otherwise
-        from the array given to ``fit`` (:mod:`annlearn._fit_source`: the
-        index keeps no copy of what it compresses), as long as it is alive,
-        unchanged, and the index was not changed since.
-        """
+        # From the stored vectors, else from the array given to fit while it
+        # is alive and unchanged (annlearn/_fit_source.py).
         check_is_fitted(self)
         lists = self._store
         if lists.vectors is not None:
@@ -489,6 +436,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self._codec = self._make_codec()
 
     # -- hooks of NeighborsBase -------------------------------------------
+    def _describe(self, store: InvertedLists) -> list[str]:
+        return self._codec.describe(store)
+
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare(X)
 

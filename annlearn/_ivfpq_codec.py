@@ -18,10 +18,10 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from annlearn import _fastscan, _flat_search, _ivf
-from annlearn._base import _megabytes
 from annlearn._invlists import InvertedLists
 from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
+from annlearn._utils import format_bytes
 
 __all__ = ["IVFPQCodec", "train_and_encode"]
 
@@ -162,9 +162,9 @@ class IVFPQCodec:
             f"per vector, stored one byte each{stored}",
             f"  bytes per vector: {per_vector} in the lists (+ "
             f"{quantizers / max(n, 1):.1f} for the quantizers)",
-            f"  memory: {_megabytes(lists.nbytes + self.nbytes)} (lists "
-            f"{_megabytes(lists.nbytes)}, quantizers {_megabytes(quantizers)}, "
-            f"lookup tables {_megabytes(self.nbytes - quantizers)})",
+            f"  memory: {format_bytes(lists.nbytes + self.nbytes)} (lists "
+            f"{format_bytes(lists.nbytes)}, quantizers {format_bytes(quantizers)}, "
+            f"lookup tables {format_bytes(self.nbytes - quantizers)})",
         ]
 
     # -- coding -----------------------------------------------------------

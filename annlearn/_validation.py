@@ -213,6 +213,15 @@ def validate_query_data(estimator, X) -> np.ndarray:
     return _check_magnitude(X, fitted_metric(estimator))
 
 
+def check_graph_mode(mode) -> None:
+    """Raise ValueError unless ``mode`` is a graph mode of scikit-learn."""
+    if mode not in ("connectivity", "distance"):
+        raise ValueError(
+            'Unsupported mode, must be one of "connectivity" or "distance" '
+            f"but got {mode!r} instead."
+        )
+
+
 def check_radius(radius, metric: str) -> float:
     """Check a radius passed to a radius query against the fitted metric.
 

@@ -290,6 +290,8 @@ def test_concurrent_remove_gives_valid_answers_or_one_clear_error(estimator, X):
 def test_self_query_in_blocks(estimator, X, monkeypatch):
     est = estimator.fit(X, ids=np.arange(600)[::-1] * 3)
     expected = est.kneighbors()
+    radius = float(np.median(expected[0][:, 2]))
+    expected_radius = est.radius_neighbors(radius=radius, sort_results=True)
     sizes = []
     indexed = type(est)._indexed_queries
 
@@ -297,12 +299,17 @@ def test_self_query_in_blocks(estimator, X, monkeypatch):
         sizes.append(len(positions))
         return indexed(self, store, positions)
 
-    monkeypatch.setattr(_base, "_SELF_QUERY_BLOCK", 64)
+    monkeypatch.setattr(_base.NeighborsBase, "_self_query_block", 64)
     monkeypatch.setattr(type(est), "_indexed_queries", spy)
     d, i = est.kneighbors()
     assert max(sizes) == 64 and sum(sizes) == 600
     assert_array_equal(i, expected[1])
     assert_allclose(d, expected[0])
+    sizes.clear()
+    d, i = est.radius_neighbors(radius=radius, sort_results=True)
+    assert max(sizes) == 64 and sum(sizes) == 600
+    for got, want in zip(i, expected_radius[1], strict=True):
+        assert_array_equal(got, want)
 
 
 # -- warnings ------------------------------------------------------------------

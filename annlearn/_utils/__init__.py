@@ -7,4 +7,14 @@
 - ``_packed_gemm``: annlearn's own float32 GEMM on packed operands (AVX-512 or
   AVX2+FMA micro-kernels in ``_packed_gemm.h``) and the instruction set chosen
   at run time.
+
+And one Python helper, ``format_bytes``, for the ``summary()`` of the indexes.
 """
+
+
+def format_bytes(n_bytes: int) -> str:
+    """A byte count in the largest binary unit that keeps it >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
