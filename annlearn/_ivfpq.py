@@ -56,6 +56,19 @@ def default_n_subquantizers(n_features: int) -> int:
     return min(_divisors(n_features), key=lambda m: (abs(m - n_features / 8), m))
 
 
+def _n_subquantizers(n_subquantizers: int | None, n_features: int) -> int:
+    """The parameter checked against the data, or its default."""
+    if n_subquantizers is None:
+        return default_n_subquantizers(n_features)
+    if n_features % n_subquantizers:
+        raise ValueError(
+            f"n_subquantizers must divide n_features = {n_features}, but "
+            f"n_subquantizers = {n_subquantizers}. Valid values: "
+            f"{_divisors(n_features)}."
+        )
+    return n_subquantizers
+
+
 def _training_rows(n_samples, nlist, nbits, max_train_samples) -> int:
     """Rows to train the quantizers on; a ValueError if there are too few
     for the requested centres, a warning if too few to place them well."""
@@ -292,7 +305,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         source = X
         X = validate_fit_data(self, X)
         ids = check_new_ids(ids, len(X), None)
-        n_sub = self._check_n_subquantizers(X.shape[1])
+        n_sub = _n_subquantizers(self.n_subquantizers, X.shape[1])
         n_train = _training_rows(len(X), self.nlist, self.nbits, self.max_train_samples)
         n_threads = effective_n_threads(self.n_jobs)
         # score finds the exact neighbours in the stored vectors when kept,
@@ -333,17 +346,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         return self
 
     # -- internals ---------------------------------------------------------
-    def _check_n_subquantizers(self, n_features: int) -> int:
-        if self.n_subquantizers is None:
-            return default_n_subquantizers(n_features)
-        if n_features % self.n_subquantizers:
-            raise ValueError(
-                f"n_subquantizers must divide n_features = {n_features}, but "
-                f"n_subquantizers = {self.n_subquantizers}. Valid values: "
-                f"{_divisors(n_features)}."
-            )
-        return self.n_subquantizers
-
     def _prepare(self, X: np.ndarray) -> np.ndarray:
         return _normalize_rows(X) if fitted_metric(self) == "cosine" else X
 
@@ -458,12 +460,6 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         )
 
     def _search(self, store: InvertedLists, X: np.ndarray, n_neighbors: int):
-        if self.refine_factor is not None and store.vectors is None:
-            raise ValueError(
-                "refine_factor is set but this index was fitted with "
-                "refine_factor=None and keeps no vectors to re-rank: fit it "
-                "again with refine_factor set."
-            )
         return self._codec.search(
             store,
             X,
