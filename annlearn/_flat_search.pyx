@@ -120,6 +120,8 @@ DEFAULT_GEMM = (
 
 cdef enum:
     PACKED_MIN_QUERIES = 48
+    # Work (multiply-adds) worth one more thread in the small loops.
+    WORK_PER_THREAD = 1 << 18
 
 # Default (query, database) block sizes per GEMM. Packed: a block of ~1000
 # queries (a multiple of the 12-row micro-tile) is packed once and stays in L3
@@ -613,8 +615,11 @@ def row_sqnorms(const float32_t[:, ::1] X, int n_threads):
     cdef float64_t acc
     out_arr = np.empty(n, dtype=np.float32)
     cdef float32_t[::1] out = out_arr
+    # One thread per WORK_PER_THREAD multiply-adds at most: the few rows of a
+    # single query never wait for a second thread to be scheduled.
+    cdef int n_threads_used = <int>max(1, min(n_threads, n * d // WORK_PER_THREAD))
     with nogil:
-        for i in prange(n, num_threads=n_threads, schedule="static"):
+        for i in prange(n, num_threads=n_threads_used, schedule="static"):
             acc = 0.0
             for f in range(d):
                 acc = acc + <float64_t>X[i, f] * X[i, f]

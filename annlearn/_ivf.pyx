@@ -302,8 +302,12 @@ def refine(
     cdef intp_t q, c, r
     cdef id_t row
     cdef float32_t dist
+    # One thread per 2**18 multiply-adds at most: the candidates of a single
+    # query never wait for a second thread to be scheduled.
+    cdef int n_threads_used = <int>max(
+        1, min(n_threads, n_queries * n_candidates * d // (1 << 18)))
     with nogil:
-        for q in prange(n_queries, num_threads=n_threads, schedule="static"):
+        for q in prange(n_queries, num_threads=n_threads_used, schedule="static"):
             heap_init(&distances[q, 0], &positions[q, 0], k)
             for c in range(n_candidates):
                 row = candidates[q, c]
