@@ -7,6 +7,7 @@ The answers are compared with the local estimators holding every row, with
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -65,7 +66,10 @@ def assert_same(result, reference):
 
 
 def ivfpq(**params):
+    # One thread: k-means' barriers are slow when the worker processes share
+    # the cores.
     defaults = dict(nlist=32, nprobe=4, n_subquantizers=8, nbits=6, random_state=0)
+    defaults.update(n_jobs=1)
     return IVFPQNeighbors(**{**defaults, **params})
 
 
@@ -331,7 +335,8 @@ def test_grid_search_on_the_dask_joblib_backend(client, data):
 
 def _kill(client, address):
     """Kill a worker process the hard way and wait for the scheduler to see it."""
-    client.run(os._exit, 1, workers=[address], wait=False)
+    pid = client.run(os.getpid, workers=[address])[address]
+    os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while address in client.scheduler_info(n_workers=-1)["workers"]:
         assert time.monotonic() < deadline
@@ -375,8 +380,6 @@ def test_a_killed_worker_gives_a_complete_answer_or_an_error(data):
         )
         thread.join(120)
         assert not thread.is_alive()
-        if "result" in outcome:
-            expected = tuple(np.repeat(r, 20, axis=0) for r in reference)
-            assert_same(outcome["result"], expected)
-        else:
-            assert isinstance(outcome["error"], ShardLostError)
+        # The shards come from a dask array: rebuilt, and the search retried.
+        assert "error" not in outcome, outcome.get("error")
+        assert_same(outcome["result"], tuple(np.repeat(r, 20, 0) for r in reference))

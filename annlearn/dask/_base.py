@@ -43,6 +43,7 @@ from annlearn._validation import (
 )
 from annlearn.dask import _shards
 from annlearn.dask._cluster import (
+    ShardLostError,
     even_sizes,
     gather,
     resolve_client,
@@ -275,11 +276,37 @@ class ShardedNeighborsBase(BaseEstimator):
     def _kneighbors_now(
         self, index: ShardedIndex, Xq: np.ndarray, k: int, shards=None, plan=None
     ):
-        """Search prepared numpy queries: scattered once, block by block, on
-        ``shards`` (the index's) with ``plan`` (``_search_plan``'s)."""
+        """Search prepared numpy queries on ``shards`` (the index's) with
+        ``plan`` (``_search_plan``'s), retried once if a worker is lost.
+
+        The query blocks are scattered, not part of a graph: a worker lost
+        mid-search takes the blocks it held with it. The search is then run
+        again, once, unless a shard itself is gone: shards fitted from a
+        dask array are rebuilt by the scheduler (the second run waits for
+        them), scattered or loaded ones are not (``ShardLostError``).
+        """
         client = index.client
         shards = index.shards if shards is None else shards
         plan = self._search_plan(index, k) if plan is None else plan
+        what = f"{type(self).__name__}.kneighbors"
+        for attempt in (1, 2):
+            try:
+                results = gather(
+                    client, self._submit_blocks(index, Xq, shards, plan), what
+                )
+                break
+            except ShardLostError:
+                lost = [s for s in shards if s.status in ("error", "cancelled", "lost")]
+                if attempt == 2 or lost:
+                    raise
+        return (
+            np.concatenate([d for d, _ in results]),
+            np.concatenate([i for _, i in results]),
+        )
+
+    def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
+        """The merge futures of every query block (see ``_search_plan``)."""
+        client = index.client
         search, args, merge, head, merge_args = plan
         size = self.query_block_size
         blocks = client.scatter(
@@ -293,11 +320,7 @@ class ShardedNeighborsBase(BaseEstimator):
                 if n
             ]
             merged.append(client.submit(merge, *head, parts, *merge_args, pure=False))
-        results = gather(client, merged, f"{type(self).__name__}.kneighbors")
-        return (
-            np.concatenate([d for d, _ in results]),
-            np.concatenate([i for _, i in results]),
-        )
+        return merged
 
     def _kneighbors_lazy(self, index: ShardedIndex, X, k: int):
         """Search a dask array of queries: a lazy graph per chunk of rows."""
