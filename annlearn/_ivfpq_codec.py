@@ -218,6 +218,12 @@ class IVFPQCodec:
         distances = np.full((len(X), n_candidates), np.inf, dtype=np.float32)
         positions = np.full((len(X), n_candidates), -1, dtype=np.int64)
         pending = np.arange(len(X))
+        if np.sort(cell_sizes)[:nprobe].sum() >= n_neighbors:
+            # Any nprobe cells hold enough rows: no query widens, and the
+            # scan's own coarse search is the only one.
+            if len(lists):
+                return self._scan(lists, X, nprobe, n_candidates, n_threads)
+            pending = pending[:0]
         while len(pending):
             _, cells = self.quantizer.search(X[pending], nprobe, n_threads)
             done = (cell_sizes[cells].sum(axis=1) >= n_neighbors) | (nprobe == nlist)

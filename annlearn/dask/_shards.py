@@ -163,7 +163,10 @@ def search_ivfpq(
 def _best(keys: np.ndarray, ids: np.ndarray, width: int) -> np.ndarray:
     """Per row, the columns of the ``width`` best (key, id) pairs, in order:
     the heap's rule (smaller distance, then smaller id), empty slots last."""
-    order = np.lexsort((np.where(ids < 0, _NO_ID, ids), keys), axis=1)
+    empty = ids < 0
+    order = np.lexsort(
+        (np.where(empty, _NO_ID, ids), np.where(empty, np.inf, keys)), axis=1
+    )
     return order[:, :width]
 
 
