@@ -127,14 +127,19 @@ def search_ivfpq(
     in scan units and, when ``refine``, their exact distances (the stored
     vectors), so that the client can rank the merged candidates exactly as
     one index does: by code distance to keep ``n_candidates``, then by exact
-    distance. Returns (code distances, exact distances or None, ids).
+    distance. Returns (code distances, exact distances or None, ids, cells).
+
+    One index ranks equal distances by row of its lists, i.e. by cell, then
+    by insertion order within the cell; the cells (int32) come back too, so
+    that the merge ranks ties by (cell, id), the same order for ids that
+    increase with insertion (the default ids).
     """
     lists, codec = shard._store, shard._codec
     n_threads = effective_n_threads(n_jobs)
     width = min(n_candidates, len(lists))
     if width == 0:
         dist, ids = _empty(len(X))
-        return dist, (dist if refine else None), ids
+        return dist, (dist if refine else None), ids, ids.astype(np.int32)
     dist, pos = codec.scan_candidates(
         lists,
         X,
@@ -156,18 +161,22 @@ def search_ivfpq(
         by_ref = np.argsort(ref_pos, axis=1, kind="stable")
         exact = np.empty_like(ref_dist)
         np.put_along_axis(exact, by_pos, np.take_along_axis(ref_dist, by_ref, 1), 1)
-    ids = np.where(pos >= 0, lists.ids[np.maximum(pos, 0)], -1)
-    return dist, exact, ids
+    filled = pos >= 0
+    ids = np.where(filled, lists.ids[np.maximum(pos, 0)], -1)
+    cells = np.where(filled, lists.cells_of(pos), -1).astype(np.int32)
+    return dist, exact, ids, cells
 
 
-def _best(keys: np.ndarray, ids: np.ndarray, width: int) -> np.ndarray:
-    """Per row, the columns of the ``width`` best (key, id) pairs, in order:
-    the heap's rule (smaller distance, then smaller id), empty slots last."""
+def _best(keys, ids, width: int, cells=None) -> np.ndarray:
+    """Per row, the columns of the ``width`` best candidates, in order: the
+    heap's rule (smaller distance, then smaller cell if given, then smaller
+    id), empty slots (id -1) last."""
     empty = ids < 0
-    order = np.lexsort(
-        (np.where(empty, _NO_ID, ids), np.where(empty, np.inf, keys)), axis=1
-    )
-    return order[:, :width]
+    order = [np.where(empty, _NO_ID, ids)]
+    if cells is not None:
+        order.append(cells)
+    order.append(np.where(empty, np.inf, keys))
+    return np.lexsort(order, axis=1)[:, :width]
 
 
 def _check_complete(ids: np.ndarray, n_neighbors: int) -> None:
@@ -194,14 +203,16 @@ def merge_ivfpq(template, parts, n_neighbors: int, n_candidates: int):
     """The ``n_neighbors`` best of every shard's IVF-PQ candidates, ranked as
     ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
     code distance, then (when refining) these by exact distance."""
-    dist = np.concatenate([d for d, _, _ in parts], axis=1)
-    ids = np.concatenate([i for _, _, i in parts], axis=1)
-    keep = _best(dist, ids, n_candidates)
+    dist, exact, ids, cells = (
+        None if part[0] is None else np.concatenate(part, axis=1)
+        for part in zip(*parts, strict=True)
+    )
+    keep = _best(dist, ids, n_candidates, cells)
     dist, ids = np.take_along_axis(dist, keep, 1), np.take_along_axis(ids, keep, 1)
-    if parts[0][1] is not None:
-        exact = np.concatenate([e for _, e, _ in parts], axis=1)
+    if exact is not None:
+        cells = np.take_along_axis(cells, keep, 1)
         dist = np.take_along_axis(exact, keep, 1)
-        best = _best(dist, ids, n_neighbors)
+        best = _best(dist, ids, n_neighbors, cells)
         dist, ids = np.take_along_axis(dist, best, 1), np.take_along_axis(ids, best, 1)
     ids = np.ascontiguousarray(ids[:, :n_neighbors])
     _check_complete(ids, n_neighbors)
