@@ -213,13 +213,26 @@ def test_add_and_remove_go_to_the_right_shards(client, data):
     assert index._index is before  # nothing changed
 
 
-def test_ivfpq_add_remove(client, data):
+def _cells_per_shard(index):
+    from annlearn.dask import _shards
+
+    client, shards = index._index.client, index._index.shards
+    infos = client.gather([client.submit(_shards.shard_info, s) for s in shards])
+    return np.stack([info["cell_sizes"] for info in infos])
+
+
+def test_ivfpq_shards_by_cells_and_adds_to_the_cell_owner(client, data):
     X, Q = data
     local = ivfpq(n_neighbors=10, refine_factor=2).fit(X[:3000])
-    index = dask_ivfpq(local).fit(X[:3000], quantizers=local)
+    index = dask_ivfpq(local, n_shards=3).fit(X[:3000], quantizers=local)
+    per_shard = _cells_per_shard(index)
+    # Every cell on one shard, and the shards about even.
+    assert ((per_shard > 0).sum(axis=0) <= 1).all()
+    assert per_shard.sum(axis=1).max() < 1.3 * per_shard.sum(axis=1).min()
     for est in (local, index):
         est.add(X[3000:], ids=np.arange(3000, 6000)[::-1])
         est.remove(np.arange(500, 2500))
+    assert ((_cells_per_shard(index) > 0).sum(axis=0) <= 1).all()
     assert_same(index.kneighbors(Q), local.kneighbors(Q))
 
 

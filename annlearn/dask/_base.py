@@ -26,7 +26,7 @@ A concrete estimator implements these hooks:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -72,6 +72,7 @@ class ShardedIndex:
     sizes: np.ndarray  # rows of each shard
     max_ids: np.ndarray  # largest id of each shard, -1 if empty
     cell_sizes: np.ndarray | None  # IVF-PQ: rows per cell of the whole index
+    cell_owner: np.ndarray | None  # IVF-PQ: the shard holding each cell, or -1
     template: object  # the emptied local estimator, on the client
     template_future: object  # ... and on every worker
     cell_sizes_future: object  # cell_sizes on every worker, or None
@@ -137,31 +138,34 @@ class ShardedNeighborsBase(BaseEstimator):
             import dask
 
             blocks = X.rechunk({0: tuple(sizes), 1: -1}).to_delayed().ravel()
-            build = dask.delayed(_shards.build_shard, pure=False)
-        shards = []
+        parts = []
         for i in range(n_shards):
             worker = workers[i % len(workers)]
             part_ids = ids[bounds[i] : bounds[i + 1]]
             if lazy:
-                task = build(template_future, blocks[i], part_ids)
-                shard = client.compute(task, workers=[worker], allow_other_workers=True)
+                # Computed on its worker: the rows never pass through here.
+                part = (blocks[i], dask.delayed(part_ids))
             else:
-                # The rows go straight to the worker that keeps them; the
-                # scattered copy is released once the shard is built.
+                # Sent straight to the worker that keeps them; the scattered
+                # copy is released once the shards are built.
                 part = client.scatter(
                     [X[bounds[i] : bounds[i + 1]], part_ids], workers=[worker]
                 )
-                shard = client.submit(
-                    _shards.build_shard,
-                    template_future,
-                    *part,
-                    workers=[worker],
-                    allow_other_workers=True,
-                    pure=False,
-                )
-            shards.append(shard)
+            parts.append((worker, part))
+        shards = self._build_shards(client, template_future, parts)
         self._publish(self._make_index(client, shards, template, template_future))
         return self
+
+    def _build_shards(self, client, template_future, parts) -> list:
+        """One shard per part of the rows: a copy of the template holding
+        them, built on the part's worker. ``parts`` are ``(worker, (rows,
+        ids))``, rows and ids both futures or both delayed."""
+        shards = []
+        for worker, part in parts:
+            shards.append(
+                _run_on(client, worker, _shards.build_shard, template_future, *part)
+            )
+        return shards
 
     def _check_dask_array(self, X, *, fit: bool):
         """Check what a dask array's metadata can tell (the values are
@@ -194,7 +198,7 @@ class ShardedNeighborsBase(BaseEstimator):
             )
         return X
 
-    def _make_index(self, client, shards, template, template_future, **extra):
+    def _make_index(self, client, shards, template, template_future):
         """A ShardedIndex over built (or building) shard futures: waits for
         them and reads their sizes (any error of a build is raised here)."""
         infos = gather(
@@ -202,11 +206,12 @@ class ShardedNeighborsBase(BaseEstimator):
             [client.submit(_shards.shard_info, s, pure=False) for s in shards],
             f"Building the shards of {type(self).__name__}",
         )
-        cell_sizes = None
+        cell_sizes = owner = future = None
         if infos[0]["cell_sizes"] is not None:
-            cell_sizes = np.sum([info["cell_sizes"] for info in infos], axis=0)
-        future = extra.pop("cell_sizes_future", None)
-        if cell_sizes is not None and future is None:
+            per_shard = np.stack([info["cell_sizes"] for info in infos])
+            cell_sizes = per_shard.sum(axis=0)
+            # The shard holding each cell (-1: empty), where add sends rows.
+            owner = np.where(cell_sizes > 0, per_shard.argmax(axis=0), -1)
             future = client.scatter(cell_sizes, broadcast=True, hash=False)
         return ShardedIndex(
             client=client,
@@ -214,6 +219,7 @@ class ShardedNeighborsBase(BaseEstimator):
             sizes=np.array([info["n"] for info in infos], dtype=np.int64),
             max_ids=np.array([info["max_id"] for info in infos], dtype=np.int64),
             cell_sizes=cell_sizes,
+            cell_owner=owner,
             template=template,
             template_future=template_future,
             cell_sizes_future=future,
@@ -376,13 +382,13 @@ class ShardedNeighborsBase(BaseEstimator):
             taken = np.concatenate(self._ask_shards(index, _shards.owned_ids, ids))
             if len(taken):
                 raise ValueError(f"Ids already in the index: {_show(np.sort(taken))}.")
-        counts = route_new_rows(index.sizes, len(X))
-        bounds = np.concatenate([[0], np.cumsum(counts)])
         where = client.who_has(list(index.shards))
         shards = list(index.shards)
-        for i in np.flatnonzero(counts):
+        for i, rows in enumerate(self._route(index, X)):
+            if not len(rows):
+                continue
             part = client.scatter(
-                [X[bounds[i] : bounds[i + 1]], ids[bounds[i] : bounds[i + 1]]],
+                [X[rows], ids[rows]],
                 workers=list(where.get(shards[i].key, ())) or None,
             )
             shards[i] = client.submit(_shards.build_shard, shards[i], *part, pure=False)
@@ -422,6 +428,14 @@ class ShardedNeighborsBase(BaseEstimator):
         self._publish(self._rebuilt(index, shards))
         return self
 
+    def _route(self, index: ShardedIndex, X: np.ndarray) -> list:
+        """The rows of X each shard takes (a list of index arrays, one per
+        shard): the smallest shards first, so that ``add`` never makes the
+        shards less even (see ``route_new_rows``)."""
+        counts = route_new_rows(index.sizes, len(X))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [np.arange(bounds[i], bounds[i + 1]) for i in range(len(counts))]
+
     def _ask_shards(self, index: ShardedIndex, task, *args) -> list:
         client = index.client
         futures = [
@@ -431,10 +445,9 @@ class ShardedNeighborsBase(BaseEstimator):
 
     def _rebuilt(self, index: ShardedIndex, shards: list) -> ShardedIndex:
         """The index with these shards (some new): waits for the new ones."""
-        built = self._make_index(
+        return self._make_index(
             index.client, shards, index.template, index.template_future
         )
-        return replace(built, derived={})
 
     # -- score -------------------------------------------------------------
     def score(self, X, y=None) -> float:
@@ -484,3 +497,19 @@ class ShardedNeighborsBase(BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.non_deterministic = False
         return tags
+
+
+def _run_on(client, worker, function, *args):
+    """``function(*args)`` as a future, run on ``worker`` if it is alive
+    (elsewhere if not); ``args`` may hold futures or dask.delayed objects,
+    whose graphs then run there too."""
+    from dask.base import is_dask_collection
+
+    if any(is_dask_collection(a) for a in args):
+        import dask
+
+        task = dask.delayed(function, pure=False)(*args)
+        return client.compute(task, workers=[worker], allow_other_workers=True)
+    return client.submit(
+        function, *args, workers=[worker], allow_other_workers=True, pure=False
+    )

@@ -12,6 +12,7 @@ import numpy as np
 
 __all__ = [
     "ShardLostError",
+    "assign_cells",
     "even_sizes",
     "gather",
     "resolve_client",
@@ -85,6 +86,24 @@ def route_new_rows(sizes: np.ndarray, n_new: int) -> np.ndarray:
         levels[at_low] += each
         remaining -= each * len(at_low)
     return levels - sizes
+
+
+def assign_cells(cell_sizes: np.ndarray, n_shards: int) -> np.ndarray:
+    """The shard of each cell of an IVF index, so that the shards hold about
+    as many rows each: the largest cells first, each to the shard holding
+    the fewest rows so far (ties to the lower shard).
+
+    Sharding by cells, not by rows, is what makes IVF-PQ scale out: a query
+    builds the lookup table of a probed cell on the one shard holding it,
+    where rows sharding would build it on every shard.
+    """
+    owner = np.empty(len(cell_sizes), dtype=np.int64)
+    loads = np.zeros(n_shards, dtype=np.int64)
+    for cell in np.argsort(-np.asarray(cell_sizes), kind="stable"):
+        shard = int(np.argmin(loads))
+        owner[cell] = shard
+        loads[shard] += cell_sizes[cell]
+    return owner
 
 
 def gather(client, futures, what: str):

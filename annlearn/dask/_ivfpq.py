@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from numbers import Integral
 
 import numpy as np
@@ -12,9 +13,11 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn._ivfpq import IVFPQNeighbors
+from annlearn._threads import effective_n_threads
 from annlearn._validation import METRICS
 from annlearn.dask import _shards
-from annlearn.dask._base import ShardedIndex, ShardedNeighborsBase
+from annlearn.dask._base import ShardedIndex, ShardedNeighborsBase, _run_on
+from annlearn.dask._cluster import assign_cells, gather
 
 __all__ = ["DaskIVFPQNeighbors"]
 
@@ -236,6 +239,58 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         template = copy.deepcopy(quantizers)
         template.set_params(**{**self._local_params(), "random_state": None})
         return template.remove(template._store.ids)
+
+    def _build_shards(self, client, template_future, parts) -> list:
+        """Shards by cells: each part is encoded on its worker, the cells are
+        shared out so that the shards hold about as many rows
+        (``assign_cells``), and each shard gathers its cells' rows from every
+        part, in row order (the lists of one index, cut by cells)."""
+        encoded = [
+            _run_on(client, worker, _shards.encode_part, template_future, *part)
+            for worker, part in parts
+        ]
+        nlist = self.nlist
+        counts = gather(
+            client,
+            [client.submit(_shards.cell_counts, e, nlist, pure=False) for e in encoded],
+            "Encoding the rows of DaskIVFPQNeighbors",
+        )
+        n_shards = len(parts)
+        owner = assign_cells(np.sum(counts, axis=0), n_shards)
+        pieces = []
+        for part in encoded:
+            split = client.submit(_shards.split_part, part, owner, n_shards, pure=False)
+            pieces.append(
+                [
+                    client.submit(operator.getitem, split, shard, pure=False)
+                    for shard in range(n_shards)
+                ]
+            )
+        return [
+            _run_on(
+                client,
+                worker,
+                _shards.assemble_shard,
+                template_future,
+                *[row[shard] for row in pieces],
+            )
+            for shard, (worker, _) in enumerate(parts)
+        ]
+
+    def _route(self, index: ShardedIndex, X: np.ndarray) -> list:
+        """The rows of X each shard takes: the shard holding their cell (a
+        cell no shard holds yet goes to the smallest shard)."""
+        template = index.template
+        cells, _ = template._codec.encode(
+            template._prepare_queries(X), effective_n_threads(self.n_jobs)
+        )
+        owner = index.cell_owner.copy()
+        sizes = index.sizes.copy()
+        for cell in np.unique(cells[owner[cells] < 0]):
+            owner[cell] = int(np.argmin(sizes))
+            sizes[owner[cell]] += np.count_nonzero(cells == cell)
+        destination = owner[cells]
+        return [np.flatnonzero(destination == shard) for shard in range(len(sizes))]
 
     def _publish(self, index: ShardedIndex) -> None:
         super()._publish(index)

@@ -26,7 +26,11 @@ from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
 
 __all__ = [
+    "assemble_shard",
     "build_shard",
+    "cell_counts",
+    "encode_part",
+    "split_part",
     "check_shard",
     "merge_flat",
     "merge_ivfpq",
@@ -51,6 +55,56 @@ def build_shard(template, X: np.ndarray, ids: np.ndarray):
     """A shard: a copy of ``template`` (never modified, workers share it)
     holding rows X with ``ids``, stored as the template stores rows."""
     return copy.copy(template).add(X, ids)
+
+
+def encode_part(template, X, ids):
+    """Rows of an IVF-PQ index, validated, prepared and encoded with the
+    template's quantizers: (cells, codes, ids, prepared vectors or None),
+    as ``IVFPQNeighbors.add`` would store them."""
+    X = template._prepare_queries(validate_query_data(template, X))
+    cells, codes = template._codec.encode(X, effective_n_threads(template.n_jobs))
+    vectors = X if template._store.vectors is not None else None
+    return cells, codes, np.asarray(ids, dtype=np.int64), vectors
+
+
+def cell_counts(part, nlist: int) -> np.ndarray:
+    """Rows per cell of an encoded part."""
+    return np.bincount(part[0], minlength=nlist)
+
+
+def split_part(part, owner: np.ndarray, n_shards: int) -> list:
+    """An encoded part cut by the shard that owns each row's cell (rows keep
+    their order, so that a cell's rows stay in insertion order)."""
+    cells, codes, ids, vectors = part
+    destination = owner[cells]
+    pieces = []
+    for shard in range(n_shards):
+        rows = np.flatnonzero(destination == shard)
+        pieces.append(
+            (
+                cells[rows],
+                codes[rows],
+                ids[rows],
+                None if vectors is None else vectors[rows],
+            )
+        )
+    return pieces
+
+
+def assemble_shard(template, *pieces):
+    """An IVF-PQ shard holding the cells whose rows are in ``pieces`` (one
+    piece per part, in row order): the lists one index would hold for these
+    cells, in the same order."""
+    from annlearn._invlists import InvertedLists
+
+    cells, codes, ids, vectors = (
+        None if column[0] is None else np.concatenate(column)
+        for column in zip(*pieces, strict=True)
+    )
+    lists = InvertedLists.from_cells(template._store.nlist, cells, codes, ids, vectors)
+    shard = copy.copy(template)
+    shard._set_store(lists)
+    return shard
 
 
 def remove_from_shard(shard, ids: np.ndarray):
