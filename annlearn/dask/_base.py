@@ -22,6 +22,11 @@ A concrete estimator implements these hooks:
 ``_prepare(index, X)``
     Validated float32 queries -> what ``search`` takes, on the client; the
     task ``_prepare_task`` does the same on a block of a dask array.
+``_build_shards(client, template_future, parts)``
+    The shard futures from the parts of the rows, each on its worker (by
+    default one shard per part; IVF-PQ regroups the rows by cell).
+``_route(index, X)``
+    Which rows of X each shard takes in ``add``.
 """
 
 from __future__ import annotations

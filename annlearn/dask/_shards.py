@@ -3,10 +3,12 @@
 A shard is an ordinary :class:`~annlearn.FlatNeighbors` or
 :class:`~annlearn.IVFPQNeighbors` holding one part of the rows. Every shard
 of an index is a copy of one *template*, an estimator fitted on a sample and
-then emptied, to which the shard's rows are added: the template fixes every
-decision taken from data (the centring and principal axes of Flat, the
-quantizers of IVF-PQ), so all shards store and search their rows exactly as
-one index holding all of them would.
+then emptied, holding the shard's rows (added to it for Flat; for IVF-PQ,
+encoded where they were and regrouped by cell, see ``encode_part``,
+``split_part`` and ``assemble_shard``): the template fixes every decision
+taken from data (the centring and principal axes of Flat, the quantizers of
+IVF-PQ), so all shards store and search their rows exactly as one index
+holding all of them would.
 
 These functions take and return plain numpy arrays and estimators; they are
 shipped by reference (module and name), never as closures, so that any
@@ -64,7 +66,8 @@ def encode_part(template, X, ids):
     X = template._prepare_queries(validate_query_data(template, X))
     cells, codes = template._codec.encode(X, effective_n_threads(template.n_jobs))
     vectors = X if template._store.vectors is not None else None
-    return cells, codes, np.asarray(ids, dtype=np.int64), vectors
+    # int32 cells: 4 bytes less per row in the shuffle to the cells' shards.
+    return cells.astype(np.int32), codes, np.asarray(ids, dtype=np.int64), vectors
 
 
 def cell_counts(part, nlist: int) -> np.ndarray:
