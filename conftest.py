@@ -1,10 +1,15 @@
 """pytest configuration shared by tests/ and the doctests of annlearn/."""
 
+import importlib.util
 import os
 
 import pytest
 
 from annlearn.datasets import FASHION_MNIST_PATH
+
+# annlearn.dask needs the dask extra: without it, its doctests are not
+# collected (tests/test_dask.py skips itself).
+collect_ignore = [] if importlib.util.find_spec("distributed") else ["annlearn/dask"]
 
 
 def pytest_collection_modifyitems(config, items):

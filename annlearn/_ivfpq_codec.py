@@ -270,6 +270,60 @@ class IVFPQCodec:
         )
         return indptr, positions, self._to_metric(distances)
 
+    def scan_candidates(
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        n_candidates: int,
+        *,
+        nprobe: int,
+        n_neighbors: int,
+        cell_sizes: np.ndarray,
+        n_threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``search``'s scan step for one shard of a larger index.
+
+        The ``n_candidates`` best rows of ``lists`` in the cells that
+        ``search`` on the whole index would probe: ``nprobe`` cells, doubled
+        while they hold fewer than ``n_neighbors`` rows by ``cell_sizes``
+        (rows per cell of the whole index, not of ``lists``). Distances stay
+        in scan units (``||x - y||^2`` or ``-<x, y>``, see ``to_metric``) and
+        empty slots are (+inf, -1), so that merging every shard's candidates
+        gives exactly the candidates of one index (``annlearn.dask``).
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_candidates), float32
+        positions : ndarray of shape (n_queries, n_candidates), int64
+            Rows of ``lists``, -1 for empty slots.
+        """
+        nlist = self.quantizer.nlist
+        nprobe = min(nprobe, nlist)
+        distances = np.full((len(X), n_candidates), np.inf, dtype=np.float32)
+        positions = np.full((len(X), n_candidates), -1, dtype=np.int64)
+        pending = np.arange(len(X))
+        if np.sort(cell_sizes)[:nprobe].sum() >= n_neighbors:
+            # Any nprobe cells hold enough rows: no query widens, and the
+            # scan's own coarse search is the only one.
+            if len(lists):
+                return self._scan(lists, X, nprobe, n_candidates, n_threads)
+            pending = pending[:0]
+        while len(pending):
+            _, cells = self.quantizer.search(X[pending], nprobe, n_threads)
+            done = (cell_sizes[cells].sum(axis=1) >= n_neighbors) | (nprobe == nlist)
+            rows = pending[done]
+            if len(rows) and len(lists):
+                distances[rows], positions[rows] = self._scan(
+                    lists, X[rows], nprobe, n_candidates, n_threads
+                )
+            pending = pending[~done]
+            nprobe = min(2 * nprobe, nlist)
+        return distances, positions
+
+    def to_metric(self, distances: np.ndarray) -> np.ndarray:
+        """Scan units -> the metric's distance, in place."""
+        return self._to_metric(distances)
+
     def _to_metric(self, distances: np.ndarray) -> np.ndarray:
         """Scan units (||x - y||^2 or -<x, y>) -> the metric's distance."""
         if self.metric == "cosine":

@@ -68,3 +68,10 @@ def test_every_subpackage_is_installed(pyproject):
         if "__init__.py" in files
     ]
     assert sorted(selected) == sorted(on_disk)
+
+
+def test_test_extra_installs_the_dask_extra(pyproject):
+    # The README's test command installs the test extra only; CI runs it, and
+    # tests/test_dask.py must run there, not skip.
+    extras = pyproject["project"]["optional-dependencies"]
+    assert set(extras["dask"]) <= set(extras["test"])

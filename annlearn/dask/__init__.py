@@ -1,0 +1,39 @@
+"""Sharded nearest-neighbour indexes on a dask cluster.
+
+Needs the ``dask`` extra (``pip install "annlearn[dask]"``, which installs
+``dask[distributed]``); ``import annlearn`` never imports dask.
+
+Design
+------
+An index is cut into shards, each an ordinary annlearn estimator holding
+some of the rows, kept in the memory of one worker for the index's life
+(a ``distributed.Future`` on the client). Every shard is a copy of one
+*template*: an estimator fitted on a sample of the rows on the client and
+emptied, so that all shards store, encode and search rows the same way
+(Flat: the centring and principal axes; IVF-PQ: the quantizers, trained
+once). A query block goes to every shard; each returns its best candidates
+and a merge task ranks them by the kernels' rule, (distance, id), which is
+why the answer is the one of a single index::
+
+                    ┌─ search(shard 0, block) ─┐
+    query block ────┼─ search(shard 1, block) ─┼── merge ──> (distances, ids)
+                    └─ search(shard 2, block) ─┘
+
+Only the query block travels to the shards and only candidates travel back;
+the shards never move. Changes (``add``, ``remove``) build new shard futures
+and publish them all at once; a search uses the shards it started with.
+A lost worker gives a rebuilt shard (fitted from a dask array) or a
+:class:`ShardLostError`, never a merge of fewer shards.
+
+Modules: ``_cluster`` (client, workers, row routing, loss errors), ``_shards``
+(what the workers run), ``_base`` (the shared estimator API), ``_flat`` and
+``_ivfpq`` (the estimators), ``_persistence`` (one file per shard and a
+manifest).
+"""
+
+from annlearn.dask._cluster import ShardLostError
+from annlearn.dask._flat import DaskFlatNeighbors
+from annlearn.dask._ivfpq import DaskIVFPQNeighbors
+from annlearn.dask._persistence import load, save
+
+__all__ = ["DaskFlatNeighbors", "DaskIVFPQNeighbors", "ShardLostError", "load", "save"]

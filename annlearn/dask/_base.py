@@ -1,0 +1,520 @@
+"""Base class of the sharded estimators: fit, kneighbors, add, remove, score.
+
+A fitted sharded estimator holds one immutable :class:`ShardedIndex`
+(``self._index``): the futures of its shards, which stay in the memory of
+the workers that built them, what the client needs to route and check
+requests (rows and largest id of each shard), the template every shard was
+made from, and its future. Every change builds a new ``ShardedIndex`` and
+publishes it with one assignment, once every new shard exists: a failed
+``add`` or ``remove`` leaves the index as it was, and a search in flight
+keeps the shards it started with.
+
+A concrete estimator implements these hooks:
+
+``_fit_template(sample, rng)``
+    A local estimator fitted on a sample of the rows and emptied: it fixes
+    every decision taken from data, and each shard is a copy of it.
+``_search_plan(index, n_neighbors)``
+    ``(search, search_args, merge, merge_head, merge_args)``: the task run
+    on each shard, ``search(shard, queries, *search_args)``, and the task
+    merging a block's shard answers, ``merge(*merge_head, parts,
+    *merge_args)`` -> (distances, ids).
+``_prepare(index, X)``
+    Validated float32 queries -> what ``search`` takes, on the client; the
+    task ``_prepare_task`` does the same on a block of a dask array.
+``_build_shards(client, template_future, parts)``
+    The shard futures from the parts of the rows, each on its worker (by
+    default one shard per part; IVF-PQ regroups the rows by cell).
+``_route(index, X)``
+    Which rows of X each shard takes in ``add``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from annlearn._base import transactional
+from annlearn._validation import (
+    _as_int64_ids,
+    _show,
+    check_n_neighbors,
+    check_new_ids,
+    validate_fit_data,
+    validate_query_data,
+)
+from annlearn.dask import _shards
+from annlearn.dask._cluster import (
+    ShardLostError,
+    even_sizes,
+    gather,
+    resolve_client,
+    route_new_rows,
+    worker_addresses,
+)
+from annlearn.metrics import recall_at_k
+
+__all__ = ["ShardedIndex", "ShardedNeighborsBase", "is_dask_array"]
+
+
+def is_dask_array(X) -> bool:
+    """Whether X is a ``dask.array.Array`` (without importing dask.array
+    for anything else)."""
+    from dask.array import Array
+
+    return isinstance(X, Array)
+
+
+@dataclass(frozen=True, eq=False)
+class ShardedIndex:
+    """The published state of a fitted sharded estimator (never modified)."""
+
+    client: object
+    shards: tuple  # distributed.Future of each shard, in shard order
+    sizes: np.ndarray  # rows of each shard
+    max_ids: np.ndarray  # largest id of each shard, -1 if empty
+    cell_sizes: np.ndarray | None  # IVF-PQ: rows per cell of the whole index
+    cell_owner: np.ndarray | None  # IVF-PQ: the shard holding each cell, or -1
+    template: object  # the emptied local estimator, on the client
+    template_future: object  # ... and on every worker
+    cell_sizes_future: object  # cell_sizes on every worker, or None
+    # Futures derived from the shards on demand (score's exact reference).
+    derived: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.sizes.sum())
+
+
+class ShardedNeighborsBase(BaseEstimator):
+    """Shared API of the sharded estimators (see the module docstring)."""
+
+    # The task that validates (and prepares) a block of a dask array.
+    _prepare_task = staticmethod(_shards.validate_queries)
+
+    # -- hooks -------------------------------------------------------------
+    def _fit_template(self, sample: np.ndarray, rng):  # pragma: no cover
+        raise NotImplementedError
+
+    def _search_plan(self, index: ShardedIndex, n_neighbors: int):  # pragma: no cover
+        raise NotImplementedError
+
+    def _prepare(self, index: ShardedIndex, X: np.ndarray) -> np.ndarray:
+        return X
+
+    def _publish(self, index: ShardedIndex) -> None:
+        # One assignment replaces the whole index (see the module docstring).
+        self._index = index
+        self.n_samples_fit_ = index.n_samples
+        self.n_shards_ = len(index.shards)
+
+    # -- fit ---------------------------------------------------------------
+    @transactional
+    def _fit(self, X, ids, client, sample_size: int, rng, template=None):
+        """Fit on X: a template from ``sample_size`` random rows (unless
+        ``template`` is given), then one shard per row range."""
+        client = resolve_client(client)
+        lazy = is_dask_array(X)
+        if lazy:
+            X = self._check_dask_array(X, fit=True)
+        else:
+            X = validate_fit_data(self, X)
+        n_samples = X.shape[0]
+        ids = check_new_ids(ids, n_samples, None)
+        if template is None:
+            size = min(sample_size, n_samples)
+            rows = np.sort(rng.choice(n_samples, size, replace=False))
+            sample = client.compute(X[rows], sync=True) if lazy else X[rows]
+            template = self._fit_template(np.asarray(sample), rng)
+        elif template.n_features_in_ != X.shape[1]:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but the quantizers were fitted "
+                f"on {template.n_features_in_}."
+            )
+        workers = worker_addresses(client)
+        n_shards = min(self.n_shards or len(workers), n_samples)
+        sizes = even_sizes(n_samples, n_shards)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        template_future = client.scatter(template, broadcast=True, hash=False)
+        if lazy:
+            import dask
+
+            blocks = X.rechunk({0: tuple(sizes), 1: -1}).to_delayed().ravel()
+        parts = []
+        for i in range(n_shards):
+            worker = workers[i % len(workers)]
+            part_ids = ids[bounds[i] : bounds[i + 1]]
+            if lazy:
+                # Computed on its worker: the rows never pass through here.
+                part = (blocks[i], dask.delayed(part_ids))
+            else:
+                # Sent straight to the worker that keeps them; the scattered
+                # copy is released once the shards are built.
+                part = client.scatter(
+                    [X[bounds[i] : bounds[i + 1]], part_ids], workers=[worker]
+                )
+            parts.append((worker, part))
+        shards = self._build_shards(client, template_future, parts)
+        self._publish(self._make_index(client, shards, template, template_future))
+        return self
+
+    def _build_shards(self, client, template_future, parts) -> list:
+        """One shard per part of the rows: a copy of the template holding
+        them, built on the part's worker. ``parts`` are ``(worker, (rows,
+        ids))``, rows and ids both futures or both delayed."""
+        shards = []
+        for worker, part in parts:
+            shards.append(
+                _run_on(client, worker, _shards.build_shard, template_future, *part)
+            )
+        return shards
+
+    def _check_dask_array(self, X, *, fit: bool):
+        """Check what a dask array's metadata can tell (the values are
+        validated on the workers, block by block, when computed)."""
+        if X.ndim != 2:
+            raise ValueError(
+                f"Expected a 2-d dask array of shape (n_samples, n_features), got "
+                f"{X.ndim} dimensions."
+            )
+        if np.isnan(X.shape[0]):
+            raise ValueError(
+                "The dask array has unknown chunk sizes: call "
+                "X.compute_chunk_sizes() first."
+            )
+        if X.dtype.kind not in "biuf":
+            raise ValueError(
+                f"Expected a real numeric dask array, got dtype {X.dtype}."
+            )
+        if X.shape[1] < 1 or (fit and X.shape[0] < 1):
+            raise ValueError(
+                f"Found array with shape {X.shape}, while a minimum of 1 is required."
+            )
+        if fit:
+            self.n_features_in_ = int(X.shape[1])
+            self.__dict__.pop("feature_names_in_", None)
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                f"expecting {self.n_features_in_} features as input."
+            )
+        return X
+
+    def _make_index(self, client, shards, template, template_future):
+        """A ShardedIndex over built (or building) shard futures: waits for
+        them and reads their sizes (any error of a build is raised here)."""
+        infos = gather(
+            client,
+            [client.submit(_shards.shard_info, s, pure=False) for s in shards],
+            f"Building the shards of {type(self).__name__}",
+        )
+        cell_sizes = owner = future = None
+        if infos[0]["cell_sizes"] is not None:
+            per_shard = np.stack([info["cell_sizes"] for info in infos])
+            cell_sizes = per_shard.sum(axis=0)
+            # The shard holding each cell (-1: empty), where add sends rows.
+            owner = np.where(cell_sizes > 0, per_shard.argmax(axis=0), -1)
+            future = client.scatter(cell_sizes, broadcast=True, hash=False)
+        return ShardedIndex(
+            client=client,
+            shards=tuple(shards),
+            sizes=np.array([info["n"] for info in infos], dtype=np.int64),
+            max_ids=np.array([info["max_id"] for info in infos], dtype=np.int64),
+            cell_sizes=cell_sizes,
+            cell_owner=owner,
+            template=template,
+            template_future=template_future,
+            cell_sizes_future=future,
+        )
+
+    # -- queries -----------------------------------------------------------
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the k nearest neighbours of each query, over every shard.
+
+        Each block of ``query_block_size`` queries is searched on every shard
+        (on the worker that holds it) and the shards' answers are merged by
+        (distance, id) on a worker; only the merged answer comes back.
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features)
+            Queries. A dask array is searched lazily, one task per chunk of
+            rows and shard; its values are validated on the workers.
+            ``None`` (the neighbours of every indexed vector) is not
+            supported and raises a ``ValueError``.
+        n_neighbors : int, default=None
+            Number of neighbours; the estimator's ``n_neighbors`` if None.
+        return_distance : bool, default=True
+            Whether to return the distances too.
+
+        Returns
+        -------
+        neigh_dist : ndarray or dask.array.Array of shape (n_queries, n_neighbors)
+            float32 distances, increasing along each row (only if
+            ``return_distance=True``). A dask array, chunked as X's rows,
+            when X is one.
+        neigh_ind : ndarray or dask.array.Array of shape (n_queries, n_neighbors)
+            int64 ids of the neighbours.
+
+        Raises
+        ------
+        ShardLostError
+            If a shard was lost with its worker and cannot be rebuilt: no
+            partial answer is ever returned.
+        """
+        check_is_fitted(self)
+        if X is None:
+            raise ValueError(
+                f"{type(self).__name__}.kneighbors needs queries: X=None (the "
+                "neighbours of every indexed vector) is not supported by "
+                "sharded indexes."
+            )
+        index = self._index  # one snapshot for the whole call
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        k = check_n_neighbors(k, index.n_samples)
+        if is_dask_array(X):
+            dist, ids = self._kneighbors_lazy(
+                index, self._check_dask_array(X, fit=False), k
+            )
+        else:
+            Xv = validate_query_data(self, X)
+            dist, ids = self._kneighbors_now(index, self._prepare(index, Xv), k)
+        return (dist, ids) if return_distance else ids
+
+    def _kneighbors_now(
+        self, index: ShardedIndex, Xq: np.ndarray, k: int, shards=None, plan=None
+    ):
+        """Search prepared numpy queries on ``shards`` (the index's) with
+        ``plan`` (``_search_plan``'s), retried once if a worker is lost.
+
+        The query blocks are scattered, not part of a graph: a worker lost
+        mid-search takes the blocks it held with it. The search is then run
+        again, once, unless a shard itself is gone: shards fitted from a
+        dask array are rebuilt by the scheduler (the second run waits for
+        them), scattered or loaded ones are not (``ShardLostError``).
+        """
+        client = index.client
+        shards = index.shards if shards is None else shards
+        plan = self._search_plan(index, k) if plan is None else plan
+        what = f"{type(self).__name__}.kneighbors"
+        for attempt in (1, 2):
+            try:
+                results = gather(
+                    client, self._submit_blocks(index, Xq, shards, plan), what
+                )
+                break
+            except ShardLostError:
+                lost = [s for s in shards if s.status in ("error", "cancelled", "lost")]
+                if attempt == 2 or lost:
+                    raise
+        return (
+            np.concatenate([d for d, _ in results]),
+            np.concatenate([i for _, i in results]),
+        )
+
+    def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
+        """The merge futures of every query block (see ``_search_plan``)."""
+        client = index.client
+        search, args, merge, head, merge_args = plan
+        size = self.query_block_size
+        blocks = client.scatter(
+            [Xq[s : s + size] for s in range(0, len(Xq), size)], hash=False
+        )
+        merged = []
+        for block in blocks:
+            parts = [
+                client.submit(search, shard, block, *args, pure=False)
+                for shard, n in zip(shards, index.sizes, strict=True)
+                if n
+            ]
+            merged.append(client.submit(merge, *head, parts, *merge_args, pure=False))
+        return merged
+
+    def _kneighbors_lazy(self, index: ShardedIndex, X, k: int):
+        """Search a dask array of queries: a lazy graph per chunk of rows."""
+        import dask
+        import dask.array as da
+
+        search, args, merge, head, merge_args = self._search_plan(index, k)
+        X = X.rechunk({1: -1})
+        dist, ids = [], []
+        for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0], strict=True):
+            queries = dask.delayed(self._prepare_task)(index.template_future, block)
+            parts = [
+                dask.delayed(search)(shard, queries, *args)
+                for shard, n in zip(index.shards, index.sizes, strict=True)
+                if n
+            ]
+            merged = dask.delayed(merge, nout=2)(*head, parts, *merge_args)
+            dist.append(da.from_delayed(merged[0], (n_rows, k), dtype=np.float32))
+            ids.append(da.from_delayed(merged[1], (n_rows, k), dtype=np.int64))
+        return da.concatenate(dist), da.concatenate(ids)
+
+    # -- mutations ---------------------------------------------------------
+    def add(self, X, ids=None):
+        """Index more vectors, on the shards that hold the fewest.
+
+        The rows go to the smallest shards first (water filling), each shard
+        encoding or storing them as the template does; nothing is retrained.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_new, n_features)
+            Vectors to add, validated as in ``fit``.
+        ids : array-like of shape (n_new,), default=None
+            Their ids: non-negative, distinct, not already in the index.
+            ``None``: consecutive ids after the largest id in the index.
+
+        Returns
+        -------
+        self : object
+            The estimator. On any error it is left exactly as it was.
+        """
+        check_is_fitted(self)
+        index = self._index
+        client = index.client
+        X = validate_query_data(self, X)
+        largest = int(index.max_ids.max())
+        if ids is None:
+            ids = check_new_ids(
+                None, len(X), np.array([largest]) if largest >= 0 else None
+            )
+        else:
+            ids = check_new_ids(ids, len(X), None)
+            taken = np.concatenate(self._ask_shards(index, _shards.owned_ids, ids))
+            if len(taken):
+                raise ValueError(f"Ids already in the index: {_show(np.sort(taken))}.")
+        where = client.who_has(list(index.shards))
+        shards = list(index.shards)
+        for i, rows in enumerate(self._route(index, X)):
+            if not len(rows):
+                continue
+            part = client.scatter(
+                [X[rows], ids[rows]],
+                workers=list(where.get(shards[i].key, ())) or None,
+            )
+            shards[i] = client.submit(_shards.build_shard, shards[i], *part, pure=False)
+        self._publish(self._rebuilt(index, shards))
+        return self
+
+    def remove(self, ids):
+        """Remove vectors by id, on the shards that hold them.
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids to remove. Every one must be in the index, otherwise a
+            ``ValueError`` lists the unknown ones and nothing is removed.
+
+        Returns
+        -------
+        self : object
+            The estimator. On any error it is left exactly as it was.
+        """
+        check_is_fitted(self)
+        index = self._index
+        ids = np.unique(_as_int64_ids(np.atleast_1d(np.asarray(ids))))
+        owned = self._ask_shards(index, _shards.owned_ids, ids)
+        unknown = np.setdiff1d(ids, np.concatenate(owned))
+        if len(unknown):
+            raise ValueError(
+                f"Cannot remove ids that are not in the index: {_show(unknown)}; "
+                "nothing was removed."
+            )
+        shards = [
+            index.client.submit(_shards.remove_from_shard, shard, mine, pure=False)
+            if len(mine)
+            else shard
+            for shard, mine in zip(index.shards, owned, strict=True)
+        ]
+        self._publish(self._rebuilt(index, shards))
+        return self
+
+    def _route(self, index: ShardedIndex, X: np.ndarray) -> list:
+        """The rows of X each shard takes (a list of index arrays, one per
+        shard): the smallest shards first, so that ``add`` never makes the
+        shards less even (see ``route_new_rows``)."""
+        counts = route_new_rows(index.sizes, len(X))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [np.arange(bounds[i], bounds[i + 1]) for i in range(len(counts))]
+
+    def _ask_shards(self, index: ShardedIndex, task, *args) -> list:
+        client = index.client
+        futures = [
+            client.submit(task, shard, *args, pure=False) for shard in index.shards
+        ]
+        return gather(client, futures, type(self).__name__)
+
+    def _rebuilt(self, index: ShardedIndex, shards: list) -> ShardedIndex:
+        """The index with these shards (some new): waits for the new ones."""
+        return self._make_index(
+            index.client, shards, index.template, index.template_future
+        )
+
+    # -- score -------------------------------------------------------------
+    def score(self, X, y=None) -> float:
+        """Recall@k of ``kneighbors(X)`` against the sharded exact search.
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features)
+            Queries (a dask array is computed: scoring returns one number).
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        recall : float
+            Mean fraction of the ``n_neighbors`` exact neighbours returned
+            (ties counted fairly, see :func:`annlearn.metrics.recall_at_k`).
+        """
+        check_is_fitted(self)
+        index = self._index
+        if is_dask_array(X):
+            X = index.client.compute(self._check_dask_array(X, fit=False), sync=True)
+        Xv = validate_query_data(self, X)
+        k = check_n_neighbors(self.n_neighbors, index.n_samples)
+        true_dist, true_ids = self._exact_kneighbors(index, Xv, k)
+        dist, ids = self._kneighbors_now(index, self._prepare(index, Xv), k)
+        return recall_at_k(true_ids, ids, true_distances=true_dist, pred_distances=dist)
+
+    def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
+        """Exact neighbours of validated queries, over the same rows."""
+        raise NotImplementedError  # pragma: no cover
+
+    # -- scikit-learn API --------------------------------------------------
+    def __getstate__(self):
+        if hasattr(self, "_index"):
+            raise TypeError(
+                f"A fitted {type(self).__name__} cannot be pickled: its shards "
+                "live in the memory of the cluster's workers. Write it with "
+                "annlearn.dask.save and read it back with annlearn.dask.load, or "
+                "pickle sklearn.base.clone(estimator), which is not fitted."
+            )
+        return super().__getstate__()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = False
+        return tags
+
+
+def _run_on(client, worker, function, *args):
+    """``function(*args)`` as a future, run on ``worker`` if it is alive
+    (elsewhere if not); ``args`` may hold futures or dask.delayed objects,
+    whose graphs then run there too."""
+    from dask.base import is_dask_collection
+
+    if any(is_dask_collection(a) for a in args):
+        import dask
+
+        task = dask.delayed(function, pure=False)(*args)
+        return client.compute(task, workers=[worker], allow_other_workers=True)
+    return client.submit(
+        function, *args, workers=[worker], allow_other_workers=True, pure=False
+    )
