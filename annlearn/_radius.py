@@ -148,5 +148,7 @@ class RadiusNeighborsMixin:
 def _split(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     """An object array of the slices ``values[indptr[i]:indptr[i + 1]]``."""
     out = np.empty(len(indptr) - 1, dtype=object)
-    out[:] = np.split(values, indptr[1:-1]) if len(out) else []
+    # Filled one by one: slices of equal length must not become a 2-d array.
+    for i, part in enumerate(np.split(values, indptr[1:-1]) if len(out) else []):
+        out[i] = part
     return out

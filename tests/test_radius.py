@@ -239,3 +239,11 @@ def test_radius_edge_cases():
         FlatNeighbors().radius_neighbors(X[:2], 1.0)
     with pytest.raises(ValueError, match="radius"):
         FlatNeighbors(radius=np.nan).fit(X)
+
+
+def test_equal_numbers_of_neighbours_still_give_one_array_per_query():
+    X = np.repeat(np.eye(3, dtype=np.float32), 2, axis=0)  # three pairs
+    dist, ind = FlatNeighbors().fit(X).radius_neighbors(X[::2], 0.5)
+    assert dist.shape == ind.shape == (3,) and ind.dtype == object
+    for q, i in enumerate(ind):
+        assert_array_equal(np.sort(i), [2 * q, 2 * q + 1])
