@@ -96,6 +96,11 @@ class NeighborsBase(
     # prepared (decoded, for IVF-PQ) copy to a block, not the whole index.
     _self_query_block = 8192
 
+    def __sklearn_is_fitted__(self) -> bool:
+        # What check_is_fitted asks: one attribute, not a scan of them all
+        # (which took a fifth of an empty query's time).
+        return hasattr(self, "_store")
+
     # -- hooks -------------------------------------------------------------
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
