@@ -131,6 +131,12 @@ def main(argv=None) -> None:
         "--systems", default="annlearn,faiss,hnswlib", help="comma-separated"
     )
     args = parser.parse_args(argv)
+    # The peers are imported first, so that the header lists the BLAS each
+    # one loaded and the kernel it runs.
+    systems = args.systems.split(",")
+    for name in ("faiss", "hnswlib"):
+        if name in systems:
+            __import__(name)
     env = environment()
     print_environment(env)
     X, Q = load_data(args.data, args.n_queries)
@@ -145,7 +151,7 @@ def main(argv=None) -> None:
         "hnswlib": hnswlib_points,
     }
     rows = []
-    for system in args.systems.split(","):
+    for system in systems:
         for family, name, build, qps, ids in runners[system](
             X, Q, args.k, args.threads, args.repeats, args.quick
         ):
