@@ -40,6 +40,16 @@ class InvertedLists:
         self.vectors = vectors
         self._packed = None
 
+    def check_refinable(self, refine_factor) -> None:
+        """Raise ValueError if ``refine_factor`` asks for re-ranking these
+        lists cannot do (they keep no vectors)."""
+        if refine_factor is not None and self.vectors is None:
+            raise ValueError(
+                "refine_factor is set but this index was fitted with "
+                "refine_factor=None and keeps no vectors to re-rank: fit it "
+                "again with refine_factor set."
+            )
+
     def packed_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """4-bit codes in the fast-scan layout of ``annlearn/_fastscan.h``
         (each list in blocks of 32 rows) and the first block of each list,

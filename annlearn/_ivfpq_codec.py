@@ -218,12 +218,7 @@ class IVFPQCodec:
         positions : ndarray of shape (n_queries, n_neighbors), int64
             Rows of ``lists``.
         """
-        if refine_factor is not None and lists.vectors is None:
-            raise ValueError(
-                "refine_factor is set but this index was fitted with "
-                "refine_factor=None and keeps no vectors to re-rank: fit it "
-                "again with refine_factor set."
-            )
+        lists.check_refinable(refine_factor)
         nlist = self.quantizer.nlist
         n_scan = min(n_neighbors * (refine_factor or 1), len(lists))
         nprobe = min(nprobe, nlist)

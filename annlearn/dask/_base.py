@@ -43,6 +43,7 @@ from annlearn._validation import (
     _show,
     check_n_neighbors,
     check_new_ids,
+    check_removed_ids,
     validate_fit_data,
     validate_query_data,
 )
@@ -418,12 +419,7 @@ class ShardedNeighborsBase(BaseEstimator):
         index = self._index
         ids = np.unique(_as_int64_ids(np.atleast_1d(np.asarray(ids))))
         owned = self._ask_shards(index, _shards.owned_ids, ids)
-        unknown = np.setdiff1d(ids, np.concatenate(owned))
-        if len(unknown):
-            raise ValueError(
-                f"Cannot remove ids that are not in the index: {_show(unknown)}; "
-                "nothing was removed."
-            )
+        check_removed_ids(ids, np.concatenate(owned))
         shards = [
             index.client.submit(_shards.remove_from_shard, shard, mine, pure=False)
             if len(mine)

@@ -304,13 +304,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         return index.template._prepare_queries(X)
 
     def _search_plan(self, index: ShardedIndex, n_neighbors: int):
+        index.template._store.check_refinable(self.refine_factor)
         refine = self.refine_factor is not None
-        if refine and index.template._store.vectors is None:
-            raise ValueError(
-                "refine_factor is set but this index was fitted with "
-                "refine_factor=None and keeps no vectors to re-rank: fit it "
-                "again with refine_factor set."
-            )
         n_candidates = min(n_neighbors * (self.refine_factor or 1), index.n_samples)
         return (
             _shards.search_ivfpq,
