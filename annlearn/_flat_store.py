@@ -61,15 +61,18 @@ class FlatStore:
 
     @classmethod
     def build(
-        cls, X, ids, *, algorithm: str, n_threads: int, sqnorms=None
+        cls, X, ids, *, algorithm: str, n_threads: int, sqnorms=None, l2: bool = True
     ) -> FlatStore:
         """A store of prepared rows X (and their squared norms, if known);
-        ``algorithm`` as FlatNeighbors'."""
+        ``algorithm`` as FlatNeighbors'; ``l2``: ranked by L2 distance, else
+        by inner product."""
         if sqnorms is None:
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
         bound = None
         if algorithm != "brute":
-            bound = _pca_bound.fit_bound(X, sqnorms, force=algorithm == "pca_bound")
+            bound = _pca_bound.fit_bound(
+                X, sqnorms, l2=l2, force=algorithm == "pca_bound"
+            )
         return cls(X, sqnorms, ids, bound)
 
     def __len__(self) -> int:
