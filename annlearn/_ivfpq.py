@@ -151,25 +151,30 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     n_subquantizers : int, default=None
         Number of sub-vectors (bytes per code), a divisor of ``n_features``.
         ``None`` picks the divisor closest to ``n_features / 8``.
-    nbits : int, default=8
+    nbits : int, default=4
         Bits per sub-vector code, from 4 to 8: ``2**nbits`` centres per
         sub-quantizer. 4-bit codes are scanned 32 at a time with lookup
-        tables quantized to 8 bits (user guide, "Fast scan").
+        tables quantized to 8 bits (user guide, "Fast scan"); 8-bit codes
+        rank better without re-ranking.
     metric : str, default="euclidean"
         ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or
         ``"inner_product"``, as in :class:`FlatNeighbors`. Inner-product
         cells are built on lifted vectors (user guide, "Inner-product
         cells").
-    refine_factor : int, default=None
+    refine_factor : int, default=4
         If set, keep a float32 copy of the vectors and re-rank the best
         ``refine_factor * n_neighbors`` candidates by exact distance (search
-        time, once fitted with a value: ``None`` stores no vectors).
+        time, once fitted with a value: ``None`` stores no vectors, for the
+        smallest index). The defaults (4-bit codes of about 8 features each,
+        re-ranking 4 * k candidates, nprobe 8) are chosen in the user guide,
+        "Defaults".
     by_residual : bool, default=True
         Encode the residuals to the cell centres (more accurate) rather than
         the vectors.
     max_train_samples : int, default=None
         Rows drawn at random to train the quantizers; ``None`` means
-        ``256 * max(nlist, 2**nbits)``. Every row is encoded.
+        ``256 * max(nlist, 2**nbits)``. The sub-quantizers train on at most
+        ``256 * 2**nbits`` of them (as FAISS does). Every row is encoded.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     memory : str, joblib.Memory or None, default=None
@@ -254,9 +259,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         nlist=256,
         nprobe=8,
         n_subquantizers=None,
-        nbits=8,
+        nbits=4,
         metric="euclidean",
-        refine_factor=None,
+        refine_factor=4,
         by_residual=True,
         max_train_samples=None,
         mode="distance",

@@ -21,7 +21,13 @@ def small_ivfpq():
 
     def make(**params):
         defaults = dict(
-            n_neighbors=5, nlist=8, nprobe=2, n_subquantizers=8, nbits=6, random_state=0
+            n_neighbors=5,
+            nlist=8,
+            nprobe=2,
+            n_subquantizers=8,
+            nbits=6,
+            refine_factor=None,
+            random_state=0,
         )
         return IVFPQNeighbors(**{**defaults, **params})
 

@@ -244,7 +244,7 @@ def test_score(client, data):
     index = dask_ivfpq(local).fit(X, quantizers=local)
     assert index.score(Q) == local.score(Q) < 1.0
     assert index.score(da.from_array(Q, chunks=100)) == local.score(Q)
-    no_vectors = ivfpq(n_neighbors=10).fit(X)
+    no_vectors = ivfpq(n_neighbors=10, refine_factor=None).fit(X)
     index = dask_ivfpq(no_vectors).fit(X, quantizers=no_vectors)
     with pytest.raises(ValueError, match="score needs the indexed vectors"):
         index.score(Q)

@@ -506,7 +506,9 @@ def test_layout_2_inner_product_cells_are_probed_as_before(data, tmp_path):
     """Before layout 3, inner-product cells were not lifted: such a file
     loads, and its cells are probed by the largest inner product."""
     X, Q = data
-    est = IVFPQNeighbors(**_SMALL_IVFPQ, metric="inner_product", random_state=0)
+    est = IVFPQNeighbors(
+        **_SMALL_IVFPQ, metric="inner_product", refine_factor=None, random_state=0
+    )
     est = est.fit(X)
     assert est._codec.quantizer.lift is not None
     del est._ip_lift  # what a layout-2 state holds

@@ -40,7 +40,14 @@ def _recall(found, truth):
 
 
 def small(**params):
-    defaults = dict(nlist=16, nprobe=4, n_subquantizers=8, nbits=6, random_state=0)
+    defaults = dict(
+        nlist=16,
+        nprobe=4,
+        n_subquantizers=8,
+        nbits=6,
+        refine_factor=None,
+        random_state=0,
+    )
     defaults.update(params)
     return IVFPQNeighbors(**defaults)
 

@@ -156,7 +156,13 @@ def test_ivfpq_radius_by_codes_matches_its_own_distances(metric):
     X = _clustered(2000, 16)
     Q = X[:20] + 0.05
     index = IVFPQNeighbors(
-        metric=metric, nlist=8, nprobe=3, n_subquantizers=4, nbits=6, random_state=0
+        metric=metric,
+        nlist=8,
+        nprobe=3,
+        n_subquantizers=4,
+        nbits=6,
+        refine_factor=None,
+        random_state=0,
     ).fit(X)
     kd, ki = index.kneighbors(Q, 15)
     radius = float(np.median(kd[:, 9]))

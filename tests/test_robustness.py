@@ -16,7 +16,14 @@ from annlearn._validation import MAX_ID
 
 
 def small_ivfpq(**params):
-    defaults = dict(nlist=8, nprobe=8, n_subquantizers=4, nbits=4, random_state=0)
+    defaults = dict(
+        nlist=8,
+        nprobe=8,
+        n_subquantizers=4,
+        nbits=4,
+        refine_factor=None,
+        random_state=0,
+    )
     return IVFPQNeighbors(**{**defaults, **params})
 
 
