@@ -158,6 +158,46 @@ def test_ivfpq_trains_on_a_sample_of_a_dask_array(client, data):
     assert index.score(Q) == pytest.approx(local.score(Q), abs=0.05)
 
 
+# -- the neighbours of the indexed vectors, graphs, transform -----------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "ivfpq-codes"])
+def test_x_none_graphs_and_transform_equal_one_index(client, data, kind):
+    X, Q = data
+    rng = np.random.default_rng(4)
+    # Exact duplicates (the self-exclusion's hard case) and user ids, which
+    # increase with the rows (ties are then ranked as one index ranks them).
+    X = np.concatenate([X[:1500], X[:40]])
+    ids = np.sort(rng.choice(10 * len(X), len(X), replace=False))
+    if kind == "flat":
+        local = FlatNeighbors(n_neighbors=6).fit(X, ids=ids)
+        index = DaskFlatNeighbors(n_neighbors=6, n_shards=3, query_block_size=256)
+        index.fit(X, ids=ids)
+    else:
+        refine = 3 if kind == "ivfpq" else None
+        local = ivfpq(n_neighbors=6, refine_factor=refine, nbits=8).fit(X, ids=ids)
+        index = dask_ivfpq(local, n_shards=3, query_block_size=256)
+        index.fit(X, ids=ids, quantizers=local)
+    # Rows in id order, each row without itself, as one index answers.
+    assert_same(index.kneighbors(), local.kneighbors())
+    assert_same(index.kneighbors(n_neighbors=2), local.kneighbors(n_neighbors=2))
+    for mode in ("connectivity", "distance"):
+        for queries in (None, Q):
+            got = index.kneighbors_graph(queries, mode=mode)
+            expected = local.kneighbors_graph(queries, mode=mode)
+            n_rows = len(X if queries is None else queries)
+            assert got.shape == expected.shape == (n_rows, ids.max() + 1)
+            assert_array_equal(got.indptr, expected.indptr)
+            assert_array_equal(got.indices, expected.indices)
+            assert_array_equal(got.data, expected.data)
+    lazy = index.kneighbors_graph(da.from_array(Q, chunks=100), mode="distance")
+    assert (lazy != local.kneighbors_graph(Q, mode="distance")).nnz == 0
+    for mode in ("connectivity", "distance"):
+        index.set_params(mode=mode)
+        local.set_params(mode=mode)
+        assert (index.transform(Q) != local.transform(Q)).nnz == 0
+
+
 # -- dask arrays ---------------------------------------------------------------
 
 
@@ -307,8 +347,8 @@ def test_bad_input(client, data):
         index.kneighbors(da.from_array(Q[:, :5]))
     with pytest.raises(ValueError, match="n_neighbors <= n_samples_fit"):
         index.kneighbors(Q, n_neighbors=101)
-    with pytest.raises(ValueError, match="X=None"):
-        index.kneighbors()
+    with pytest.raises(ValueError, match="n_neighbors < n_samples_fit"):
+        index.kneighbors(n_neighbors=100)  # X=None: each row excludes itself
     local = ivfpq().fit(X)
     with pytest.raises(ValueError, match=r"nlist=32 \(this estimator: 16\)"):
         dask_ivfpq(local, nlist=16).fit(X, quantizers=local)

@@ -16,7 +16,7 @@ from annlearn._ivfpq import IVFPQNeighbors
 from annlearn._threads import effective_n_threads
 from annlearn._validation import METRICS
 from annlearn.dask import _shards
-from annlearn.dask._base import ShardedIndex, ShardedNeighborsBase, _run_on
+from annlearn.dask._base import SearchPlan, ShardedIndex, ShardedNeighborsBase, _run_on
 from annlearn.dask._cluster import assign_cells, gather
 
 __all__ = ["DaskIVFPQNeighbors"]
@@ -43,6 +43,10 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         the whole index, and is widened (doubled) for the queries whose
         probed cells hold fewer than ``n_neighbors`` rows over all shards,
         as one index does.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores, as :class:`~annlearn.FlatNeighbors`'s
+        (``"distance"``: ``n_neighbors + 1`` neighbours per row, for
+        estimators with ``metric="precomputed"``).
     max_train_samples : int, default=None
         Rows drawn from X (at random, over every chunk) to train the
         quantizers; ``None``: ``256 * max(nlist, 2**nbits)``. They are the
@@ -120,12 +124,12 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "by_residual": ["boolean"],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "mode": [StrOptions({"distance", "connectivity"})],
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
         "query_block_size": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "n_jobs": [Integral, None],
     }
-    _prepare_task = staticmethod(_shards.prepare_ivfpq_queries)
 
     def __init__(
         self,
@@ -138,6 +142,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         metric="euclidean",
         refine_factor=None,
         by_residual=True,
+        mode="distance",
         max_train_samples=None,
         n_shards=None,
         query_block_size=4096,
@@ -152,6 +157,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         self.metric = metric
         self.refine_factor = refine_factor
         self.by_residual = by_residual
+        self.mode = mode
         self.max_train_samples = max_train_samples
         self.n_shards = n_shards
         self.query_block_size = query_block_size
@@ -300,26 +306,25 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         self.pq_codebooks_ = template.pq_codebooks_
         self.n_subquantizers_ = template.n_subquantizers_
 
-    def _prepare(self, index: ShardedIndex, X: np.ndarray) -> np.ndarray:
-        return index.template._prepare_queries(X)
-
-    def _search_plan(self, index: ShardedIndex, n_neighbors: int):
+    def _search_plan(self, index: ShardedIndex, n_neighbors: int) -> SearchPlan:
         index.template._store.check_refinable(self.refine_factor)
         refine = self.refine_factor is not None
         n_candidates = min(n_neighbors * (self.refine_factor or 1), index.n_samples)
-        return (
-            _shards.search_ivfpq,
-            (
-                n_candidates,
-                n_neighbors,
-                self.nprobe,
-                index.cell_sizes_future,
-                refine,
-                self.n_jobs,
-            ),
-            _shards.merge_ivfpq,
-            (index.template_future,),
-            (n_neighbors, n_candidates),
+        router = _shards.CellRouter(
+            nprobe=self.nprobe,
+            n_neighbors=n_neighbors,
+            cell_sizes=index.cell_sizes,
+            cell_owner=index.cell_owner,
+            n_shards=len(index.shards),
+            n_jobs=self.n_jobs,
+        )
+        return SearchPlan(
+            search=_shards.search_ivfpq,
+            search_args=(n_candidates, refine, self.n_jobs),
+            merge=_shards.merge_ivfpq,
+            merge_head=(index.template_future,),
+            merge_args=(n_neighbors, n_candidates),
+            router=router,
         )
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
@@ -338,5 +343,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
                 for shard in index.shards
             ]
             index.derived["reference"] = references
-        plan = (_shards.search_flat, (k, self.n_jobs), _shards.merge_flat, (), (k,))
+        plan = SearchPlan(
+            _shards.search_flat, (k, self.n_jobs), _shards.merge_flat, merge_args=(k,)
+        )
         return self._kneighbors_now(index, X, k, references, plan)
