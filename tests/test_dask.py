@@ -276,6 +276,28 @@ def test_ivfpq_shards_by_cells_and_adds_to_the_cell_owner(client, data):
     assert_same(index.kneighbors(Q), local.kneighbors(Q))
 
 
+def test_cells_go_to_shards_in_groups_of_neighbours():
+    from annlearn.dask._cluster import assign_cells
+
+    rng = np.random.default_rng(0)
+    # Cells on a line: each shard takes a run of neighbouring cells, with
+    # its share of the rows to within one cell.
+    centers = np.zeros((40, 3))
+    centers[:, 0] = rng.permutation(40)
+    sizes = rng.integers(1, 50, size=40)
+    for n_shards in (1, 2, 3, 5):
+        owner = assign_cells(sizes, n_shards, centers)
+        along = owner[np.argsort(centers[:, 0])]
+        assert len(np.flatnonzero(np.diff(along))) == n_shards - 1
+        loads = np.bincount(owner, weights=sizes, minlength=n_shards)
+        assert np.abs(loads - sizes.sum() / n_shards).max() <= 2 * sizes.max()
+    # Two far-apart clumps of cells, two shards: one clump each.
+    clumps = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(50, 1, (30, 8))])
+    owner = assign_cells(np.full(60, 10), 2, clumps)
+    assert len(set(owner[:30])) == len(set(owner[30:])) == 1
+    assert owner[0] != owner[30]
+
+
 def test_score(client, data):
     X, Q = data
     flat = DaskFlatNeighbors(n_neighbors=10).fit(X)
@@ -449,3 +471,46 @@ def test_a_killed_worker_gives_a_complete_answer_or_an_error(data):
         # The shards come from a dask array: rebuilt, and the search retried.
         assert "error" not in outcome, outcome.get("error")
         assert_same(outcome["result"], tuple(np.repeat(r, 20, 0) for r in reference))
+
+
+def test_a_killed_worker_during_a_lazy_search(data, tmp_path):
+    X, Q = data
+    reference = FlatNeighbors(n_neighbors=10).fit(X).kneighbors(Q)
+    big = np.repeat(Q, 20, axis=0)
+    expected = tuple(np.repeat(r, 20, 0) for r in reference)
+    with _local_cluster(2) as cluster, distributed.Client(cluster) as client:
+
+        def holder(index, i):
+            shard = index._index.shards[i]
+            return client.who_has([shard])[shard.key][0]
+
+        # Fitted from numpy: the lazy answer, computed after the kill, is
+        # the error that says so (not dask's "lost dependencies").
+        scattered = DaskFlatNeighbors(n_neighbors=10).fit(X)
+        local = ivfpq(n_neighbors=10, refine_factor=2).fit(X)
+        coded = dask_ivfpq(local).fit(X, quantizers=local)
+        save(scattered, tmp_path / "flat")
+        lazy = [
+            index.kneighbors(da.from_array(Q, chunks=100))
+            for index in (scattered, coded)
+        ]
+        _kill(client, holder(scattered, 0))
+        for dist, ids in lazy:
+            with pytest.raises(ShardLostError, match="lost with its worker"):
+                client.compute([dist, ids], sync=True)
+        client.wait_for_workers(2, timeout=30)
+
+        # Fitted from a dask array or loaded from files: rebuilt, and the
+        # lazy search completes, whether the worker dies before or during
+        # the computation.
+        for index in (
+            DaskFlatNeighbors(n_neighbors=10).fit(da.from_array(X, chunks=1000)),
+            load(tmp_path / "flat", client),
+        ):
+            dist, ids = index.kneighbors(da.from_array(big, chunks=500))
+            futures = client.compute([dist, ids])
+            time.sleep(0.3)
+            _kill(client, holder(index, 1))
+            assert_same(client.gather(futures), expected)
+            client.wait_for_workers(2, timeout=30)
+            assert_same(index.kneighbors(Q), reference)

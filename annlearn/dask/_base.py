@@ -19,7 +19,7 @@ A concrete estimator implements these hooks:
     block's shard answers, and, optionally, the router that says which
     queries each shard needs (IVF-PQ); without one, every shard searches
     the whole block (Flat).
-``_build_shards(client, template_future, parts)``
+``_build_shards(client, template, template_future, parts)``
     The shard futures from the parts of the rows, each on its worker (by
     default one shard per part; IVF-PQ regroups the rows by cell).
 ``_route(index, X)``
@@ -52,6 +52,7 @@ from annlearn.dask._cluster import (
     gather,
     resolve_client,
     route_new_rows,
+    share,
     worker_addresses,
 )
 from annlearn.metrics import recall_at_k
@@ -154,12 +155,12 @@ class ShardedNeighborsBase(BaseEstimator):
         n_shards = min(self.n_shards or len(workers), n_samples)
         sizes = even_sizes(n_samples, n_shards)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        template_future = client.scatter(template, broadcast=True, hash=False)
+        template_future = share(client, template)
         if lazy:
             import dask
 
             blocks = X.rechunk({0: tuple(sizes), 1: -1}).to_delayed().ravel()
-        parts = []
+        parts, sent = [], []
         for i in range(n_shards):
             worker = workers[i % len(workers)]
             part_ids = ids[bounds[i] : bounds[i + 1]]
@@ -167,17 +168,16 @@ class ShardedNeighborsBase(BaseEstimator):
                 # Computed on its worker: the rows never pass through here.
                 part = (blocks[i], dask.delayed(part_ids))
             else:
-                # Sent straight to the worker that keeps them; the scattered
-                # copy is released once the shards are built.
-                part = client.scatter(
-                    [X[bounds[i] : bounds[i + 1]], part_ids], workers=[worker]
+                part = _send_rows(
+                    client, [worker], X[bounds[i] : bounds[i + 1]], part_ids, sent
                 )
             parts.append((worker, part))
-        shards = self._build_shards(client, template_future, parts)
+        shards = self._build_shards(client, template, template_future, parts)
         self._publish(self._make_index(client, shards, template, template_future))
+        del sent  # the rows sent are released once the shards hold them
         return self
 
-    def _build_shards(self, client, template_future, parts) -> list:
+    def _build_shards(self, client, template, template_future, parts) -> list:
         """One shard per part of the rows: a copy of the template holding
         them, built on the part's worker. ``parts`` are ``(worker, (rows,
         ids))``, rows and ids both futures or both delayed."""
@@ -368,8 +368,10 @@ default=None
             try:
                 return gather(index.client, submit(), what)
             except ShardLostError:
-                lost = [s for s in shards if s.status in ("error", "cancelled", "lost")]
-                if attempt == 2 or lost:
+                # A shard being rebuilt reads "lost" until the scheduler
+                # starts again; only a failed or cancelled one is gone.
+                gone = [s for s in shards if s.status in ("error", "cancelled")]
+                if attempt == 2 or gone:
                     raise
 
     def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
@@ -444,7 +446,7 @@ default=None
         """The plan's router on every worker (a future), or None."""
         if plan.router is None:
             return None
-        return index.client.scatter(plan.router, broadcast=True, hash=False)
+        return share(index.client, plan.router)
 
     def _kneighbors_lazy(self, index: ShardedIndex, X, k: int):
         """Search a dask array of queries: a lazy graph per chunk of rows.
@@ -541,16 +543,15 @@ default=None
             if len(taken):
                 raise ValueError(f"Ids already in the index: {_show(np.sort(taken))}.")
         where = client.who_has(list(index.shards))
-        shards = list(index.shards)
+        shards, sent = list(index.shards), []
         for i, rows in enumerate(self._route(index, X)):
             if not len(rows):
                 continue
-            part = client.scatter(
-                [X[rows], ids[rows]],
-                workers=list(where.get(shards[i].key, ())) or None,
-            )
+            workers = list(where.get(shards[i].key, ())) or None
+            part = _send_rows(client, workers, X[rows], ids[rows], sent)
             shards[i] = client.submit(_shards.build_shard, shards[i], *part, pure=False)
         self._publish(self._rebuilt(index, shards))
+        del sent
         return self
 
     def remove(self, ids):
@@ -650,6 +651,30 @@ default=None
         tags.input_tags.allow_nan = False
         tags.non_deterministic = False
         return tags
+
+
+def _send_rows(client, workers, X, ids, sent: list) -> tuple:
+    """Rows and ids from the client as inputs of a shard's build on
+    ``workers``: futures of ``_shards.take_sent`` tasks, which read the
+    scattered arrays (appended to ``sent``, to be held until the build is
+    done). Scattered data has no lineage: if the worker of a shard built
+    from them dies, the scheduler would cancel every search of the shard
+    with dask's "lost dependencies". With these tasks as the root of the
+    shard's lineage, rebuilding it runs ``take_sent`` again, which finds no
+    rows and raises :class:`ShardLostError`, the error every search then
+    raises, lazy ones included."""
+    scattered = client.scatter([X, ids], workers=workers, hash=False)
+    sent.extend(scattered)
+    return tuple(
+        client.submit(
+            _shards.take_sent,
+            future.key,
+            workers=workers,
+            allow_other_workers=True,
+            pure=False,
+        )
+        for future in scattered
+    )
 
 
 def _run_on(client, worker, function, *args):

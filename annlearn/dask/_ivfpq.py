@@ -246,9 +246,9 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         template.set_params(**{**self._local_params(), "random_state": None})
         return template.remove(template._store.ids)
 
-    def _build_shards(self, client, template_future, parts) -> list:
+    def _build_shards(self, client, template, template_future, parts) -> list:
         """Shards by cells: each part is encoded on its worker, the cells are
-        shared out so that the shards hold about as many rows
+        shared out in groups of neighbouring cells holding about as many rows
         (``assign_cells``), and each shard gathers its cells' rows from every
         part, in row order (the lists of one index, cut by cells)."""
         encoded = [
@@ -262,7 +262,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             "Encoding the rows of DaskIVFPQNeighbors",
         )
         n_shards = len(parts)
-        owner = assign_cells(np.sum(counts, axis=0), n_shards)
+        centers = template.cluster_centers_
+        owner = assign_cells(np.sum(counts, axis=0), n_shards, centers)
         pieces = []
         for part in encoded:
             split = client.submit(_shards.split_part, part, owner, n_shards, pure=False)

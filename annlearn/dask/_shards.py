@@ -28,6 +28,7 @@ from annlearn._base import _drop_self
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
+from annlearn.dask._cluster import LOST_SHARD, ShardLostError
 
 __all__ = [
     "CellRouter",
@@ -36,6 +37,7 @@ __all__ = [
     "cell_counts",
     "encode_part",
     "split_part",
+    "take_sent",
     "check_shard",
     "merge_flat",
     "merge_ivfpq",
@@ -57,6 +59,18 @@ __all__ = [
 # Sorts after every real id: empty slots (id -1) rank last among equal
 # distances (+inf), as the kernels' heaps rank them.
 _NO_ID = np.iinfo(np.int64).max
+
+
+def take_sent(key):
+    """The array the client scattered to this worker under ``key`` (rows of
+    a shard, see ``_base._send_rows``); :class:`ShardLostError` if it is
+    gone, i.e. when the scheduler rebuilds a shard whose worker died."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().data[key]
+    except KeyError:
+        raise ShardLostError(LOST_SHARD) from None
 
 
 def build_shard(template, X: np.ndarray, ids: np.ndarray):
@@ -301,13 +315,27 @@ def search_ivfpq(shard, piece, n_candidates: int, refine: bool, n_jobs):
 def _best(keys, ids, width: int, cells=None) -> np.ndarray:
     """Per row, the columns of the ``width`` best candidates, in order: the
     heap's rule (smaller distance, then smaller cell if given, then smaller
-    id), empty slots (id -1) last."""
+    id), empty slots (id -1) last.
+
+    Rows are sorted by distance alone, and only the rows where two of the
+    ``width + 1`` nearest are at equal distances (ties, which the rule's
+    other keys decide) sorted again by every key: the full sort costs
+    several times more and is rarely needed.
+    """
+    width = min(width, keys.shape[1])
     empty = ids < 0
-    order = [np.where(empty, _NO_ID, ids)]
-    if cells is not None:
-        order.append(cells)
-    order.append(np.where(empty, np.inf, keys))
-    return np.lexsort(order, axis=1)[:, :width]
+    dist = np.where(empty, np.inf, keys)
+    order = np.argsort(dist, axis=1)[:, : width + 1]
+    head = np.take_along_axis(dist, order, 1)
+    tied = np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1))
+    order = order[:, :width]
+    if len(tied):
+        rule = [np.where(empty[tied], _NO_ID, ids[tied])]
+        if cells is not None:
+            rule.append(cells[tied])
+        rule.append(dist[tied])
+        order[tied] = np.lexsort(rule, axis=1)[:, :width]
+    return order
 
 
 def _check_complete(ids: np.ndarray, n_neighbors: int) -> None:
