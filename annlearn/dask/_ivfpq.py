@@ -28,9 +28,11 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     The quantizers (coarse cells and product-quantizer codebooks) are
     trained once, on the client, on a sample of the rows (the FAISS and
     autofaiss pattern), then sent to every worker; each worker encodes the
-    rows of its shard into its own inverted lists and keeps them. A query
-    block is scanned on every shard and the candidates merged on a worker,
-    ranked as :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
+    rows of its shard into its own inverted lists and keeps them; each shard
+    holds a group of neighbouring cells. The client probes a query block
+    once and sends each shard only the queries that probe its cells, with
+    those cells; the candidates are merged on a worker, ranked as
+    :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
     quantizers, ``nprobe`` and ``refine_factor``, the answer is the one of
     one index holding every row.
 
@@ -90,8 +92,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     (code and id), plus ``4 * n_features`` with ``refine_factor``, plus the
     quantizers and their tables (as :class:`~annlearn.IVFPQNeighbors`).
 
-    Per query, each shard returns its ``n_neighbors * (refine_factor or
-    1)`` best candidates with their ids and code distances (and, with
+    Per query, each shard it reaches returns its ``n_neighbors *
+    (refine_factor or 1)`` best candidates with their ids and code distances (and, with
     ``refine_factor``, exact distances): 12 or 16 bytes each. The merge
     keeps the best candidates of the whole index by code distance before
     re-ranking them exactly, which is what makes the answer that of one
