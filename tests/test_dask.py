@@ -306,6 +306,14 @@ def test_score(client, data):
     index = dask_ivfpq(local).fit(X, quantizers=local)
     assert index.score(Q) == local.score(Q) < 1.0
     assert index.score(da.from_array(Q, chunks=100)) == local.score(Q)
+    # Cosine (normalised queries), and data far from the origin (the exact
+    # references centre it): each reference prepares the queries as it
+    # prepared its rows.
+    for metric, shift in (("cosine", 0.0), ("euclidean", 1e4)):
+        local = ivfpq(n_neighbors=10, refine_factor=2, metric=metric).fit(X + shift)
+        index = dask_ivfpq(local).fit(X + shift, quantizers=local)
+        assert index.score(Q + shift) == local.score(Q + shift)
+    assert DaskFlatNeighbors(n_neighbors=10).fit(X + 1e4).score(Q + 1e4) == 1.0
     no_vectors = ivfpq(n_neighbors=10).fit(X)
     index = dask_ivfpq(no_vectors).fit(X, quantizers=no_vectors)
     with pytest.raises(ValueError, match="score needs the indexed vectors"):

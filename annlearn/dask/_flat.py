@@ -181,4 +181,4 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
         # Exact already: the reference is the index itself.
-        return self._kneighbors_now(index, X, k)
+        return self._kneighbors_now(index, self._prepare(index, X), k)

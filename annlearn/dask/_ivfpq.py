@@ -346,7 +346,11 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
                 for shard in index.shards
             ]
             index.derived["reference"] = references
+        # Each reference prepares the queries itself (its own centring).
         plan = SearchPlan(
-            _shards.search_flat, (k, self.n_jobs), _shards.merge_flat, merge_args=(k,)
+            _shards.search_flat,
+            (k, self.n_jobs, False),
+            _shards.merge_flat,
+            merge_args=(k,),
         )
         return self._kneighbors_now(index, X, k, references, plan)

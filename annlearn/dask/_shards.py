@@ -200,7 +200,7 @@ class CellRouter:
     def __call__(self, template, X: np.ndarray) -> list:
         """One piece per shard, ``(rows, queries, cells, base)`` with
         ``rows`` a boolean mask over X, or None if no query needs the shard
-        (the first shard always gets a piece, so the merge knows
+        (one shard gets a piece, even empty, so that the merge knows
         ``len(X)``)."""
         codec = template._codec
         cells, base = codec.probe(
@@ -216,7 +216,7 @@ class CellRouter:
         for shard in range(self.n_shards):
             mine = holder == shard
             rows = mine.any(axis=1)
-            if not (rows.any() or (shard == 0 and not pieces)):
+            if not rows.any():
                 pieces.append(None)
                 continue
             probed, terms, mine = cells[rows], base[rows], mine[rows]
@@ -235,6 +235,9 @@ class CellRouter:
                     np.ascontiguousarray(terms),
                 )
             )
+        if all(piece is None for piece in pieces):
+            # No query (an empty block): the merge still learns len(X).
+            pieces[0] = (np.zeros(len(X), bool), X[:0], cells[:0, :0], base[:0, :0])
         return pieces
 
 
@@ -250,13 +253,17 @@ def _empty(n_queries: int, width: int = 0):
     )
 
 
-def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs):
+def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs, prepared=True):
     """A Flat shard's ``n_neighbors`` best (fewer if it holds fewer rows) for
-    prepared queries X: (distances, ids), ties to the smaller row of the
+    queries X, prepared by the template unless ``prepared`` is False (then
+    prepared by this shard, which has its own preparation: ``score``'s
+    exact references): (distances, ids), ties to the smaller row of the
     shard."""
     k = min(n_neighbors, shard.n_samples_fit_)
     if k == 0:
         return _empty(len(X))
+    if not prepared:
+        X = shard._prepare_queries(X)
     # A shallow copy: the shard in the worker's memory is shared by every
     # task that searches it and is never modified.
     searcher = copy.copy(shard)
