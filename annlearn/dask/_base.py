@@ -453,9 +453,10 @@ default=None
 
         A worker lost while it is computed is handled by the scheduler: the
         tasks it held run again elsewhere, shards fitted from a dask array
-        are rebuilt from it; a shard that cannot be rebuilt (scattered or
-        loaded) makes the computation raise :class:`ShardLostError` (from
-        the merge, see ``_shards.require``), never a partial answer.
+        or loaded from files are rebuilt; a shard fitted from numpy cannot
+        be, and the computation raises :class:`ShardLostError` (from
+        ``_shards.take_sent``, the root of its lineage), never a partial
+        answer.
         """
         import dask
         import dask.array as da
