@@ -196,6 +196,9 @@ def test_x_none_graphs_and_transform_equal_one_index(client, data, kind):
         index.set_params(mode=mode)
         local.set_params(mode=mode)
         assert (index.transform(Q) != local.transform(Q)).nnz == 0
+    if kind == "flat":
+        got, expected = index.fit_transform(X), local.fit_transform(X)
+        assert (got != expected).nnz == 0 and got.shape == (len(X), len(X))
 
 
 # -- dask arrays ---------------------------------------------------------------
