@@ -664,13 +664,16 @@ def _send_rows(client, workers, X, ids, sent: list) -> tuple:
     shard's lineage, rebuilding it runs ``take_sent`` again, which finds no
     rows and raises :class:`ShardLostError`, the error every search then
     raises, lazy ones included."""
-    scattered = client.scatter([X, ids], workers=workers, hash=False)
+    target = workers[:1] if workers else None
+    scattered = client.scatter([X, ids], workers=target, hash=False)
     sent.extend(scattered)
+    # Read where the data went (the task must run there the first time).
+    where = client.who_has(scattered)
     return tuple(
         client.submit(
             _shards.take_sent,
             future.key,
-            workers=workers,
+            workers=list(where[future.key]),
             allow_other_workers=True,
             pure=False,
         )
