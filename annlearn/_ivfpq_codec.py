@@ -269,55 +269,81 @@ class IVFPQCodec:
         )
         return indptr, positions, self._to_metric(distances)
 
-    def scan_candidates(
+    def probe(
         self,
-        lists: InvertedLists,
         X: np.ndarray,
-        n_candidates: int,
-        *,
         nprobe: int,
-        n_neighbors: int,
-        cell_sizes: np.ndarray,
         n_threads: int,
+        *,
+        n_neighbors: int = 0,
+        cell_sizes: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``search``'s scan step for one shard of a larger index.
+        """The cells the scan of each query visits, and their term 1.
 
-        The ``n_candidates`` best rows of ``lists`` in the cells that
-        ``search`` on the whole index would probe: ``nprobe`` cells, doubled
-        while they hold fewer than ``n_neighbors`` rows by ``cell_sizes``
-        (rows per cell of the whole index, not of ``lists``). Distances stay
-        in scan units (``||x - y||^2`` or ``-<x, y>``, see ``to_metric``) and
-        empty slots are (+inf, -1), so that merging every shard's candidates
-        gives exactly the candidates of one index (``annlearn.dask``).
+        ``nprobe`` nearest cells; with ``cell_sizes`` (rows per cell of the
+        whole index), ``nprobe`` doubles for the queries whose probed cells
+        hold fewer than ``n_neighbors`` rows, as ``search`` widens, and their
+        rows are wider: the other queries' extra slots are -1 (skipped by the
+        scans, and a zero table for the 4-bit scale). This is ``search``'s
+        coarse step for an index cut into shards by cells (``annlearn.dask``):
+        run once, then each shard scans its cells (``scan_probed``).
 
         Returns
         -------
-        distances : ndarray of shape (n_queries, n_candidates), float32
-        positions : ndarray of shape (n_queries, n_candidates), int64
-            Rows of ``lists``, -1 for empty slots.
+        cells : ndarray of shape (n_queries, width), int64
+            Probed cells, nearest first; -1 for none.
+        base : ndarray of shape (n_queries, width), float32
+            Term 1 of each probed cell in scan units (0 where no cell).
         """
         nlist = self.quantizer.nlist
         nprobe = min(nprobe, nlist)
-        distances = np.full((len(X), n_candidates), np.inf, dtype=np.float32)
-        positions = np.full((len(X), n_candidates), -1, dtype=np.int64)
-        pending = np.arange(len(X))
-        if np.sort(cell_sizes)[:nprobe].sum() >= n_neighbors:
-            # Any nprobe cells hold enough rows: no query widens, and the
-            # scan's own coarse search is the only one.
-            if len(lists):
-                return self._scan(lists, X, nprobe, n_candidates, n_threads)
-            pending = pending[:0]
-        while len(pending):
-            _, cells = self.quantizer.search(X[pending], nprobe, n_threads)
-            done = (cell_sizes[cells].sum(axis=1) >= n_neighbors) | (nprobe == nlist)
-            rows = pending[done]
-            if len(rows) and len(lists):
-                distances[rows], positions[rows] = self._scan(
-                    lists, X[rows], nprobe, n_candidates, n_threads
-                )
-            pending = pending[~done]
+        cells, base = self._probe(X, nprobe, n_threads)
+        if cell_sizes is None:
+            return cells, base
+        pending = np.flatnonzero(cell_sizes[cells].sum(axis=1) < n_neighbors)
+        while len(pending) and nprobe < nlist:
             nprobe = min(2 * nprobe, nlist)
-        return distances, positions
+            more_cells, more_base = self._probe(X[pending], nprobe, n_threads)
+            width = cells.shape[1]
+            cells = np.pad(cells, ((0, 0), (0, nprobe - width)), constant_values=-1)
+            base = np.pad(base, ((0, 0), (0, nprobe - width)))
+            cells[pending], base[pending] = more_cells, more_base
+            pending = pending[cell_sizes[more_cells].sum(axis=1) < n_neighbors]
+        return cells, base
+
+    def scan_probed(
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        cells: np.ndarray,
+        base: np.ndarray,
+        n_scan: int,
+        n_threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n_scan`` best rows of ``lists`` in the given cells of each
+        query (``probe``'s), by code distance in scan units (``||x - y||^2``
+        or ``-<x, y>``, see ``to_metric``); empty slots are (+inf, -1).
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_scan), float32
+        positions : ndarray of shape (n_queries, n_scan), int64
+            Rows of ``lists``, -1 for empty slots.
+        """
+        tables = (self.pq.codebooks_t, self.term2)
+        if self.pq.ksub == 16:
+            return self._fast_scan(lists, X, cells, base, *tables, n_scan, n_threads)
+        return _ivf.ivfpq_scan(
+            X,
+            cells,
+            base,
+            *tables,
+            lists.offsets,
+            lists.codes,
+            n_scan,
+            self.inner_product,
+            n_threads,
+        )
 
     def to_metric(self, distances: np.ndarray) -> np.ndarray:
         """Scan units -> the metric's distance, in place."""
@@ -338,10 +364,8 @@ class IVFPQCodec:
     def _scan(
         self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
     ):
-        inputs = self._scan_inputs(lists, X, nprobe, n_threads)
-        if self.pq.ksub == 16:
-            return self._fast_scan(lists, *inputs[:5], n_scan, n_threads)
-        return _ivf.ivfpq_scan(*inputs, n_scan, self.inner_product, n_threads)
+        cells, base = self._probe(X, nprobe, n_threads)
+        return self.scan_probed(lists, X, cells, base, n_scan, n_threads)
 
     def _fast_scan(
         self, lists, X, cells, base, codebooks_t, term2, n_scan: int, n_threads
@@ -380,6 +404,13 @@ class IVFPQCodec:
         """The arrays the ``_ivf`` scans take first: the queries, the
         ``nprobe`` cells of each and their term 1 (scan units), the tables
         and the lists."""
+        cells, base = self._probe(X, nprobe, n_threads)
+        tables = (self.pq.codebooks_t, self.term2)
+        return X, cells, base, *tables, lists.offsets, lists.codes
+
+    def _probe(self, X: np.ndarray, nprobe: int, n_threads: int):
+        """The ``nprobe`` nearest cells of each query and their term 1 in
+        scan units: (cells, base)."""
         base, cells = self.quantizer.search(X, nprobe, n_threads)
         if not self.by_residual:
             if self.inner_product:
@@ -392,9 +423,7 @@ class IVFPQCodec:
             # becomes -<x, c> = (||x - c||^2 - ||x||^2 - ||c||^2) / 2.
             sq = _flat_search.row_sqnorms(X, n_threads)
             base = 0.5 * (base - sq[:, None] - self.quantizer.sqnorms[cells])
-        base = np.ascontiguousarray(base, dtype=np.float32)
-        tables = (self.pq.codebooks_t, self.term2)
-        return X, cells, base, *tables, lists.offsets, lists.codes
+        return cells, np.ascontiguousarray(base, dtype=np.float32)
 
     # -- training ----------------------------------------------------------
     @classmethod

@@ -19,7 +19,10 @@ the client and encoding on the workers) of both and their ratio; for every
 query batch size, queries per second of both (every query searched in
 batches of that size, one kneighbors call per batch), their ratio (sharded /
 one process; the goal on a 2-core machine is at least 0.67 for batches of
-10,000, i.e. sharded within 1.5x), and the scheduler's overhead per batch
+10,000, i.e. sharded within 1.5x; the sharded estimators keep their
+query_block_size of 4096 unless --query-block-size says otherwise, so a
+batch of 10,000 is three blocks, which the client routes while the shards
+search the previous one), and the scheduler's overhead per batch
 in milliseconds (the sharded time minus the local time, per call). A last
 line per cluster gives the round trip of a one-query call. The sharded
 answers are checked to be equal to the local ones (IVF-PQ: sharded over
@@ -103,7 +106,7 @@ def run_index(kind, X, Q, args, n_workers, client):
     for batch in args.batches:
         n = min(len(Q), batch * args.max_calls)
         queries = Q[:n]
-        sharded.set_params(query_block_size=max(batch, 1))
+        sharded.set_params(query_block_size=args.query_block_size or max(batch, 1))
         t_local, _ = timed(search_in_batches, args.repeats, local, queries, batch)
         t_dask, _ = timed(search_in_batches, args.repeats, sharded, queries, batch)
         calls = -(-n // batch)
@@ -154,6 +157,13 @@ def main(argv=None):
         "--max-calls", type=int, default=20, help="kneighbors calls per batch size"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--query-block-size",
+        type=int,
+        default=4096,
+        help="the sharded estimators' query_block_size (the default 4096); 0: the "
+        "batch size, one block per call",
+    )
     parser.add_argument("--nlist", type=int, default=None, help="4 sqrt(n) if unset")
     parser.add_argument("--m", type=int, default=None, help="n_subquantizers")
     parser.add_argument("--nprobe", type=int, default=16)

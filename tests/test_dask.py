@@ -68,7 +68,14 @@ def assert_same(result, reference):
 def ivfpq(**params):
     # One thread: k-means' barriers are slow when the worker processes share
     # the cores.
-    defaults = dict(nlist=32, nprobe=4, n_subquantizers=8, nbits=6, random_state=0)
+    defaults = dict(
+        nlist=32,
+        nprobe=4,
+        n_subquantizers=8,
+        nbits=6,
+        refine_factor=None,
+        random_state=0,
+    )
     defaults.update(n_jobs=1)
     return IVFPQNeighbors(**{**defaults, **params})
 
@@ -158,6 +165,49 @@ def test_ivfpq_trains_on_a_sample_of_a_dask_array(client, data):
     assert index.score(Q) == pytest.approx(local.score(Q), abs=0.05)
 
 
+# -- the neighbours of the indexed vectors, graphs, transform -----------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "ivfpq-codes"])
+def test_x_none_graphs_and_transform_equal_one_index(client, data, kind):
+    X, Q = data
+    rng = np.random.default_rng(4)
+    # Exact duplicates (the self-exclusion's hard case) and user ids, which
+    # increase with the rows (ties are then ranked as one index ranks them).
+    X = np.concatenate([X[:1500], X[:40]])
+    ids = np.sort(rng.choice(10 * len(X), len(X), replace=False))
+    if kind == "flat":
+        local = FlatNeighbors(n_neighbors=6).fit(X, ids=ids)
+        index = DaskFlatNeighbors(n_neighbors=6, n_shards=3, query_block_size=256)
+        index.fit(X, ids=ids)
+    else:
+        refine = 3 if kind == "ivfpq" else None
+        local = ivfpq(n_neighbors=6, refine_factor=refine, nbits=8).fit(X, ids=ids)
+        index = dask_ivfpq(local, n_shards=3, query_block_size=256)
+        index.fit(X, ids=ids, quantizers=local)
+    # Rows in id order, each row without itself, as one index answers.
+    assert_same(index.kneighbors(), local.kneighbors())
+    assert_same(index.kneighbors(n_neighbors=2), local.kneighbors(n_neighbors=2))
+    for mode in ("connectivity", "distance"):
+        for queries in (None, Q):
+            got = index.kneighbors_graph(queries, mode=mode)
+            expected = local.kneighbors_graph(queries, mode=mode)
+            n_rows = len(X if queries is None else queries)
+            assert got.shape == expected.shape == (n_rows, ids.max() + 1)
+            assert_array_equal(got.indptr, expected.indptr)
+            assert_array_equal(got.indices, expected.indices)
+            assert_array_equal(got.data, expected.data)
+    lazy = index.kneighbors_graph(da.from_array(Q, chunks=100), mode="distance")
+    assert (lazy != local.kneighbors_graph(Q, mode="distance")).nnz == 0
+    for mode in ("connectivity", "distance"):
+        index.set_params(mode=mode)
+        local.set_params(mode=mode)
+        assert (index.transform(Q) != local.transform(Q)).nnz == 0
+    if kind == "flat":
+        got, expected = index.fit_transform(X), local.fit_transform(X)
+        assert (got != expected).nnz == 0 and got.shape == (len(X), len(X))
+
+
 # -- dask arrays ---------------------------------------------------------------
 
 
@@ -236,6 +286,28 @@ def test_ivfpq_shards_by_cells_and_adds_to_the_cell_owner(client, data):
     assert_same(index.kneighbors(Q), local.kneighbors(Q))
 
 
+def test_cells_go_to_shards_in_groups_of_neighbours():
+    from annlearn.dask._cluster import assign_cells
+
+    rng = np.random.default_rng(0)
+    # Cells on a line: each shard takes a run of neighbouring cells, with
+    # its share of the rows to within one cell.
+    centers = np.zeros((40, 3))
+    centers[:, 0] = rng.permutation(40)
+    sizes = rng.integers(1, 50, size=40)
+    for n_shards in (1, 2, 3, 5):
+        owner = assign_cells(sizes, n_shards, centers)
+        along = owner[np.argsort(centers[:, 0])]
+        assert len(np.flatnonzero(np.diff(along))) == n_shards - 1
+        loads = np.bincount(owner, weights=sizes, minlength=n_shards)
+        assert np.abs(loads - sizes.sum() / n_shards).max() <= 2 * sizes.max()
+    # Two far-apart clumps of cells, two shards: one clump each.
+    clumps = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(50, 1, (30, 8))])
+    owner = assign_cells(np.full(60, 10), 2, clumps)
+    assert len(set(owner[:30])) == len(set(owner[30:])) == 1
+    assert owner[0] != owner[30]
+
+
 def test_score(client, data):
     X, Q = data
     flat = DaskFlatNeighbors(n_neighbors=10).fit(X)
@@ -244,7 +316,15 @@ def test_score(client, data):
     index = dask_ivfpq(local).fit(X, quantizers=local)
     assert index.score(Q) == local.score(Q) < 1.0
     assert index.score(da.from_array(Q, chunks=100)) == local.score(Q)
-    no_vectors = ivfpq(n_neighbors=10, refine_factor=None).fit(X)
+    # Cosine (normalised queries), and data far from the origin (the exact
+    # references centre it): each reference prepares the queries as it
+    # prepared its rows.
+    for metric, shift in (("cosine", 0.0), ("euclidean", 1e4)):
+        local = ivfpq(n_neighbors=10, refine_factor=2, metric=metric).fit(X + shift)
+        index = dask_ivfpq(local).fit(X + shift, quantizers=local)
+        assert index.score(Q + shift) == local.score(Q + shift)
+    assert DaskFlatNeighbors(n_neighbors=10).fit(X + 1e4).score(Q + 1e4) == 1.0
+    no_vectors = ivfpq(n_neighbors=10).fit(X)
     index = dask_ivfpq(no_vectors).fit(X, quantizers=no_vectors)
     with pytest.raises(ValueError, match="score needs the indexed vectors"):
         index.score(Q)
@@ -307,8 +387,8 @@ def test_bad_input(client, data):
         index.kneighbors(da.from_array(Q[:, :5]))
     with pytest.raises(ValueError, match="n_neighbors <= n_samples_fit"):
         index.kneighbors(Q, n_neighbors=101)
-    with pytest.raises(ValueError, match="X=None"):
-        index.kneighbors()
+    with pytest.raises(ValueError, match="n_neighbors < n_samples_fit"):
+        index.kneighbors(n_neighbors=100)  # X=None: each row excludes itself
     local = ivfpq().fit(X)
     with pytest.raises(ValueError, match=r"nlist=32 \(this estimator: 16\)"):
         dask_ivfpq(local, nlist=16).fit(X, quantizers=local)
@@ -409,3 +489,46 @@ def test_a_killed_worker_gives_a_complete_answer_or_an_error(data):
         # The shards come from a dask array: rebuilt, and the search retried.
         assert "error" not in outcome, outcome.get("error")
         assert_same(outcome["result"], tuple(np.repeat(r, 20, 0) for r in reference))
+
+
+def test_a_killed_worker_during_a_lazy_search(data, tmp_path):
+    X, Q = data
+    reference = FlatNeighbors(n_neighbors=10).fit(X).kneighbors(Q)
+    big = np.repeat(Q, 20, axis=0)
+    expected = tuple(np.repeat(r, 20, 0) for r in reference)
+    with _local_cluster(2) as cluster, distributed.Client(cluster) as client:
+
+        def holder(index, i):
+            shard = index._index.shards[i]
+            return client.who_has([shard])[shard.key][0]
+
+        # Fitted from numpy: the lazy answer, computed after the kill, is
+        # the error that says so (not dask's "lost dependencies").
+        scattered = DaskFlatNeighbors(n_neighbors=10).fit(X)
+        local = ivfpq(n_neighbors=10, refine_factor=2).fit(X)
+        coded = dask_ivfpq(local).fit(X, quantizers=local)
+        save(scattered, tmp_path / "flat")
+        lazy = [
+            index.kneighbors(da.from_array(Q, chunks=100))
+            for index in (scattered, coded)
+        ]
+        _kill(client, holder(scattered, 0))
+        for dist, ids in lazy:
+            with pytest.raises(ShardLostError, match="lost with its worker"):
+                client.compute([dist, ids], sync=True)
+        client.wait_for_workers(2, timeout=30)
+
+        # Fitted from a dask array or loaded from files: rebuilt, and the
+        # lazy search completes, whether the worker dies before or during
+        # the computation.
+        for index in (
+            DaskFlatNeighbors(n_neighbors=10).fit(da.from_array(X, chunks=1000)),
+            load(tmp_path / "flat", client),
+        ):
+            dist, ids = index.kneighbors(da.from_array(big, chunks=500))
+            futures = client.compute([dist, ids])
+            time.sleep(0.3)
+            _kill(client, holder(index, 1))
+            assert_same(client.gather(futures), expected)
+            client.wait_for_workers(2, timeout=30)
+            assert_same(index.kneighbors(Q), reference)

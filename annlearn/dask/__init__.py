@@ -11,19 +11,21 @@ some of the rows, kept in the memory of one worker for the index's life
 *template*: an estimator fitted on a sample of the rows on the client and
 emptied, so that all shards store, encode and search rows the same way
 (Flat: the centring and principal axes; IVF-PQ: the quantizers, trained
-once). A query block goes to every shard; each returns its best candidates
-and a merge task ranks them by the kernels' rule, (distance, id), which is
-why the answer is the one of a single index::
+once). A query block goes to the shards (Flat: every shard; IVF-PQ: the
+client probes the block once and sends each shard only the queries that
+probe its cells, with those cells); each returns its best candidates and a
+merge task ranks them by the kernels' rule, (distance, id), which is why
+the answer is the one of a single index::
 
-                    ┌─ search(shard 0, block) ─┐
-    query block ────┼─ search(shard 1, block) ─┼── merge ──> (distances, ids)
-                    └─ search(shard 2, block) ─┘
+                          ┌─ search(shard 0, its piece) ─┐
+    query block ── route ─┼─ search(shard 1, its piece) ─┼── merge ──> (dist, ids)
+                (IVF-PQ)  └─ search(shard 2, its piece) ─┘
 
-Only the query block travels to the shards and only candidates travel back;
+Only queries travel to the shards and only candidates travel back;
 the shards never move. Changes (``add``, ``remove``) build new shard futures
 and publish them all at once; a search uses the shards it started with.
-A lost worker gives a rebuilt shard (fitted from a dask array) or a
-:class:`ShardLostError`, never a merge of fewer shards.
+A lost worker gives a rebuilt shard (fitted from a dask array or loaded
+from files) or a :class:`ShardLostError`, never a merge of fewer shards.
 
 Modules: ``_cluster`` (client, workers, row routing, loss errors), ``_shards``
 (what the workers run), ``_base`` (the shared estimator API), ``_flat`` and

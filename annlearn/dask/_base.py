@@ -15,14 +15,11 @@ A concrete estimator implements these hooks:
     A local estimator fitted on a sample of the rows and emptied: it fixes
     every decision taken from data, and each shard is a copy of it.
 ``_search_plan(index, n_neighbors)``
-    ``(search, search_args, merge, merge_head, merge_args)``: the task run
-    on each shard, ``search(shard, queries, *search_args)``, and the task
-    merging a block's shard answers, ``merge(*merge_head, parts,
-    *merge_args)`` -> (distances, ids).
-``_prepare(index, X)``
-    Validated float32 queries -> what ``search`` takes, on the client; the
-    task ``_prepare_task`` does the same on a block of a dask array.
-``_build_shards(client, template_future, parts)``
+    A :class:`SearchPlan`: the task run on each shard, the task merging a
+    block's shard answers, and, optionally, the router that says which
+    queries each shard needs (IVF-PQ); without one, every shard searches
+    the whole block (Flat).
+``_build_shards(client, template, template_future, parts)``
     The shard futures from the parts of the rows, each on its worker (by
     default one shard per part; IVF-PQ regroups the rows by cell).
 ``_route(index, X)``
@@ -31,13 +28,14 @@ A concrete estimator implements these hooks:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from annlearn._base import transactional
+from annlearn._base import NeighborsBase, transactional
 from annlearn._validation import (
     _as_int64_ids,
     _show,
@@ -54,11 +52,12 @@ from annlearn.dask._cluster import (
     gather,
     resolve_client,
     route_new_rows,
+    share,
     worker_addresses,
 )
 from annlearn.metrics import recall_at_k
 
-__all__ = ["ShardedIndex", "ShardedNeighborsBase", "is_dask_array"]
+__all__ = ["SearchPlan", "ShardedIndex", "ShardedNeighborsBase", "is_dask_array"]
 
 
 def is_dask_array(X) -> bool:
@@ -81,7 +80,6 @@ class ShardedIndex:
     cell_owner: np.ndarray | None  # IVF-PQ: the shard holding each cell, or -1
     template: object  # the emptied local estimator, on the client
     template_future: object  # ... and on every worker
-    cell_sizes_future: object  # cell_sizes on every worker, or None
     # Futures derived from the shards on demand (score's exact reference).
     derived: dict = field(default_factory=dict)
 
@@ -90,11 +88,28 @@ class ShardedIndex:
         return int(self.sizes.sum())
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a block of prepared queries is searched on the shards.
+
+    ``search(shard, piece, *search_args)`` runs on each shard's worker and
+    ``merge(*merge_head, parts, *merge_args)`` -> (distances, ids) merges a
+    block's answers (``parts`` in shard order). Without ``router`` the piece
+    of every shard is the whole block; with one, ``router(template, block)``
+    gives one piece per shard, None for a shard that has nothing to search
+    (whose task is then not run, or returns None in a lazy graph).
+    """
+
+    search: Callable
+    search_args: tuple
+    merge: Callable
+    merge_head: tuple = ()
+    merge_args: tuple = ()
+    router: Callable | None = None
+
+
 class ShardedNeighborsBase(BaseEstimator):
     """Shared API of the sharded estimators (see the module docstring)."""
-
-    # The task that validates (and prepares) a block of a dask array.
-    _prepare_task = staticmethod(_shards.validate_queries)
 
     # -- hooks -------------------------------------------------------------
     def _fit_template(self, sample: np.ndarray, rng):  # pragma: no cover
@@ -104,7 +119,8 @@ class ShardedNeighborsBase(BaseEstimator):
         raise NotImplementedError
 
     def _prepare(self, index: ShardedIndex, X: np.ndarray) -> np.ndarray:
-        return X
+        # Prepared once on the client (centred, normalised), not per shard.
+        return index.template._prepare_queries(X)
 
     def _publish(self, index: ShardedIndex) -> None:
         # One assignment replaces the whole index (see the module docstring).
@@ -139,12 +155,12 @@ class ShardedNeighborsBase(BaseEstimator):
         n_shards = min(self.n_shards or len(workers), n_samples)
         sizes = even_sizes(n_samples, n_shards)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        template_future = client.scatter(template, broadcast=True, hash=False)
+        template_future = share(client, template)
         if lazy:
             import dask
 
             blocks = X.rechunk({0: tuple(sizes), 1: -1}).to_delayed().ravel()
-        parts = []
+        parts, sent = [], []
         for i in range(n_shards):
             worker = workers[i % len(workers)]
             part_ids = ids[bounds[i] : bounds[i + 1]]
@@ -152,17 +168,16 @@ class ShardedNeighborsBase(BaseEstimator):
                 # Computed on its worker: the rows never pass through here.
                 part = (blocks[i], dask.delayed(part_ids))
             else:
-                # Sent straight to the worker that keeps them; the scattered
-                # copy is released once the shards are built.
-                part = client.scatter(
-                    [X[bounds[i] : bounds[i + 1]], part_ids], workers=[worker]
+                part = _send_rows(
+                    client, [worker], X[bounds[i] : bounds[i + 1]], part_ids, sent
                 )
             parts.append((worker, part))
-        shards = self._build_shards(client, template_future, parts)
+        shards = self._build_shards(client, template, template_future, parts)
         self._publish(self._make_index(client, shards, template, template_future))
+        del sent  # the rows sent are released once the shards hold them
         return self
 
-    def _build_shards(self, client, template_future, parts) -> list:
+    def _build_shards(self, client, template, template_future, parts) -> list:
         """One shard per part of the rows: a copy of the template holding
         them, built on the part's worker. ``parts`` are ``(worker, (rows,
         ids))``, rows and ids both futures or both delayed."""
@@ -212,13 +227,13 @@ class ShardedNeighborsBase(BaseEstimator):
             [client.submit(_shards.shard_info, s, pure=False) for s in shards],
             f"Building the shards of {type(self).__name__}",
         )
-        cell_sizes = owner = future = None
+        cell_sizes = owner = None
         if infos[0]["cell_sizes"] is not None:
             per_shard = np.stack([info["cell_sizes"] for info in infos])
             cell_sizes = per_shard.sum(axis=0)
-            # The shard holding each cell (-1: empty), where add sends rows.
+            # The shard holding each cell (-1: empty): where add sends rows
+            # and where a query's probe of the cell is scanned.
             owner = np.where(cell_sizes > 0, per_shard.argmax(axis=0), -1)
-            future = client.scatter(cell_sizes, broadcast=True, hash=False)
         return ShardedIndex(
             client=client,
             shards=tuple(shards),
@@ -228,24 +243,25 @@ class ShardedNeighborsBase(BaseEstimator):
             cell_owner=owner,
             template=template,
             template_future=template_future,
-            cell_sizes_future=future,
         )
 
     # -- queries -----------------------------------------------------------
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """Find the k nearest neighbours of each query, over every shard.
 
-        Each block of ``query_block_size`` queries is searched on every shard
-        (on the worker that holds it) and the shards' answers are merged by
+        Each block of ``query_block_size`` queries is searched on the shards
+        (on the workers that hold them) and their answers are merged by
         (distance, id) on a worker; only the merged answer comes back.
 
         Parameters
         ----------
-        X : array-like or dask.array.Array of shape (n_queries, n_features)
-            Queries. A dask array is searched lazily, one task per chunk of
-            rows and shard; its values are validated on the workers.
-            ``None`` (the neighbours of every indexed vector) is not
-            supported and raises a ``ValueError``.
+        X : array-like or dask.array.Array of shape (n_queries, n_features), \
+default=None
+            Queries. A dask array is searched lazily, one graph per chunk of
+            rows; its values are validated on the workers. If None, the
+            neighbours of each indexed vector, the vector itself excluded,
+            rows in increasing id order (as the local estimators; the
+            queries are made on the workers that hold the vectors).
         n_neighbors : int, default=None
             Number of neighbours; the estimator's ``n_neighbors`` if None.
         return_distance : bool, default=True
@@ -264,19 +280,16 @@ class ShardedNeighborsBase(BaseEstimator):
         ------
         ShardLostError
             If a shard was lost with its worker and cannot be rebuilt: no
-            partial answer is ever returned.
+            partial answer is ever returned (for a dask array, when it is
+            computed).
         """
         check_is_fitted(self)
-        if X is None:
-            raise ValueError(
-                f"{type(self).__name__}.kneighbors needs queries: X=None (the "
-                "neighbours of every indexed vector) is not supported by "
-                "sharded indexes."
-            )
         index = self._index  # one snapshot for the whole call
         k = self.n_neighbors if n_neighbors is None else n_neighbors
-        k = check_n_neighbors(k, index.n_samples)
-        if is_dask_array(X):
+        k = check_n_neighbors(k, index.n_samples, query_is_train=X is None)
+        if X is None:
+            dist, ids = self._kneighbors_indexed(index, k)
+        elif is_dask_array(X):
             dist, ids = self._kneighbors_lazy(
                 index, self._check_dask_array(X, fit=False), k
             )
@@ -284,6 +297,46 @@ class ShardedNeighborsBase(BaseEstimator):
             Xv = validate_query_data(self, X)
             dist, ids = self._kneighbors_now(index, self._prepare(index, Xv), k)
         return (dist, ids) if return_distance else ids
+
+    # The local estimators' graph and transformer API, over this kneighbors.
+    _graph = NeighborsBase.kneighbors_graph
+    transform = NeighborsBase.transform
+    fit_transform = NeighborsBase.fit_transform
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """Compute the graph of k nearest neighbours as a sparse matrix.
+
+        As :meth:`annlearn.FlatNeighbors.kneighbors_graph`; a dask array of
+        queries is searched and the graph built on the client (a sparse
+        matrix is not lazy).
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features), \
+default=None
+            Queries. If None, the neighbours of each indexed vector, the
+            vector itself excluded.
+        n_neighbors : int, default=None
+            Number of neighbours per row; the estimator's ``n_neighbors`` if
+            None.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            ``"connectivity"`` stores ones, ``"distance"`` the distances.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, largest id + 1)
+            CSR matrix; ``A[i, j]`` is set when id ``j`` is one of the
+            neighbours of query ``i``. Zero distances are stored explicitly.
+        """
+        if X is not None and is_dask_array(X):
+            check_is_fitted(self)
+            X = self._check_dask_array(X, fit=False)
+            X = self._index.client.compute(X, sync=True)
+        return self._graph(X, n_neighbors, mode)
+
+    def _graph_n_columns(self) -> int:
+        """Columns of the graphs: one per id, up to the largest."""
+        return int(self._index.max_ids.max()) + 1
 
     def _kneighbors_now(
         self, index: ShardedIndex, Xq: np.ndarray, k: int, shards=None, plan=None
@@ -297,62 +350,164 @@ class ShardedNeighborsBase(BaseEstimator):
         dask array are rebuilt by the scheduler (the second run waits for
         them), scattered or loaded ones are not (``ShardLostError``).
         """
-        client = index.client
         shards = index.shards if shards is None else shards
         plan = self._search_plan(index, k) if plan is None else plan
-        what = f"{type(self).__name__}.kneighbors"
-        for attempt in (1, 2):
-            try:
-                results = gather(
-                    client, self._submit_blocks(index, Xq, shards, plan), what
-                )
-                break
-            except ShardLostError:
-                lost = [s for s in shards if s.status in ("error", "cancelled", "lost")]
-                if attempt == 2 or lost:
-                    raise
+        results = self._retried(
+            index, shards, lambda: self._submit_blocks(index, Xq, shards, plan)
+        )
         return (
             np.concatenate([d for d, _ in results]),
             np.concatenate([i for _, i in results]),
         )
 
+    def _retried(self, index: ShardedIndex, shards, submit) -> list:
+        """The results of the futures ``submit()`` returns, submitted again
+        once if a worker was lost and every shard still exists."""
+        what = f"{type(self).__name__}.kneighbors"
+        for attempt in (1, 2):
+            try:
+                return gather(index.client, submit(), what)
+            except ShardLostError:
+                # A shard being rebuilt reads "lost" until the scheduler
+                # starts again; only a failed or cancelled one is gone.
+                gone = [s for s in shards if s.status in ("error", "cancelled")]
+                if attempt == 2 or gone:
+                    raise
+
     def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
-        """The merge futures of every query block (see ``_search_plan``)."""
+        """The merge futures of every query block (see ``SearchPlan``).
+
+        With a router, each block is routed on the client and each shard's
+        piece sent straight to the worker holding the shard; the client
+        routes the next block while the shards search this one.
+        """
         client = index.client
-        search, args, merge, head, merge_args = plan
         size = self.query_block_size
-        blocks = client.scatter(
-            [Xq[s : s + size] for s in range(0, len(Xq), size)], hash=False
-        )
+        starts = range(0, len(Xq), size)
+        if plan.router is None:
+            blocks = client.scatter([Xq[s : s + size] for s in starts], hash=False)
+            pieces = ([block] * len(shards) for block in blocks)
+        else:
+            where = client.who_has(list(shards))
+            pieces = (
+                [
+                    None
+                    if piece is None
+                    else client.scatter(
+                        [piece],
+                        workers=list(where.get(shard.key, ())) or None,
+                        hash=False,
+                    )[0]
+                    for shard, piece in zip(
+                        shards,
+                        plan.router(index.template, Xq[s : s + size]),
+                        strict=True,
+                    )
+                ]
+                for s in starts
+            )
         merged = []
-        for block in blocks:
+        for block_pieces in pieces:
+            searched = zip(shards, block_pieces, index.sizes, strict=True)
             parts = [
-                client.submit(search, shard, block, *args, pure=False)
-                for shard, n in zip(shards, index.sizes, strict=True)
-                if n
+                client.submit(plan.search, shard, piece, *plan.search_args, pure=False)
+                for shard, piece, n in searched
+                if n and piece is not None
             ]
-            merged.append(client.submit(merge, *head, parts, *merge_args, pure=False))
+            merged.append(
+                client.submit(
+                    plan.merge, *plan.merge_head, parts, *plan.merge_args, pure=False
+                )
+            )
         return merged
 
+    def _block_graph(self, index: ShardedIndex, plan, queries, router):
+        """The lazy search of one block of prepared queries (a delayed
+        object): route (if the plan routes), search each shard, merge."""
+        import dask
+
+        if router is None:
+            pieces = [queries] * len(index.shards)
+        else:
+            routed = dask.delayed(_shards.route, nout=len(index.shards))(
+                router, index.template_future, queries
+            )
+            pieces = [routed[i] for i in range(len(index.shards))]
+        parts = [
+            dask.delayed(plan.search)(shard, piece, *plan.search_args)
+            for shard, piece, n in zip(index.shards, pieces, index.sizes, strict=True)
+            if n
+        ]
+        return dask.delayed(plan.merge, nout=2)(
+            *plan.merge_head, parts, *plan.merge_args
+        )
+
+    def _lazy_router(self, index: ShardedIndex, plan):
+        """The plan's router on every worker (a future), or None."""
+        if plan.router is None:
+            return None
+        return share(index.client, plan.router)
+
     def _kneighbors_lazy(self, index: ShardedIndex, X, k: int):
-        """Search a dask array of queries: a lazy graph per chunk of rows."""
+        """Search a dask array of queries: a lazy graph per chunk of rows.
+
+        A worker lost while it is computed is handled by the scheduler: the
+        tasks it held run again elsewhere, shards fitted from a dask array
+        or loaded from files are rebuilt; a shard fitted from numpy cannot
+        be, and the computation raises :class:`ShardLostError` (from
+        ``_shards.take_sent``, the root of its lineage), never a partial
+        answer.
+        """
         import dask
         import dask.array as da
 
-        search, args, merge, head, merge_args = self._search_plan(index, k)
+        plan = self._search_plan(index, k)
+        router = self._lazy_router(index, plan)
         X = X.rechunk({1: -1})
         dist, ids = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0], strict=True):
-            queries = dask.delayed(self._prepare_task)(index.template_future, block)
-            parts = [
-                dask.delayed(search)(shard, queries, *args)
-                for shard, n in zip(index.shards, index.sizes, strict=True)
-                if n
-            ]
-            merged = dask.delayed(merge, nout=2)(*head, parts, *merge_args)
+            prepare = dask.delayed(_shards.prepare_queries)
+            queries = prepare(index.template_future, block)
+            merged = self._block_graph(index, plan, queries, router)
             dist.append(da.from_delayed(merged[0], (n_rows, k), dtype=np.float32))
             ids.append(da.from_delayed(merged[1], (n_rows, k), dtype=np.int64))
         return da.concatenate(dist), da.concatenate(ids)
+
+    def _kneighbors_indexed(self, index: ShardedIndex, k: int):
+        """Neighbours of every indexed vector but itself, rows in id order.
+
+        Each shard makes query blocks of its own vectors where they live
+        (``query_block_size`` at a time, prepared as one index prepares
+        them), each block is searched with k + 1 as any query block, and
+        each vector is dropped from its own answer; only the answers come
+        to the client.
+        """
+        import dask
+
+        client = index.client
+        plan = self._search_plan(index, k + 1)
+        router = self._lazy_router(index, plan)
+        size = self.query_block_size
+
+        def submit():
+            tasks = []
+            for shard, n in zip(index.shards, index.sizes, strict=True):
+                order = dask.delayed(_shards.id_order)(shard)
+                for start in range(0, int(n), size):
+                    block = dask.delayed(_shards.indexed_queries, nout=2)(
+                        shard, order, start, start + size
+                    )
+                    merged = self._block_graph(index, plan, block[1], router)
+                    tasks.append(dask.delayed(_shards.drop_self)(merged, block[0]))
+            return client.compute(tasks)
+
+        results = self._retried(index, index.shards, submit)
+        self_ids = np.concatenate([r[2] for r in results])
+        order = np.argsort(self_ids, kind="stable")
+        return (
+            np.concatenate([r[0] for r in results])[order],
+            np.concatenate([r[1] for r in results])[order],
+        )
 
     # -- mutations ---------------------------------------------------------
     def add(self, X, ids=None):
@@ -389,16 +544,15 @@ class ShardedNeighborsBase(BaseEstimator):
             if len(taken):
                 raise ValueError(f"Ids already in the index: {_show(np.sort(taken))}.")
         where = client.who_has(list(index.shards))
-        shards = list(index.shards)
+        shards, sent = list(index.shards), []
         for i, rows in enumerate(self._route(index, X)):
             if not len(rows):
                 continue
-            part = client.scatter(
-                [X[rows], ids[rows]],
-                workers=list(where.get(shards[i].key, ())) or None,
-            )
+            workers = list(where.get(shards[i].key, ())) or None
+            part = _send_rows(client, workers, X[rows], ids[rows], sent)
             shards[i] = client.submit(_shards.build_shard, shards[i], *part, pure=False)
         self._publish(self._rebuilt(index, shards))
+        del sent
         return self
 
     def remove(self, ids):
@@ -498,6 +652,33 @@ class ShardedNeighborsBase(BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.non_deterministic = False
         return tags
+
+
+def _send_rows(client, workers, X, ids, sent: list) -> tuple:
+    """Rows and ids from the client as inputs of a shard's build on
+    ``workers``: futures of ``_shards.take_sent`` tasks, which read the
+    scattered arrays (appended to ``sent``, to be held until the build is
+    done). Scattered data has no lineage: if the worker of a shard built
+    from them dies, the scheduler would cancel every search of the shard
+    with dask's "lost dependencies". With these tasks as the root of the
+    shard's lineage, rebuilding it runs ``take_sent`` again, which finds no
+    rows and raises :class:`ShardLostError`, the error every search then
+    raises, lazy ones included."""
+    target = workers[:1] if workers else None
+    scattered = client.scatter([X, ids], workers=target, hash=False)
+    sent.extend(scattered)
+    # Read where the data went (the task must run there the first time).
+    where = client.who_has(scattered)
+    return tuple(
+        client.submit(
+            _shards.take_sent,
+            future.key,
+            workers=list(where[future.key]),
+            allow_other_workers=True,
+            pure=False,
+        )
+        for future in scattered
+    )
 
 
 def _run_on(client, worker, function, *args):

@@ -11,11 +11,13 @@ from concurrent.futures import CancelledError
 import numpy as np
 
 __all__ = [
+    "LOST_SHARD",
     "ShardLostError",
     "assign_cells",
     "even_sizes",
     "gather",
     "resolve_client",
+    "share",
     "route_new_rows",
     "worker_addresses",
 ]
@@ -27,6 +29,15 @@ class ShardLostError(RuntimeError):
     Raised instead of any answer: a search never merges fewer shards than
     the index has, so a result is complete or there is none.
     """
+
+
+# What to do about a lost shard (the end of every ShardLostError message).
+LOST_SHARD = (
+    "A shard of the index was lost with its worker. Shards fitted from a dask "
+    "array, or loaded from files, are rebuilt from them when their worker "
+    "dies; shards fitted from a numpy array are not: fit the index again, or "
+    "load it again from the files of annlearn.dask.save."
+)
 
 
 def resolve_client(client):
@@ -46,6 +57,25 @@ def resolve_client(client):
             "No dask.distributed client: pass client=Client(...) or create one "
             "first (distributed.Client(...) becomes the default client)."
         ) from None
+
+
+def _itself(obj):
+    return obj
+
+
+def share(client, obj):
+    """``obj`` on the cluster's workers, as a future that can be recomputed.
+
+    Not ``client.scatter(obj, broadcast=True)``: scattered data has no
+    lineage, and dask's active memory manager drops the copies it deems
+    redundant, so a worker's death could lose the only one and cancel every
+    task that needs it ("lost dependencies"). A task that returns ``obj``
+    (kept in the scheduler's graph; small objects only: templates, routers)
+    is run again instead.
+    """
+    future = client.submit(_itself, obj, pure=False)
+    client.replicate([future])
+    return future
 
 
 def worker_addresses(client) -> list[str]:
@@ -88,21 +118,44 @@ def route_new_rows(sizes: np.ndarray, n_new: int) -> np.ndarray:
     return levels - sizes
 
 
-def assign_cells(cell_sizes: np.ndarray, n_shards: int) -> np.ndarray:
-    """The shard of each cell of an IVF index, so that the shards hold about
-    as many rows each: the largest cells first, each to the shard holding
-    the fewest rows so far (ties to the lower shard).
+def assign_cells(
+    cell_sizes: np.ndarray, n_shards: int, centers: np.ndarray
+) -> np.ndarray:
+    """The shard of each cell of an IVF index: groups of neighbouring cells
+    holding about as many rows each.
 
-    Sharding by cells, not by rows, is what makes IVF-PQ scale out: a query
-    builds the lookup table of a probed cell on the one shard holding it,
-    where rows sharding would build it on every shard.
+    Sharding by cells, not by rows, is what makes IVF-PQ scale out: a
+    query's probe of a cell is scanned on the one shard holding it. Cells
+    near each other go to the same shard, so that the ``nprobe`` cells of a
+    query (its nearest) tend to lie on few shards: a query then costs its
+    per-query work (the term-3 table, the transfer) on fewer shards. The
+    groups come from recursive bisection: the centres (``centers``, one row
+    per cell) are split across their principal axis, weighted by rows, at
+    the point that gives each side its share of the rows for its share of
+    the shards (within half a cell), and each side is split again.
     """
-    owner = np.empty(len(cell_sizes), dtype=np.int64)
-    loads = np.zeros(n_shards, dtype=np.int64)
-    for cell in np.argsort(-np.asarray(cell_sizes), kind="stable"):
-        shard = int(np.argmin(loads))
-        owner[cell] = shard
-        loads[shard] += cell_sizes[cell]
+    sizes = np.asarray(cell_sizes, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    owner = np.empty(len(sizes), dtype=np.int64)
+    # (cells, first shard, number of shards) still to split.
+    pending = [(np.arange(len(sizes)), 0, n_shards)]
+    while pending:
+        cells, first, n = pending.pop()
+        if n == 1 or len(cells) <= 1:
+            owner[cells] = first
+            continue
+        # Empty cells weigh a little, so that every group has a direction.
+        weights = sizes[cells] + 1e-6
+        centred = centers[cells] - np.average(centers[cells], axis=0, weights=weights)
+        axis = np.linalg.eigh((centred * weights[:, None]).T @ centred)[1][:, -1]
+        order = cells[np.argsort(centred @ axis, kind="stable")]
+        left = n // 2
+        cumulative = np.cumsum(sizes[order] + 1e-6)
+        # The cut nearest the share of the rows (within half a cell).
+        cut = int(np.argmin(np.abs(cumulative - cumulative[-1] * left / n))) + 1
+        cut = min(cut, len(order) - 1)
+        pending.append((order[:cut], first, left))
+        pending.append((order[cut:], first + left, n - left))
     return owner
 
 
@@ -115,9 +168,5 @@ def gather(client, futures, what: str):
         return client.gather(list(futures))
     except (CancelledError, KilledWorker) as exc:
         raise ShardLostError(
-            f"{what} failed: a shard of the index was lost with its worker "
-            f"({type(exc).__name__}: {exc}). Shards fitted from a dask array are "
-            "rebuilt from it when their worker dies; shards fitted from a numpy "
-            "array or loaded from files are not: fit the index again, or load "
-            "it again from the files of annlearn.dask.save."
+            f"{what} failed ({type(exc).__name__}: {exc}). {LOST_SHARD}"
         ) from exc

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from annlearn._flat import FlatNeighbors
 from annlearn._validation import METRICS
 from annlearn.dask import _shards
-from annlearn.dask._base import ShardedIndex, ShardedNeighborsBase
+from annlearn.dask._base import SearchPlan, ShardedIndex, ShardedNeighborsBase
 
 __all__ = ["DaskFlatNeighbors"]
 
@@ -42,6 +42,10 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
     algorithm : {"auto", "brute", "pca_bound"}, default="auto"
         As :class:`~annlearn.FlatNeighbors`'s; ``"auto"`` decides on a
         sample of 65,536 rows and every shard follows.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores, as :class:`~annlearn.FlatNeighbors`'s
+        (``"distance"``: ``n_neighbors + 1`` neighbours per row, for
+        estimators with ``metric="precomputed"``).
     n_shards : int, default=None
         Number of shards; ``None``: one per worker at ``fit``. Shards are
         placed on the workers in turn.
@@ -105,6 +109,7 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions(set(METRICS))],
         "algorithm": [StrOptions({"auto", "brute", "pca_bound"})],
+        "mode": [StrOptions({"distance", "connectivity"})],
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
         "query_block_size": [Interval(Integral, 1, None, closed="left")],
         "n_jobs": [Integral, None],
@@ -116,6 +121,7 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
         *,
         metric="euclidean",
         algorithm="auto",
+        mode="distance",
         n_shards=None,
         query_block_size=4096,
         n_jobs=None,
@@ -123,6 +129,7 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
         self.n_neighbors = n_neighbors
         self.metric = metric
         self.algorithm = algorithm
+        self.mode = mode
         self.n_shards = n_shards
         self.query_block_size = query_block_size
         self.n_jobs = n_jobs
@@ -164,15 +171,14 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
         self.effective_metric_ = index.template.effective_metric_
         self.n_bound_components_ = index.template.n_bound_components_
 
-    def _search_plan(self, index: ShardedIndex, n_neighbors: int):
-        return (
-            _shards.search_flat,
-            (n_neighbors, self.n_jobs),
-            _shards.merge_flat,
-            (),
-            (n_neighbors,),
+    def _search_plan(self, index: ShardedIndex, n_neighbors: int) -> SearchPlan:
+        return SearchPlan(
+            search=_shards.search_flat,
+            search_args=(n_neighbors, self.n_jobs),
+            merge=_shards.merge_flat,
+            merge_args=(n_neighbors,),
         )
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
         # Exact already: the reference is the index itself.
-        return self._kneighbors_now(index, X, k)
+        return self._kneighbors_now(index, self._prepare(index, X), k)

@@ -16,7 +16,7 @@ from annlearn._ivfpq import IVFPQNeighbors
 from annlearn._threads import effective_n_threads
 from annlearn._validation import METRICS
 from annlearn.dask import _shards
-from annlearn.dask._base import ShardedIndex, ShardedNeighborsBase, _run_on
+from annlearn.dask._base import SearchPlan, ShardedIndex, ShardedNeighborsBase, _run_on
 from annlearn.dask._cluster import assign_cells, gather
 
 __all__ = ["DaskIVFPQNeighbors"]
@@ -28,9 +28,11 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     The quantizers (coarse cells and product-quantizer codebooks) are
     trained once, on the client, on a sample of the rows (the FAISS and
     autofaiss pattern), then sent to every worker; each worker encodes the
-    rows of its shard into its own inverted lists and keeps them. A query
-    block is scanned on every shard and the candidates merged on a worker,
-    ranked as :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
+    rows of its shard into its own inverted lists and keeps them; each shard
+    holds a group of neighbouring cells. The client probes a query block
+    once and sends each shard only the queries that probe its cells, with
+    those cells; the candidates are merged on a worker, ranked as
+    :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
     quantizers, ``nprobe`` and ``refine_factor``, the answer is the one of
     one index holding every row.
 
@@ -43,6 +45,10 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         the whole index, and is widened (doubled) for the queries whose
         probed cells hold fewer than ``n_neighbors`` rows over all shards,
         as one index does.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores, as :class:`~annlearn.FlatNeighbors`'s
+        (``"distance"``: ``n_neighbors + 1`` neighbours per row, for
+        estimators with ``metric="precomputed"``).
     max_train_samples : int, default=None
         Rows drawn from X (at random, over every chunk) to train the
         quantizers; ``None``: ``256 * max(nlist, 2**nbits)``. They are the
@@ -86,8 +92,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     (code and id), plus ``4 * n_features`` with ``refine_factor``, plus the
     quantizers and their tables (as :class:`~annlearn.IVFPQNeighbors`).
 
-    Per query, each shard returns its ``n_neighbors * (refine_factor or
-    1)`` best candidates with their ids and code distances (and, with
+    Per query, each shard it reaches returns its ``n_neighbors *
+    (refine_factor or 1)`` best candidates with their ids and code distances (and, with
     ``refine_factor``, exact distances): 12 or 16 bytes each. The merge
     keeps the best candidates of the whole index by code distance before
     re-ranking them exactly, which is what makes the answer that of one
@@ -120,12 +126,12 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "by_residual": ["boolean"],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "mode": [StrOptions({"distance", "connectivity"})],
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
         "query_block_size": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "n_jobs": [Integral, None],
     }
-    _prepare_task = staticmethod(_shards.prepare_ivfpq_queries)
 
     def __init__(
         self,
@@ -134,10 +140,11 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         nlist=256,
         nprobe=8,
         n_subquantizers=None,
-        nbits=8,
+        nbits=4,
         metric="euclidean",
-        refine_factor=None,
+        refine_factor=4,
         by_residual=True,
+        mode="distance",
         max_train_samples=None,
         n_shards=None,
         query_block_size=4096,
@@ -152,6 +159,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         self.metric = metric
         self.refine_factor = refine_factor
         self.by_residual = by_residual
+        self.mode = mode
         self.max_train_samples = max_train_samples
         self.n_shards = n_shards
         self.query_block_size = query_block_size
@@ -240,9 +248,9 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         template.set_params(**{**self._local_params(), "random_state": None})
         return template.remove(template._store.ids)
 
-    def _build_shards(self, client, template_future, parts) -> list:
+    def _build_shards(self, client, template, template_future, parts) -> list:
         """Shards by cells: each part is encoded on its worker, the cells are
-        shared out so that the shards hold about as many rows
+        shared out in groups of neighbouring cells holding about as many rows
         (``assign_cells``), and each shard gathers its cells' rows from every
         part, in row order (the lists of one index, cut by cells)."""
         encoded = [
@@ -256,7 +264,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             "Encoding the rows of DaskIVFPQNeighbors",
         )
         n_shards = len(parts)
-        owner = assign_cells(np.sum(counts, axis=0), n_shards)
+        centers = template.cluster_centers_
+        owner = assign_cells(np.sum(counts, axis=0), n_shards, centers)
         pieces = []
         for part in encoded:
             split = client.submit(_shards.split_part, part, owner, n_shards, pure=False)
@@ -300,26 +309,25 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         self.pq_codebooks_ = template.pq_codebooks_
         self.n_subquantizers_ = template.n_subquantizers_
 
-    def _prepare(self, index: ShardedIndex, X: np.ndarray) -> np.ndarray:
-        return index.template._prepare_queries(X)
-
-    def _search_plan(self, index: ShardedIndex, n_neighbors: int):
+    def _search_plan(self, index: ShardedIndex, n_neighbors: int) -> SearchPlan:
         index.template._store.check_refinable(self.refine_factor)
         refine = self.refine_factor is not None
         n_candidates = min(n_neighbors * (self.refine_factor or 1), index.n_samples)
-        return (
-            _shards.search_ivfpq,
-            (
-                n_candidates,
-                n_neighbors,
-                self.nprobe,
-                index.cell_sizes_future,
-                refine,
-                self.n_jobs,
-            ),
-            _shards.merge_ivfpq,
-            (index.template_future,),
-            (n_neighbors, n_candidates),
+        router = _shards.CellRouter(
+            nprobe=self.nprobe,
+            n_neighbors=n_neighbors,
+            cell_sizes=index.cell_sizes,
+            cell_owner=index.cell_owner,
+            n_shards=len(index.shards),
+            n_jobs=self.n_jobs,
+        )
+        return SearchPlan(
+            search=_shards.search_ivfpq,
+            search_args=(n_candidates, refine, self.n_jobs),
+            merge=_shards.merge_ivfpq,
+            merge_head=(index.template_future,),
+            merge_args=(n_neighbors, n_candidates),
+            router=router,
         )
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
@@ -338,5 +346,11 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
                 for shard in index.shards
             ]
             index.derived["reference"] = references
-        plan = (_shards.search_flat, (k, self.n_jobs), _shards.merge_flat, (), (k,))
+        # Each reference prepares the queries itself (its own centring).
+        plan = SearchPlan(
+            _shards.search_flat,
+            (k, self.n_jobs, False),
+            _shards.merge_flat,
+            merge_args=(k,),
+        )
         return self._kneighbors_now(index, X, k, references, plan)

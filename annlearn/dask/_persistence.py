@@ -35,7 +35,7 @@ from annlearn._persistence import load as load_local
 from annlearn._persistence import save as save_local
 from annlearn._version import __version__
 from annlearn.dask import _shards
-from annlearn.dask._cluster import gather, resolve_client, worker_addresses
+from annlearn.dask._cluster import gather, resolve_client, share, worker_addresses
 
 __all__ = ["load", "save"]
 
@@ -239,7 +239,7 @@ def load(path, client=None, *, mmap_mode=None, verify=None):
         if template.n_features_in_ != n_features:
             raise ValueError("its template and manifest differ in n_features_in_.")
         workers = worker_addresses(client)
-        template_future = client.scatter(template, broadcast=True, hash=False)
+        template_future = share(client, template)
         shards = []
         for i, entry in enumerate(manifest["shards"]):
             shard = client.submit(

@@ -19,38 +19,58 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from annlearn import _ivf
+from annlearn._base import _drop_self
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
+from annlearn.dask._cluster import LOST_SHARD, ShardLostError
 
 __all__ = [
+    "CellRouter",
     "assemble_shard",
     "build_shard",
     "cell_counts",
     "encode_part",
     "split_part",
+    "take_sent",
     "check_shard",
     "merge_flat",
     "merge_ivfpq",
     "owned_ids",
-    "prepare_ivfpq_queries",
+    "drop_self",
+    "id_order",
+    "indexed_queries",
+    "prepare_queries",
     "reference_shard",
     "remove_from_shard",
     "save_shard",
     "load_shard",
     "search_flat",
     "search_ivfpq",
+    "route",
     "shard_info",
-    "validate_queries",
 ]
 
 # Sorts after every real id: empty slots (id -1) rank last among equal
 # distances (+inf), as the kernels' heaps rank them.
 _NO_ID = np.iinfo(np.int64).max
+
+
+def take_sent(key):
+    """The array the client scattered to this worker under ``key`` (rows of
+    a shard, see ``_base._send_rows``); :class:`ShardLostError` if it is
+    gone, i.e. when the scheduler rebuilds a shard whose worker died."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().data[key]
+    except KeyError:
+        raise ShardLostError(LOST_SHARD) from None
 
 
 def build_shard(template, X: np.ndarray, ids: np.ndarray):
@@ -135,16 +155,95 @@ def owned_ids(shard, ids: np.ndarray) -> np.ndarray:
 # -- queries --------------------------------------------------------------
 
 
-def validate_queries(template, X) -> np.ndarray:
-    """One block of a dask array of queries, validated (float32, finite, the
-    fitted number of features) as ``kneighbors`` validates numpy queries."""
-    return validate_query_data(template, X)
-
-
-def prepare_ivfpq_queries(template, X) -> np.ndarray:
-    """Validated and prepared (normalised for cosine) IVF-PQ queries: the
-    scan takes prepared queries, which every shard then shares."""
+def prepare_queries(template, X) -> np.ndarray:
+    """One block of queries, validated (float32, finite, the fitted number of
+    features) and prepared as the template prepares them (centred, or
+    normalised for cosine): done once per block, not on every shard."""
     return template._prepare_queries(validate_query_data(template, X))
+
+
+def id_order(shard) -> np.ndarray:
+    """The rows of a shard in increasing id order (``kneighbors(X=None)``
+    answers rows in id order, as one index does)."""
+    return np.argsort(shard._store.ids, kind="stable")
+
+
+def indexed_queries(shard, order: np.ndarray, start: int, stop: int):
+    """Rows ``order[start:stop]`` of a shard as prepared queries, as one
+    index queries its own vectors (IVF-PQ: the stored vectors, else the
+    decoded codes), and their ids."""
+    rows = order[start:stop]
+    return shard._store.ids[rows], shard._indexed_queries(shard._store, rows)
+
+
+@dataclass(frozen=True, eq=False)
+class CellRouter:
+    """What each IVF-PQ shard scans for a block of prepared queries.
+
+    The coarse search runs once per block (``IVFPQCodec.probe``, widened on
+    the whole index's ``cell_sizes``), and shard ``s`` receives only the
+    queries that probe one of its cells (``cell_owner``), with those cells
+    only: each (query, cell) pair is scanned once, on the shard holding the
+    cell, and a query reaches at most ``nprobe`` shards. With 4-bit codes a
+    query's probed cells all go with it, for the quantization scale of its
+    tables spans them all (``annlearn/_fastscan.h``); the scan still skips
+    the cells the shard does not hold.
+    """
+
+    nprobe: int
+    n_neighbors: int
+    cell_sizes: np.ndarray
+    cell_owner: np.ndarray
+    n_shards: int
+    n_jobs: object
+
+    def __call__(self, template, X: np.ndarray) -> list:
+        """One piece per shard, ``(rows, queries, cells, base)`` with
+        ``rows`` a boolean mask over X, or None if no query needs the shard
+        (one shard gets a piece, even empty, so that the merge knows
+        ``len(X)``)."""
+        codec = template._codec
+        cells, base = codec.probe(
+            X,
+            self.nprobe,
+            effective_n_threads(self.n_jobs),
+            n_neighbors=self.n_neighbors,
+            cell_sizes=self.cell_sizes,
+        )
+        holder = np.where(cells >= 0, self.cell_owner[cells], -1)
+        every_cell = codec.pq.ksub == 16
+        pieces = []
+        for shard in range(self.n_shards):
+            mine = holder == shard
+            rows = mine.any(axis=1)
+            if not rows.any():
+                pieces.append(None)
+                continue
+            probed, terms, mine = cells[rows], base[rows], mine[rows]
+            if not every_cell:
+                # This shard's cells first (in probe order), then cut.
+                width = int(mine.sum(axis=1).max(initial=0))
+                order = np.argsort(~mine, axis=1, kind="stable")[:, :width]
+                mine = np.take_along_axis(mine, order, 1)
+                probed = np.where(mine, np.take_along_axis(probed, order, 1), -1)
+                terms = np.take_along_axis(terms, order, 1)
+            pieces.append(
+                (
+                    rows,
+                    np.ascontiguousarray(X[rows]),
+                    probed.astype(np.int32),
+                    np.ascontiguousarray(terms),
+                )
+            )
+        if all(piece is None for piece in pieces):
+            # No query (an empty block): the merge still learns len(X).
+            pieces[0] = (np.zeros(len(X), bool), X[:0], cells[:0, :0], base[:0, :0])
+        return pieces
+
+
+def route(router: CellRouter, template, X: np.ndarray) -> list:
+    """``router(template, X)`` as a task (a lazy block's routing)."""
+    return router(template, X)
 
 
 def _empty(n_queries: int, width: int = 0):
@@ -154,57 +253,53 @@ def _empty(n_queries: int, width: int = 0):
     )
 
 
-def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs):
-    """A Flat shard's ``n_neighbors`` best (fewer if it holds fewer rows):
-    (distances, ids), ties to the smaller row of the shard."""
+def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs, prepared=True):
+    """A Flat shard's ``n_neighbors`` best (fewer if it holds fewer rows) for
+    queries X, prepared by the template unless ``prepared`` is False (then
+    prepared by this shard, which has its own preparation: ``score``'s
+    exact references): (distances, ids), ties to the smaller row of the
+    shard."""
     k = min(n_neighbors, shard.n_samples_fit_)
     if k == 0:
         return _empty(len(X))
+    if not prepared:
+        X = shard._prepare_queries(X)
     # A shallow copy: the shard in the worker's memory is shared by every
     # task that searches it and is never modified.
     searcher = copy.copy(shard)
     searcher.n_jobs = n_jobs
-    return searcher.kneighbors(X, k)
+    dist, positions = searcher._search(shard._store, X, k)
+    return dist, shard._store.ids[positions]
 
 
-def search_ivfpq(
-    shard,
-    X: np.ndarray,
-    n_candidates: int,
-    n_neighbors: int,
-    nprobe: int,
-    cell_sizes: np.ndarray,
-    refine: bool,
-    n_jobs,
-):
-    """An IVF-PQ shard's candidates for prepared queries X.
+def search_ivfpq(shard, piece, n_candidates: int, refine: bool, n_jobs):
+    """An IVF-PQ shard's candidates for its piece of a query block.
 
-    The ``n_candidates`` best rows of the cells one index over every shard
-    would probe (``IVFPQCodec.scan_candidates``), with their code distances
-    in scan units and, when ``refine``, their exact distances (the stored
-    vectors), so that the client can rank the merged candidates exactly as
-    one index does: by code distance to keep ``n_candidates``, then by exact
-    distance. Returns (code distances, exact distances or None, ids, cells).
+    ``piece`` is ``CellRouter``'s: (rows of the block, prepared queries,
+    probed cells, their term 1). Returns the rows and, for each of these
+    queries, the ``n_candidates`` best rows of the probed cells the shard
+    holds, with their code distances in scan units and, when ``refine``,
+    their exact distances (the stored vectors), so that the merge can rank
+    the candidates of every shard exactly as one index ranks its own: by
+    code distance to keep ``n_candidates``, then by exact distance:
+    (rows, code distances, exact distances or None, ids, cells).
 
     One index ranks equal distances by row of its lists, i.e. by cell, then
     by insertion order within the cell; the cells (int32) come back too, so
     that the merge ranks ties by (cell, id), the same order for ids that
     increase with insertion (the default ids).
     """
+    if piece is None:
+        return None
+    rows, X, cells, base = piece
     lists, codec = shard._store, shard._codec
     n_threads = effective_n_threads(n_jobs)
     width = min(n_candidates, len(lists))
     if width == 0:
         dist, ids = _empty(len(X))
-        return dist, (dist if refine else None), ids, ids.astype(np.int32)
-    dist, pos = codec.scan_candidates(
-        lists,
-        X,
-        width,
-        nprobe=nprobe,
-        n_neighbors=n_neighbors,
-        cell_sizes=cell_sizes,
-        n_threads=n_threads,
+        return rows, dist, (dist if refine else None), ids, ids.astype(np.int32)
+    dist, pos = codec.scan_probed(
+        lists, X, cells.astype(np.int64), base, width, n_threads
     )
     exact = None
     if refine:
@@ -221,19 +316,33 @@ def search_ivfpq(
     filled = pos >= 0
     ids = np.where(filled, lists.ids[np.maximum(pos, 0)], -1)
     cells = np.where(filled, lists.cells_of(pos), -1).astype(np.int32)
-    return dist, exact, ids, cells
+    return rows, dist, exact, ids, cells
 
 
 def _best(keys, ids, width: int, cells=None) -> np.ndarray:
     """Per row, the columns of the ``width`` best candidates, in order: the
     heap's rule (smaller distance, then smaller cell if given, then smaller
-    id), empty slots (id -1) last."""
+    id), empty slots (id -1) last.
+
+    Rows are sorted by distance alone, and only the rows where two of the
+    ``width + 1`` nearest are at equal distances (ties, which the rule's
+    other keys decide) sorted again by every key: the full sort costs
+    several times more and is rarely needed.
+    """
+    width = min(width, keys.shape[1])
     empty = ids < 0
-    order = [np.where(empty, _NO_ID, ids)]
-    if cells is not None:
-        order.append(cells)
-    order.append(np.where(empty, np.inf, keys))
-    return np.lexsort(order, axis=1)[:, :width]
+    dist = np.where(empty, np.inf, keys)
+    order = np.argsort(dist, axis=1)[:, : width + 1]
+    head = np.take_along_axis(dist, order, 1)
+    tied = np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1))
+    order = order[:, :width]
+    if len(tied):
+        rule = [np.where(empty[tied], _NO_ID, ids[tied])]
+        if cells is not None:
+            rule.append(cells[tied])
+        rule.append(dist[tied])
+        order[tied] = np.lexsort(rule, axis=1)[:, :width]
+    return order
 
 
 def _check_complete(ids: np.ndarray, n_neighbors: int) -> None:
@@ -259,10 +368,23 @@ def merge_flat(parts, n_neighbors: int):
 def merge_ivfpq(template, parts, n_neighbors: int, n_candidates: int):
     """The ``n_neighbors`` best of every shard's IVF-PQ candidates, ranked as
     ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
-    code distance, then (when refining) these by exact distance."""
+    code distance, then (when refining) these by exact distance. A query
+    has no candidates from the shards it did not reach (empty slots)."""
+    parts = [part for part in parts if part is not None]
+    n_queries = len(parts[0][0])
+    columns = []
+    for rows, *arrays in parts:
+        placed = []
+        for array, empty in zip(arrays, (np.inf, np.inf, -1, -1), strict=True):
+            if array is not None:
+                whole = np.full((n_queries, array.shape[1]), empty, array.dtype)
+                whole[rows] = array
+                array = whole
+            placed.append(array)
+        columns.append(placed)
     dist, exact, ids, cells = (
-        None if part[0] is None else np.concatenate(part, axis=1)
-        for part in zip(*parts, strict=True)
+        None if column[0] is None else np.concatenate(column, axis=1)
+        for column in zip(*columns, strict=True)
     )
     keep = _best(dist, ids, n_candidates, cells)
     dist, ids = np.take_along_axis(dist, keep, 1), np.take_along_axis(ids, keep, 1)
@@ -275,6 +397,13 @@ def merge_ivfpq(template, parts, n_neighbors: int, n_candidates: int):
     _check_complete(ids, n_neighbors)
     dist = np.ascontiguousarray(dist[:, :n_neighbors])
     return template._codec.to_metric(dist), ids
+
+
+def drop_self(merged, self_ids: np.ndarray):
+    """The neighbours of indexed vectors searched with k + 1, without each
+    vector itself (as one index's ``kneighbors(X=None)``), and their ids."""
+    dist, ids = _drop_self(*merged, self_ids)
+    return dist, ids, self_ids
 
 
 # -- score ----------------------------------------------------------------
