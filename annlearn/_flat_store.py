@@ -30,6 +30,18 @@ METRIC_CODES = {
 # of d-feature float32 rows are within ~1e-6 * sqrt(d) of exact).
 _SCREEN_RTOL = 1e-4
 
+# Filtered search (``allowed``). One filter for every query: the allowed rows
+# are gathered into a smaller store and searched as is when that costs less
+# than the masked scan of every row, counting the copy of a gathered row as
+# _GATHER_QUERIES queries' worth of scanning it (a copy reads and writes the
+# row; a scan of few queries streams it once per query). Per-query filters:
+# a query allowing fewer than n / _DIRECT_RATIO rows gets the exact distance
+# to each of them (one float64 dot product each), the others the masked
+# scan; _DIRECT_RATIO is what one direct distance costs in rows of the
+# blocked GEMM scan (benchmarks/README.md, bench_filter).
+_GATHER_QUERIES = 3
+_DIRECT_RATIO = 16
+
 # The bound's arrays: dtype and shape for n vectors, d features, d1 components.
 _BOUND_ARRAYS = {
     "mean": (np.float64, lambda n, d, d1: (d,)),
@@ -128,10 +140,58 @@ class FlatStore:
 
     # -- search ------------------------------------------------------------
     def search(
-        self, X: np.ndarray, k: int, metric: str, n_threads: int
+        self, X: np.ndarray, k: int, metric: str, n_threads: int, allowed=None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact ``k`` nearest rows of each prepared query: (distances in
-        the metric's units, row positions), ties by the smaller position."""
+        the metric's units, row positions), ties by the smaller position.
+        ``allowed``: a :class:`~annlearn._filter.FilterBlock` over the rows,
+        each query allowing at least ``k`` of them."""
+        if allowed is not None:
+            return self._filtered_search(X, k, metric, n_threads, allowed)
+        return self._search(X, k, metric, n_threads, None)
+
+    def _filtered_search(self, X, k, metric, n_threads, allowed):
+        n, n_queries = len(self), len(X)
+        if allowed.shared:
+            a = int(allowed.counts[0]) if n_queries else n
+            if a * (n_queries + _GATHER_QUERIES) < n * n_queries:
+                keep = allowed.mask[0]
+                rows = np.flatnonzero(keep)
+                bound = self.bound
+                gathered = FlatStore(
+                    np.ascontiguousarray(self.vectors[rows]),
+                    self.sqnorms[rows],
+                    self.ids[rows],
+                    None if bound is None else _pca_bound.subset(bound, keep),
+                )
+                distances, positions = gathered._search(X, k, metric, n_threads, None)
+                return distances, rows[positions]
+            return self._search(X, k, metric, n_threads, allowed.bitmap())
+        distances = np.empty((n_queries, k), dtype=np.float32)
+        positions = np.empty((n_queries, k), dtype=np.int64)
+        direct = allowed.counts * _DIRECT_RATIO < n
+        queries = np.flatnonzero(direct)
+        if len(queries):
+            indptr, rows = allowed.rows(queries)
+            distances[queries], positions[queries] = _flat_search.rows_kneighbors(
+                X[queries],
+                self.vectors,
+                indptr,
+                rows,
+                k,
+                METRIC_CODES[metric],
+                n_threads,
+            )
+        queries = np.flatnonzero(~direct)
+        if len(queries):
+            Xs = X if len(queries) == n_queries else np.ascontiguousarray(X[queries])
+            bitmap = allowed.take(queries).bitmap()
+            distances[queries], positions[queries] = self._search(
+                Xs, k, metric, n_threads, bitmap
+            )
+        return distances, positions
+
+    def _search(self, X, k, metric, n_threads, bitmap):
         bound = self.bound
         if bound is not None:
             l2 = metric in ("euclidean", "sqeuclidean")
@@ -145,6 +205,7 @@ class FlatStore:
                 METRIC_CODES[metric],
                 n_threads,
                 bound=bound,
+                allowed=bitmap,
             )
 
     def radius_search(

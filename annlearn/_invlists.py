@@ -50,6 +50,15 @@ class InvertedLists:
                 "again with refine_factor set."
             )
 
+    def fastscan_slots(self) -> np.ndarray:
+        """For every row, its slot ``32 * block + lane`` in the fast-scan
+        layout of ``packed_codes`` (a filter over rows becomes one over
+        slots, a 32-bit word per block)."""
+        _, block_offsets = self.packed_codes()
+        cells = self.cells()
+        within = np.arange(len(self), dtype=np.int64) - self.offsets[cells]
+        return 32 * block_offsets[cells] + within
+
     def packed_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """4-bit codes in the fast-scan layout of ``annlearn/_fastscan.h``
         (each list in blocks of 32 rows) and the first block of each list,

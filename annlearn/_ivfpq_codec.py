@@ -31,6 +31,19 @@ _ENCODE_BLOCK = 65_536
 # Lookup tables of the 4-bit scan held at once (nprobe * M * 16 bytes a query).
 _FASTSCAN_TABLE_BYTES = 32 << 20
 
+# Filtered search (``allowed``). A query allowing a fraction s of the rows
+# probes nprobe * 2**ceil(log2(1 / s)) cells (at most nlist): its probed cells
+# then hold about as many allowed rows as an unfiltered search scans, so its
+# recall stays at the unfiltered level instead of falling with s. When the
+# vectors are stored and the exact distances to its allowed rows cost less
+# than that scan, the query gets them instead (recall 1). The costs compared,
+# in multiply-adds: a probed cell M * ksub (its lookup table) plus, per row of
+# the probed cells, M for an allowed code and nothing for the others (the
+# 8-bit scan visits only set bits; the 4-bit scan skips blocks of 32 with none
+# set) against _EXACT_COST * n_features per allowed row (one float64 dot
+# product, its row fetched from memory: benchmarks/README.md, bench_filter).
+_EXACT_COST = 2
+
 # Lloyd iterations of the coarse quantizer and of each sub-quantizer: FAISS's
 # defaults for IndexIVFPQ. The cells only need to spread the data evenly; the
 # codebooks decide the distances.
@@ -202,6 +215,7 @@ class IVFPQCodec:
         nprobe: int,
         refine_factor: int | None,
         n_threads: int,
+        allowed=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``n_neighbors`` best rows of ``lists`` for each query.
 
@@ -209,7 +223,9 @@ class IVFPQCodec:
         whose probed cells hold fewer than ``n_neighbors`` rows, so no result
         is padded), keeps ``refine_factor * n_neighbors`` candidates and
         re-ranks them by exact distance to ``lists.vectors`` when
-        ``refine_factor`` is set.
+        ``refine_factor`` is set. ``allowed`` (a
+        :class:`~annlearn._filter.FilterBlock`, each query allowing at least
+        ``n_neighbors`` rows) restricts the scan (see ``_EXACT_COST``).
 
         Returns
         -------
@@ -222,6 +238,10 @@ class IVFPQCodec:
         nlist = self.quantizer.nlist
         n_scan = min(n_neighbors * (refine_factor or 1), len(lists))
         nprobe = min(nprobe, nlist)
+        if allowed is not None:
+            return self._filtered_search(
+                lists, X, n_neighbors, n_scan, nprobe, refine_factor, n_threads, allowed
+            )
         distances, positions = self._scan(lists, X, nprobe, n_scan, n_threads)
         short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
         while len(short) and nprobe < nlist:
@@ -229,6 +249,69 @@ class IVFPQCodec:
             d_more, p_more = self._scan(lists, X[short], nprobe, n_scan, n_threads)
             distances[short], positions[short] = d_more, p_more
             short = short[p_more[:, n_neighbors - 1] < 0]
+        return self._finish(
+            lists, X, distances, positions, n_neighbors, refine_factor, n_threads
+        )
+
+    def _filtered_search(
+        self, lists, X, n_neighbors, n_scan, nprobe, refine_factor, n_threads, allowed
+    ):
+        """``search`` with a filter: per query, the widened scan or the exact
+        distances to its allowed rows, whichever costs less (``_EXACT_COST``)."""
+        n, nlist, M = len(lists), self.quantizer.nlist, self.pq.M
+        counts = np.maximum(allowed.counts, 1)
+        widen = 2 ** np.ceil(np.log2(n / counts)).astype(np.int64)
+        probes = np.minimum(nprobe * widen, nlist)
+        scanned = n * probes / nlist
+        scan_cost = probes * M * self.pq.ksub + scanned * (counts / n) * M
+        exact = np.zeros(len(X), dtype=bool)
+        if lists.vectors is not None:
+            exact = counts * X.shape[1] * _EXACT_COST < scan_cost
+        distances = np.empty((len(X), n_neighbors), dtype=np.float32)
+        positions = np.empty((len(X), n_neighbors), dtype=np.int64)
+        queries = np.flatnonzero(exact)
+        if len(queries):
+            indptr, rows = allowed.rows(queries)
+            metric = (
+                _flat_search.METRIC_INNER_PRODUCT
+                if self.inner_product
+                else _flat_search.METRIC_SQEUCLIDEAN
+            )
+            dist, positions[queries] = _flat_search.rows_kneighbors(
+                np.ascontiguousarray(X[queries]),
+                lists.vectors,
+                indptr,
+                rows,
+                n_neighbors,
+                metric,
+                n_threads,
+            )
+            distances[queries] = self._to_metric(dist)
+        # The others by groups of equal probes (powers of two: few groups).
+        for value in np.unique(probes[~exact]):
+            queries = np.flatnonzero(~exact & (probes == value))
+            Xg = np.ascontiguousarray(X[queries])
+            sub = allowed.take(queries)
+            dist, pos = self._scan(lists, Xg, int(value), n_scan, n_threads, sub)
+            short = np.flatnonzero(pos[:, n_neighbors - 1] < 0)
+            probe = int(value)
+            while len(short) and probe < nlist:
+                probe = min(2 * probe, nlist)
+                d_more, p_more = self._scan(
+                    lists, Xg[short], probe, n_scan, n_threads, sub.take(short)
+                )
+                dist[short], pos[short] = d_more, p_more
+                short = short[p_more[:, n_neighbors - 1] < 0]
+            distances[queries], positions[queries] = self._finish(
+                lists, Xg, dist, pos, n_neighbors, refine_factor, n_threads
+            )
+        return distances, positions
+
+    def _finish(
+        self, lists, X, distances, positions, n_neighbors, refine_factor, n_threads
+    ):
+        """Re-rank the scanned candidates if asked; keep ``n_neighbors``,
+        in the metric's units."""
         if refine_factor is not None:
             distances, positions = _ivf.refine(
                 X, lists.vectors, positions, n_neighbors, self.inner_product, n_threads
@@ -332,15 +415,37 @@ class IVFPQCodec:
         return distances
 
     def _scan(
-        self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        nprobe: int,
+        n_scan: int,
+        n_threads,
+        allowed=None,
     ):
         inputs = self._scan_inputs(lists, X, nprobe, n_threads)
         if self.pq.ksub == 16:
-            return self._fast_scan(lists, *inputs[:5], n_scan, n_threads)
-        return _ivf.ivfpq_scan(*inputs, n_scan, self.inner_product, n_threads)
+            slots = None
+            if allowed is not None:
+                n_slots = 32 * len(lists.packed_codes()[0])
+                slots = allowed.slot_bitmap(lists.fastscan_slots(), n_slots)
+            return self._fast_scan(lists, *inputs[:5], n_scan, n_threads, slots)
+        bitmap = None if allowed is None else allowed.bitmap()
+        return _ivf.ivfpq_scan(
+            *inputs, n_scan, self.inner_product, n_threads, allowed=bitmap
+        )
 
     def _fast_scan(
-        self, lists, X, cells, base, codebooks_t, term2, n_scan: int, n_threads
+        self,
+        lists,
+        X,
+        cells,
+        base,
+        codebooks_t,
+        term2,
+        n_scan: int,
+        n_threads,
+        allowed=None,
     ):
         """The 4-bit scan (``annlearn/_fastscan.h``): tables quantized to
         uint8 per query, codes read 32 rows at a time. Queries go by chunks
@@ -361,6 +466,9 @@ class IVFPQCodec:
                 self.inner_product,
                 n_threads,
             )
+            chunk_allowed = allowed
+            if allowed is not None and len(allowed) > 1:
+                chunk_allowed = allowed[rows]
             distances[rows], positions[rows] = _fastscan.ivf_fastscan(
                 *tables,
                 cells[rows],
@@ -369,6 +477,7 @@ class IVFPQCodec:
                 lists.offsets,
                 n_scan,
                 n_threads,
+                allowed=chunk_allowed,
             )
         return distances, positions
 
