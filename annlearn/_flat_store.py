@@ -155,17 +155,7 @@ class FlatStore:
         if allowed.shared:
             a = int(allowed.counts[0]) if n_queries else n
             if a * (n_queries + _GATHER_QUERIES) < n * n_queries:
-                keep = allowed.mask[0]
-                rows = np.flatnonzero(keep)
-                bound = self.bound
-                gathered = FlatStore(
-                    np.ascontiguousarray(self.vectors[rows]),
-                    self.sqnorms[rows],
-                    self.ids[rows],
-                    None if bound is None else _pca_bound.subset(bound, keep),
-                )
-                distances, positions = gathered._search(X, k, metric, n_threads, None)
-                return distances, rows[positions]
+                return self.gathered_search(X, k, metric, n_threads, allowed.mask[0])
             return self._search(X, k, metric, n_threads, allowed.bitmap())
         distances = np.empty((n_queries, k), dtype=np.float32)
         positions = np.empty((n_queries, k), dtype=np.int64)
@@ -190,6 +180,20 @@ class FlatStore:
                 Xs, k, metric, n_threads, bitmap
             )
         return distances, positions
+
+    def gathered_search(self, X, k, metric, n_threads, keep):
+        """``search`` over the rows where ``keep`` is True, copied into a
+        smaller store (the bound restricted to them stays exact)."""
+        rows = np.flatnonzero(keep)
+        bound = self.bound
+        gathered = FlatStore(
+            np.ascontiguousarray(self.vectors[rows]),
+            self.sqnorms[rows],
+            self.ids[rows],
+            None if bound is None else _pca_bound.subset(bound, keep),
+        )
+        distances, positions = gathered._search(X, k, metric, n_threads, None)
+        return distances, rows[positions]
 
     def _search(self, X, k, metric, n_threads, bitmap):
         bound = self.bound
