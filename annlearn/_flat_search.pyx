@@ -89,6 +89,7 @@ from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 cdef extern from "_simd.h" nogil:
     float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
+    float annlearn_l2sqr(const float* x, const float* y, Py_ssize_t d)
 
 # Metric codes understood by the kernel (the Python side maps names to these).
 cpdef enum:
@@ -508,8 +509,10 @@ def rows_kneighbors(
 ):
     """k nearest rows of ``Y`` for each query among listed rows, exactly.
 
-    The search over few allowed rows: each candidate's distance is computed
-    directly (float64 accumulation), no GEMM, no scan of the other rows.
+    The search over few allowed rows: each candidate is scored directly
+    (a float32 SIMD distance or inner product, no GEMM, no scan of the other
+    rows), and the k winners are finalised as by :func:`flat_kneighbors`
+    (exact float64 distances, re-sorted).
 
     Parameters
     ----------
@@ -554,9 +557,10 @@ def rows_kneighbors(
         return distances_arr, indices_arr
     cdef float32_t[:, ::1] distances = distances_arr
     cdef id_t[:, ::1] indices = indices_arr
-    cdef intp_t q, c, r, lo, hi
+    cdef intp_t q, c, lo, hi
     cdef id_t row
-    cdef float64_t dist
+    cdef float32_t score
+    cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
     cdef intp_t work = (rows.shape[0] * (n_queries if shared else 1)) * n_features
     cdef int n_threads_used = <int>max(1, min(n_threads, n_queries,
                                               work // WORK_PER_THREAD))
@@ -567,15 +571,16 @@ def rows_kneighbors(
             hi = indptr[1 if shared else q + 1]
             for c in range(lo, hi):
                 row = rows[c]
-                dist = _distance64(&X[q, 0], &Y[row, 0], n_features, metric)
-                heap_push(&distances[q, 0], &indices[q, 0], k, <float32_t>dist,
-                          row)
-            heap_sort(&distances[q, 0], &indices[q, 0], k)
-            for r in range(k):
-                if indices[q, r] == INT64_MAX:
-                    indices[q, r] = -1
-                elif metric == METRIC_EUCLIDEAN:
-                    distances[q, r] = sqrt(distances[q, r])
+                # The ranking scores of _finalize_row: a distance for the L2
+                # metrics (recomputed exactly there), -x.y otherwise.
+                if l2:
+                    score = annlearn_l2sqr(&X[q, 0], &Y[row, 0], n_features)
+                else:
+                    score = -annlearn_inner_product(&X[q, 0], &Y[row, 0],
+                                                    n_features)
+                heap_push(&distances[q, 0], &indices[q, 0], k, score, row)
+            _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
+                          &distances[q, 0], &indices[q, 0], metric)
     return distances_arr, indices_arr
 
 

@@ -30,17 +30,25 @@ METRIC_CODES = {
 # of d-feature float32 rows are within ~1e-6 * sqrt(d) of exact).
 _SCREEN_RTOL = 1e-4
 
-# Filtered search (``allowed``). One filter for every query: the allowed rows
-# are gathered into a smaller store and searched as is when that costs less
-# than the masked scan of every row, counting the copy of a gathered row as
-# _GATHER_QUERIES queries' worth of scanning it (a copy reads and writes the
-# row; a scan of few queries streams it once per query). Per-query filters:
-# a query allowing fewer than n / _DIRECT_RATIO rows gets the exact distance
-# to each of them (one float64 dot product each), the others the masked
-# scan; _DIRECT_RATIO is what one direct distance costs in rows of the
-# blocked GEMM scan (benchmarks/README.md, bench_filter).
-_GATHER_QUERIES = 3
-_DIRECT_RATIO = 16
+# Filtered search (``allowed``): three ways, chosen per call by cost, counted
+# in rows scanned by the masked scan (one query against one row):
+#
+# - direct: the ranking score of each allowed row computed on its own (SIMD
+#   distance, no GEMM): _DIRECT_RATIO rows of the masked scan each, which
+#   runs on blocked GEMM (on the principal-component projections with a
+#   bound). Taken by a query allowing fewer than n / _DIRECT_RATIO rows.
+# - gathered (one filter for every query): the allowed rows copied into a
+#   smaller store, then searched as is: the copy of a row costs
+#   _GATHER_QUERIES rows of the masked scan, so it pays when
+#   n_allowed * (n_queries + _GATHER_QUERIES) < n * n_queries.
+# - masked: the scan of every row, the disallowed ones failing the screen.
+#
+# Both ratios were measured on Fashion-MNIST (benchmarks/README.md,
+# bench_filter.py --crossover): direct and masked break even near n / 64
+# allowed rows per query, and the gather of 54,000 rows costs as much as the
+# masked scan of about 200 queries.
+_DIRECT_RATIO = 64
+_GATHER_QUERIES = 256
 
 # The bound's arrays: dtype and shape for n vectors, d features, d1 components.
 _BOUND_ARRAYS = {
@@ -152,14 +160,14 @@ class FlatStore:
 
     def _filtered_search(self, X, k, metric, n_threads, allowed):
         n, n_queries = len(self), len(X)
-        if allowed.shared:
+        direct = allowed.counts * _DIRECT_RATIO < n
+        if allowed.shared and not direct.any():
             a = int(allowed.counts[0]) if n_queries else n
             if a * (n_queries + _GATHER_QUERIES) < n * n_queries:
                 return self.gathered_search(X, k, metric, n_threads, allowed.mask[0])
             return self._search(X, k, metric, n_threads, allowed.bitmap())
         distances = np.empty((n_queries, k), dtype=np.float32)
         positions = np.empty((n_queries, k), dtype=np.int64)
-        direct = allowed.counts * _DIRECT_RATIO < n
         queries = np.flatnonzero(direct)
         if len(queries):
             indptr, rows = allowed.rows(queries)
