@@ -329,3 +329,80 @@ def test_flat_filter_property(seed, n, k, fraction, per_query):
     masks = np.broadcast_to(mask, (len(Q), n))
     index = FlatNeighbors(algorithm="brute").fit(X)
     _assert_flat_filtered(index, X, Q, masks, k, "euclidean", mask)
+
+
+def test_ivf_8bit_scan_filter_equals_brute_force():
+    """The 8-bit kernel with a bitmap: ADC brute force over the allowed codes
+    of the probed lists (word boundaries inside and across lists)."""
+    from annlearn import _ivf
+
+    rng = np.random.default_rng(12)
+    M, ksub, dsub, nlist = 4, 16, 2, 5
+    sizes = np.array([0, 70, 3, 130, 64])
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    codes = rng.integers(0, ksub, (offsets[-1], M), dtype=np.uint8)
+    codebooks_t = rng.standard_normal((M, dsub, ksub)).astype(np.float32)
+    term2 = rng.standard_normal((nlist, M, ksub)).astype(np.float32)
+    Q = rng.standard_normal((9, M * dsub)).astype(np.float32)
+    cells = np.array([rng.permutation(nlist)[:3] for _ in Q], dtype=np.int64)
+    base = rng.standard_normal(cells.shape).astype(np.float32)
+    mask = rng.random((len(Q), len(codes))) < 0.4
+    args = (Q, cells, base, codebooks_t, term2, offsets, codes)
+    for allowed in (mask, mask[:1]):
+        d, p = _ivf.ivfpq_scan(*args, 6, False, 2, allowed=_pack(allowed))
+        full_d, full_p = _ivf.ivfpq_scan(*args, len(codes), False, 1)
+        for q in range(len(Q)):
+            row = allowed[0 if len(allowed) == 1 else q]
+            keep = (full_p[q] >= 0) & row[np.maximum(full_p[q], 0)]
+            np.testing.assert_array_equal(p[q], full_p[q][keep][:6])
+            np.testing.assert_array_equal(d[q], full_d[q][keep][:6])
+    with pytest.raises(ValueError, match="Expected allowed of dtype uint64"):
+        _ivf.ivfpq_scan(*args, 6, False, 1, allowed=_pack(mask)[:2])
+
+
+def test_memory_blocks_do_not_change_results(clustered, monkeypatch):
+    """Per-query filters are searched one block of queries at a time: a block
+    of a single query gives the same results as one block."""
+    from annlearn import _filter
+
+    X, Q = clustered
+    rng = np.random.default_rng(13)
+    masks = rng.random((len(Q), len(X))) < 0.2
+    index = FlatNeighbors(n_neighbors=5).fit(X)
+    ivf = IVFPQNeighbors(n_neighbors=5, nlist=16, nbits=4, random_state=0).fit(X)
+    expected = [index.kneighbors(Q, allowed=masks), ivf.kneighbors(Q, allowed=masks)]
+    monkeypatch.setattr(_filter, "_BLOCK_BYTES", 1)
+    assert _filter.check_allowed(masks, index._store.ids, len(Q)).block_size() == 1
+    for est, (dist, ind) in zip((index, ivf), expected, strict=True):
+        d, i = est.kneighbors(Q, allowed=masks)
+        np.testing.assert_array_equal(i, ind)
+        np.testing.assert_array_equal(d, dist)
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_ivfpq_exact_and_scan_paths(clustered, monkeypatch, nbits):
+    """Both ways of a filtered IVF-PQ query (the widened scan, the exact
+    distances to the allowed rows) return allowed ids only, the exact one the
+    exact answer."""
+    from annlearn import _ivfpq_codec
+
+    X, Q = clustered
+    keep = np.random.default_rng(14).random(len(X)) < 0.05
+    index = IVFPQNeighbors(
+        n_neighbors=5,
+        nlist=16,
+        nprobe=2,
+        nbits=nbits,
+        refine_factor=4,
+        random_state=0,
+    ).fit(X)
+    flat = FlatNeighbors(n_neighbors=5).fit(X)
+    truth = flat.kneighbors(Q, allowed=keep)
+    monkeypatch.setattr(_ivfpq_codec, "_EXACT_COST", 1e-30)
+    dist, ind = index.kneighbors(Q, allowed=keep)
+    np.testing.assert_array_equal(ind, truth[1])
+    np.testing.assert_allclose(dist, truth[0], rtol=1e-5)
+    monkeypatch.setattr(_ivfpq_codec, "_EXACT_COST", 1e30)
+    ind = index.kneighbors(Q, allowed=keep)[1]
+    assert keep[ind].all()
+    assert recall_at_k(truth[1], ind) > 0.9
