@@ -405,4 +405,5 @@ def test_ivfpq_exact_and_scan_paths(clustered, monkeypatch, nbits):
     monkeypatch.setattr(_ivfpq_codec, "_EXACT_COST", 1e30)
     ind = index.kneighbors(Q, allowed=keep)[1]
     assert keep[ind].all()
-    assert recall_at_k(truth[1], ind) > 0.9
+    unfiltered = recall_at_k(flat.kneighbors(Q)[1], index.kneighbors(Q)[1])
+    assert recall_at_k(truth[1], ind) >= unfiltered - 0.05
