@@ -36,12 +36,16 @@ _SCREEN_RTOL = 1e-4
 # - direct: the ranking score of each allowed row computed on its own (SIMD
 #   distance, no GEMM): _DIRECT_RATIO rows of the masked scan each, which
 #   runs on blocked GEMM (on the principal-component projections with a
-#   bound). Taken by a query allowing fewer than n / _DIRECT_RATIO rows.
+#   bound). Per-query filters: taken by a query allowing fewer than
+#   n / _DIRECT_RATIO rows.
 # - gathered (one filter for every query): the allowed rows copied into a
 #   smaller store, then searched as is: the copy of a row costs
-#   _GATHER_QUERIES rows of the masked scan, so it pays when
-#   n_allowed * (n_queries + _GATHER_QUERIES) < n * n_queries.
-# - masked: the scan of every row, the disallowed ones failing the screen.
+#   _GATHER_QUERIES rows of the masked scan: n_allowed * (n_queries +
+#   _GATHER_QUERIES) in all.
+# - masked: the scan of every row, the disallowed ones failing the screen:
+#   n * n_queries.
+#
+# One filter for every query takes the cheapest of the three.
 #
 # Both ratios were measured on Fashion-MNIST (benchmarks/README.md,
 # bench_filter.py --crossover): direct and masked break even near n / 64
@@ -57,6 +61,35 @@ _BOUND_ARRAYS = {
     "vectors": (np.float32, lambda n, d, d1: (n, d1 + 1)),
     "sqnorms": (np.float32, lambda n, d, d1: (n,)),
 }
+
+
+def shared_filter_way(n: int, n_allowed: int, n_queries: int) -> str:
+    """The cheapest way to search ``n_queries`` queries among ``n_allowed``
+    of ``n`` rows (one filter for every query): "direct", "gathered" or
+    "masked" (see _DIRECT_RATIO)."""
+    costs = {
+        "direct": n_queries * n_allowed * _DIRECT_RATIO,
+        "gathered": n_allowed * (n_queries + _GATHER_QUERIES),
+        "masked": n * n_queries,
+    }
+    return min(costs, key=costs.get)
+
+
+def search_rows(vectors, rows, X, k, metric: str, n_threads: int):
+    """Exact ``k`` nearest of ``vectors[rows]`` for every query (one list of
+    rows for all): gathered and searched by GEMM when that is cheaper than
+    scoring each row directly. (distances, positions in ``vectors``)."""
+    if len(X) * _DIRECT_RATIO <= len(X) + _GATHER_QUERIES:
+        indptr = np.array([0, len(rows)], dtype=np.int64)
+        return _flat_search.rows_kneighbors(
+            X, vectors, indptr, rows, k, METRIC_CODES[metric], n_threads
+        )
+    gathered = np.ascontiguousarray(vectors[rows])
+    store = FlatStore(
+        gathered, _flat_search.row_sqnorms(gathered, n_threads), rows, None
+    )
+    distances, positions = store._search(X, k, metric, n_threads, None)
+    return distances, rows[positions]
 
 
 class FlatStore:
@@ -161,11 +194,13 @@ class FlatStore:
     def _filtered_search(self, X, k, metric, n_threads, allowed):
         n, n_queries = len(self), len(X)
         direct = allowed.counts * _DIRECT_RATIO < n
-        if allowed.shared and not direct.any():
-            a = int(allowed.counts[0]) if n_queries else n
-            if a * (n_queries + _GATHER_QUERIES) < n * n_queries:
+        if allowed.shared and n_queries:
+            way = shared_filter_way(n, int(allowed.counts[0]), n_queries)
+            if way == "gathered":
                 return self.gathered_search(X, k, metric, n_threads, allowed.mask[0])
-            return self._search(X, k, metric, n_threads, allowed.bitmap())
+            if way == "masked":
+                return self._search(X, k, metric, n_threads, allowed.bitmap())
+            direct[:] = True
         distances = np.empty((n_queries, k), dtype=np.float32)
         positions = np.empty((n_queries, k), dtype=np.int64)
         queries = np.flatnonzero(direct)

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from annlearn import _fastscan, _flat_search, _ivf
+from annlearn._flat_store import search_rows
 from annlearn._invlists import InvertedLists
 from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
@@ -275,20 +276,22 @@ class IVFPQCodec:
         queries = np.flatnonzero(exact)
         if len(queries):
             indptr, rows = allowed.rows(queries)
-            metric = (
-                _flat_search.METRIC_INNER_PRODUCT
-                if self.inner_product
-                else _flat_search.METRIC_SQEUCLIDEAN
-            )
-            dist, positions[queries] = _flat_search.rows_kneighbors(
-                np.ascontiguousarray(X[queries]),
-                lists.vectors,
-                indptr,
-                rows,
-                n_neighbors,
-                metric,
-                n_threads,
-            )
+            Xe = np.ascontiguousarray(X[queries])
+            if allowed.shared:
+                # Many queries over one list: gathered and searched by GEMM.
+                metric = "inner_product" if self.inner_product else "sqeuclidean"
+                dist, positions[queries] = search_rows(
+                    lists.vectors, rows, Xe, n_neighbors, metric, n_threads
+                )
+            else:
+                metric = (
+                    _flat_search.METRIC_INNER_PRODUCT
+                    if self.inner_product
+                    else _flat_search.METRIC_SQEUCLIDEAN
+                )
+                dist, positions[queries] = _flat_search.rows_kneighbors(
+                    Xe, lists.vectors, indptr, rows, n_neighbors, metric, n_threads
+                )
             distances[queries] = self._to_metric(dist)
         # The others by groups of equal probes (one group for a shared filter).
         for value in np.unique(probes[~exact]):
