@@ -23,10 +23,11 @@ import time
 import numpy as np
 from _common import (
     best_time,
+    environment,
     exact_ground_truth,
     load_data,
+    print_environment,
     print_table,
-    start_with_peers,
     tie_aware_recall,
     write_json,
 )
@@ -130,8 +131,14 @@ def main(argv=None) -> None:
         "--systems", default="annlearn,faiss,hnswlib", help="comma-separated"
     )
     args = parser.parse_args(argv)
+    # The peers are imported first, so that the header lists the BLAS each
+    # one loaded and the kernel it runs.
     systems = args.systems.split(",")
-    env = start_with_peers(systems)
+    for name in ("faiss", "hnswlib"):
+        if name in systems:
+            __import__(name)
+    env = environment()
+    print_environment(env)
     X, Q = load_data(args.data, args.n_queries)
     true_dist, _ = exact_ground_truth(X, Q, args.k)
     print(
