@@ -126,6 +126,10 @@ class Filter:
         self.n_rows = n_rows
         self.n_queries = n_queries
         self.counts = counts
+        # Row p holds id p (the default ids): columns are rows, no gather.
+        self.identity = len(positions_of) == n_rows and bool(
+            np.array_equal(positions_of, np.arange(n_rows))
+        )
 
     @property
     def shared(self) -> bool:
@@ -157,8 +161,13 @@ class Filter:
         if self.kind == "shared":
             mask = np.repeat(self.data[None, :], n, axis=0)
         elif self.kind == "dense":
-            ids = self._ids_by_position()
-            mask = np.ascontiguousarray(self.data[start:stop][:, ids])
+            mask = self.data[start:stop]
+            if not self.identity:
+                mask = mask[:, self._ids_by_position()]
+            elif exclude is not None:
+                mask = mask.copy()  # the user's array is not to be changed
+            # Default ids (row p is id p): the block is a view, no copy.
+            mask = np.ascontiguousarray(mask)
         else:
             sub = self.data[start:stop].tocoo()
             rows = self.positions_of[sub.col]
@@ -243,8 +252,10 @@ def check_allowed(allowed, ids: np.ndarray, n_queries: int) -> Filter:
             raise ValueError(f"{expected}; got a boolean array of shape {array.shape}.")
         counts = np.zeros(n_queries, dtype=np.int64)
         step = max(1, _BLOCK_BYTES // max(n_rows, 1))
+        identity = n_columns == n_rows and np.array_equal(ids, np.arange(n_rows))
         for start in range(0, n_queries, step):
-            counts[start : start + step] = array[start : start + step][:, ids].sum(1)
+            block = array[start : start + step]
+            counts[start : start + step] = (block if identity else block[:, ids]).sum(1)
         return Filter("dense", array, positions_of, n_rows, n_queries, counts)
     elif array.ndim in (1, 2):
         raise TypeError(

@@ -407,3 +407,21 @@ def test_ivfpq_exact_and_scan_paths(clustered, monkeypatch, nbits):
     assert keep[ind].all()
     unfiltered = recall_at_k(flat.kneighbors(Q)[1], index.kneighbors(Q)[1])
     assert recall_at_k(truth[1], ind) >= unfiltered - 0.05
+
+
+def test_per_query_dense_with_user_ids_and_query_is_train(clustered):
+    X, Q = clustered
+    rng = np.random.default_rng(15)
+    # A permutation: as many columns as rows, but column j is not row j.
+    ids = rng.permutation(len(X))
+    index = FlatNeighbors(n_neighbors=4).fit(X, ids=ids)
+    columns = rng.random((len(Q), len(X))) < 0.3
+    _assert_flat_filtered(index, X, Q, columns[:, ids], 4, "euclidean", columns, ids)
+    # X=None with the default ids: the filter array is read, never changed.
+    default = FlatNeighbors(n_neighbors=4).fit(X)
+    per_row = rng.random((len(X), len(X))) < 0.3
+    before = per_row.copy()
+    ind = default.kneighbors(allowed=per_row)[1]
+    np.testing.assert_array_equal(per_row, before)
+    assert np.take_along_axis(per_row, ind, axis=1).all()
+    assert not (ind == np.arange(len(X))[:, None]).any()
