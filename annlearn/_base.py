@@ -18,10 +18,13 @@ works on:
     For ``X=None``: the indexed vectors at these rows of ``store``, already
     prepared (so that each can be searched and excluded from its own
     neighbours).
-``_search(store, Xq, n_neighbors)``
+``_search(store, Xq, n_neighbors, allowed=None)``
     Prepared queries -> ``(distances, positions)``, each of shape
     ``(n_queries, n_neighbors)``, sorted by increasing distance, positions
-    being rows of ``store``.
+    being rows of ``store``. ``allowed`` (a :class:`~annlearn._filter.FilterBlock`
+    over the rows of ``store``, one row per query or one for all) restricts
+    each query to its allowed rows, each query allowing at least
+    ``n_neighbors`` (``kneighbors`` has checked it).
 ``_radius_search(store, Xq, radius)``
     Prepared queries -> ``(indptr, positions, distances)``: the rows within
     ``radius`` of query ``q`` are ``positions[indptr[q]:indptr[q + 1]]``.
@@ -46,6 +49,7 @@ from sklearn.base import (
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn._exact import exact_answers
+from annlearn._filter import check_allowed, check_enough
 from annlearn._radius import RadiusNeighborsMixin
 from annlearn._validation import (
     check_graph_mode,
@@ -117,7 +121,7 @@ class NeighborsBase(
         return int(ids.max()) + 1 if len(ids) else 0
 
     def _search(
-        self, store, X: np.ndarray, n_neighbors: int
+        self, store, X: np.ndarray, n_neighbors: int, allowed=None
     ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
@@ -192,7 +196,9 @@ class NeighborsBase(
         # Columns of ``transform``'s graph (ClassNamePrefixFeaturesOutMixin).
         return self.n_samples_fit_
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def kneighbors(
+        self, X=None, n_neighbors=None, return_distance=True, *, allowed=None
+    ):
         """Find the k nearest neighbours of each query.
 
         Parameters
@@ -204,6 +210,25 @@ class NeighborsBase(
             Number of neighbours; the estimator's ``n_neighbors`` if None.
         return_distance : bool, default=True
             Whether to return the distances too.
+        allowed : array-like or sparse matrix, default=None
+            Restrict each search to a subset of ids (filtered search, see the
+            user guide). One of:
+
+            - an array of ids (integers, each in the index): one filter for
+              every query;
+            - a boolean mask of shape ``(n_ids,)``, ``n_ids`` being the
+              number of columns of ``kneighbors_graph`` (the largest id + 1):
+              one filter for every query, entry ``j`` allowing id ``j``;
+            - a boolean array or a scipy sparse matrix of shape
+              ``(n_queries, n_ids)``, one row per query (a stored non-zero
+              allows its column). With ``X=None`` row ``i`` is the i-th
+              smallest id's, as the rows of the result.
+
+            Disallowed vectors are skipped inside the scan (never scored), so
+            every query gets ``n_neighbors`` allowed neighbours; a query that
+            allows fewer (its own id left out when ``X=None``) raises a
+            ``ValueError`` naming it. Mask entries of ids not in the index
+            are ignored. None: no filter.
 
         Returns
         -------
@@ -221,7 +246,11 @@ class NeighborsBase(
         n_neighbors = check_n_neighbors(
             n_neighbors, len(store.ids), query_is_train=query_is_train
         )
-        if query_is_train:
+        if allowed is not None:
+            distances, indices = self._kneighbors_filtered(
+                store, X, n_neighbors, allowed
+            )
+        elif query_is_train:
             distances, indices = self._kneighbors_indexed(store, n_neighbors)
         else:
             Xq = self._prepare_queries(validate_query_data(self, X))
@@ -248,7 +277,46 @@ class NeighborsBase(
             )
         return distances, indices
 
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+    def _kneighbors_filtered(
+        self, store, X, n_neighbors: int, allowed
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``kneighbors`` with a filter, checked whole before any search,
+        then searched one block of queries at a time (the block's filter
+        bitmaps bound the memory). With ``X=None`` each indexed vector's own
+        row is taken out of its filter, so that it needs no removal after."""
+        ids = store.ids
+        if X is None:
+            order = np.argsort(ids, kind="stable")
+            filt = check_allowed(allowed, ids, len(ids))
+            counts = filt.counts - filt.allows(np.arange(len(ids)), order)
+            check_enough(counts, n_neighbors, query_is_train=True)
+            step = min(self._self_query_block, filt.block_size(per_query=True))
+            Xq = None
+        else:
+            Xq = self._prepare_queries(validate_query_data(self, X))
+            filt = check_allowed(allowed, ids, len(Xq))
+            check_enough(filt.counts, n_neighbors, query_is_train=False)
+            step = filt.block_size()
+        n_queries = filt.n_queries
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        for start in range(0, n_queries, step):
+            stop = min(start + step, n_queries)
+            if Xq is None:
+                rows = order[start:stop]
+                block = filt.block(start, stop, exclude=rows)
+                queries = self._indexed_queries(store, rows)
+            else:
+                block = filt.block(start, stop)
+                queries = Xq[start:stop]
+            dist, positions = self._search(store, queries, n_neighbors, block)
+            distances[start:stop] = dist
+            indices[start:stop] = _ids_at(ids, positions)
+        return distances, indices
+
+    def kneighbors_graph(
+        self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None
+    ):
         """Compute the graph of k nearest neighbours as a sparse matrix.
 
         Parameters
@@ -261,6 +329,9 @@ class NeighborsBase(
             None.
         mode : {"connectivity", "distance"}, default="connectivity"
             ``"connectivity"`` stores ones, ``"distance"`` the distances.
+        allowed : array-like or sparse matrix, default=None
+            A filter, as for ``kneighbors``: a graph of the same shape (for
+            instance a previous result) restricts each row to its columns.
 
         Returns
         -------
@@ -270,10 +341,14 @@ class NeighborsBase(
         """
         check_graph_mode(mode)
         if mode == "distance":
-            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
+            distances, indices = self.kneighbors(
+                X, n_neighbors, return_distance=True, allowed=allowed
+            )
             data = np.ravel(distances)
         else:
-            indices = self.kneighbors(X, n_neighbors, return_distance=False)
+            indices = self.kneighbors(
+                X, n_neighbors, return_distance=False, allowed=allowed
+            )
             data = np.ones(indices.size, dtype=np.float32)
         n_queries, k = indices.shape
         indptr = np.arange(0, n_queries * k + 1, k)

@@ -67,6 +67,11 @@
  * the block index; `end` if no block has one. The caller does the heap work
  * for the set bits and calls again from the next block, so once the heap is
  * full most blocks cost the SIMD work alone and no call.
+ *
+ * Filter (allowed): NULL, or one 32-bit word per block (bit i: vector i of
+ * the block may be returned). A vector whose bit is clear never passes the
+ * threshold test, and a block whose word is 0 is skipped without reading its
+ * codes, so a filtered scan does no work for the vectors it excludes.
  */
 #ifndef ANNLEARN_FASTSCAN_H
 #define ANNLEARN_FASTSCAN_H
@@ -583,16 +588,17 @@ static inline int annlearn_fs_tables_query(
 static inline ptrdiff_t annlearn_fs_scan_portable(
     const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
     const uint8_t* image, uint16_t threshold, uint16_t* sums,
-    uint32_t* mask) {
+    uint32_t* mask, const uint32_t* allowed) {
     static const uint8_t lane_vector[32] = {
         0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     for (; b < end; b++) {
         const uint8_t* block = codes + b * n_pairs * 32;
         uint16_t acc[32];
-        uint32_t passing = 0;
+        uint32_t passing = 0, allow = allowed ? allowed[b] : 0xFFFFFFFFu;
         ptrdiff_t j;
         int t;
+        if (!allow) continue;
         memset(acc, 0, sizeof(acc));
         for (j = 0; j < n_pairs; j++) {
             const uint8_t* lo = image + (j >> 1) * 128 + (j & 1) * 32;
@@ -604,6 +610,7 @@ static inline ptrdiff_t annlearn_fs_scan_portable(
         }
         for (t = 0; t < 32; t++)
             if (acc[t] <= threshold) passing |= 1u << t;
+        passing &= allow;
         if (passing) {
             memcpy(sums, acc, sizeof(acc));
             *mask = passing;
@@ -619,15 +626,16 @@ __attribute__((target("avx2")))
 static inline ptrdiff_t annlearn_fs_scan_avx2(
     const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
     const uint8_t* image, uint16_t threshold, uint16_t* sums,
-    uint32_t* mask) {
+    uint32_t* mask, const uint32_t* allowed) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i thr = _mm256_set1_epi16((short)threshold);
     for (; b < end; b++) {
         const uint8_t* block = codes + b * n_pairs * 32;
         __m256i acc_e = _mm256_setzero_si256(), acc_o = _mm256_setzero_si256();
         __m256i sum_e, pass_e, pass_o;
-        uint32_t passing;
+        uint32_t passing, allow = allowed ? allowed[b] : 0xFFFFFFFFu;
         ptrdiff_t j;
+        if (!allow) continue;
         for (j = 0; j < n_pairs; j++) {
             const uint8_t* lut = image + (j >> 1) * 128 + (j & 1) * 32;
             const __m256i c = _mm256_loadu_si256((const __m256i*)(block + j * 32));
@@ -649,7 +657,7 @@ static inline ptrdiff_t annlearn_fs_scan_avx2(
         pass_e = _mm256_cmpeq_epi16(_mm256_min_epu16(sum_e, thr), sum_e);
         pass_o = _mm256_cmpeq_epi16(_mm256_min_epu16(acc_o, thr), acc_o);
         passing = (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(
-            _mm256_packs_epi16(pass_e, pass_o), 0xD8));
+            _mm256_packs_epi16(pass_e, pass_o), 0xD8)) & allow;
         if (passing) {
             _mm256_storeu_si256((__m256i*)sums, sum_e);
             _mm256_storeu_si256((__m256i*)(sums + 16), acc_o);
@@ -667,7 +675,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline ptrdiff_t annlearn_fs_scan_avx512(
     const uint8_t* codes, ptrdiff_t b, ptrdiff_t end, ptrdiff_t n_pairs,
     const uint8_t* image, uint16_t threshold, uint16_t* sums,
-    uint32_t* mask) {
+    uint32_t* mask, const uint32_t* allowed) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m256i low4_256 = _mm256_set1_epi8(0x0F);
     const __m256i thr = _mm256_set1_epi16((short)threshold);
@@ -676,8 +684,9 @@ static inline ptrdiff_t annlearn_fs_scan_avx512(
         const uint8_t* block = codes + b * n_pairs * 32;
         __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
         __m256i e, o, sum_e;
-        uint32_t passing;
+        uint32_t passing, allow = allowed ? allowed[b] : 0xFFFFFFFFu;
         ptrdiff_t j;
+        if (!allow) continue;
         for (j = 0; j < n_even; j += 2) {
             const uint8_t* lut = image + (j >> 1) * 128;
             const __m512i c = _mm512_loadu_si512((const void*)(block + j * 32));
@@ -712,6 +721,7 @@ static inline ptrdiff_t annlearn_fs_scan_avx512(
         sum_e = _mm256_sub_epi16(e, _mm256_slli_epi16(o, 8));
         passing = (uint32_t)_mm256_cmple_epu16_mask(sum_e, thr) |
                   ((uint32_t)_mm256_cmple_epu16_mask(o, thr) << 16);
+        passing &= allow;
         if (passing) {
             _mm256_storeu_si256((__m256i*)sums, sum_e);
             _mm256_storeu_si256((__m256i*)(sums + 16), o);
@@ -747,18 +757,19 @@ static inline ptrdiff_t annlearn_fs_scan(int isa, const uint8_t* codes,
                                          ptrdiff_t b, ptrdiff_t end,
                                          ptrdiff_t n_pairs, const uint8_t* image,
                                          uint16_t threshold, uint16_t* sums,
-                                         uint32_t* mask) {
+                                         uint32_t* mask,
+                                         const uint32_t* allowed) {
 #if ANNLEARN_HAVE_X86_DISPATCH
     if (isa == ANNLEARN_ISA_AVX512)
         return annlearn_fs_scan_avx512(codes, b, end, n_pairs, image, threshold,
-                                       sums, mask);
+                                       sums, mask, allowed);
     if (isa == ANNLEARN_ISA_AVX2)
         return annlearn_fs_scan_avx2(codes, b, end, n_pairs, image, threshold,
-                                     sums, mask);
+                                     sums, mask, allowed);
 #endif
     (void)isa;
     return annlearn_fs_scan_portable(codes, b, end, n_pairs, image, threshold,
-                                     sums, mask);
+                                     sums, mask, allowed);
 }
 
 #endif

@@ -62,7 +62,8 @@ cdef extern from "_fastscan.h" nogil:
                                  float* scale, float* bias)
     intp_t annlearn_fs_scan(int isa, const uint8_t* codes, intp_t b, intp_t end,
                             intp_t n_pairs, const uint8_t* image,
-                            uint16_t threshold, uint16_t* sums, uint32_t* mask)
+                            uint16_t threshold, uint16_t* sums, uint32_t* mask,
+                            const uint32_t* allowed)
 
 cdef extern from "_simd.h" nogil:
     void annlearn_pq_tables(const float* x, const float* codebooks_t,
@@ -542,7 +543,7 @@ def _block_sums(packed, const uint8_t[:, ::1] table, isa=None):
         # returns with its sums.
         b = annlearn_fs_scan(isa_, &codes[0, 0], b, n_blocks,
                              annlearn_fs_n_pairs(M), &image[0], 65535,
-                             &sums[BLOCK * b], &mask)
+                             &sums[BLOCK * b], &mask, NULL)
         if mask != 0xFFFFFFFF:
             raise AssertionError("threshold 65535 rejected a vector")
         b += 1
@@ -561,6 +562,7 @@ def ivf_fastscan(
     int n_threads,
     isa=None,
     collector=None,
+    allowed=None,
 ):
     """k best rows per query by 4-bit fast scan over the probed lists.
 
@@ -594,6 +596,11 @@ def ivf_fastscan(
         k, or a buffer of 2k + 32 compacted by radix select when full (see
         ``_fastscan.h``); None: the heap for ``k < HEAP_MAX_K``, else the
         buffer. Same results either way.
+    allowed : ndarray of shape (1 or n_queries, n_blocks), uint32, default=None
+        A filter in the packed layout: bit i of ``allowed[q, b]`` allows
+        vector i of block b (row ``1`` for every query). Excluded vectors
+        never pass the threshold test and blocks with no allowed vector are
+        not read (see ``_fastscan.h``). None: every row.
 
     Returns
     -------
@@ -646,6 +653,18 @@ def ivf_fastscan(
     if n_queries and nprobe and (np.max(probe_cells) >= nlist
                                  or np.min(probe_cells) < -1):
         raise ValueError(f"Expected probe_cells in [-1, {nlist}).")
+    cdef const uint32_t[:, ::1] allow
+    cdef intp_t allow_stride = 0
+    cdef bint filtered = allowed is not None
+    if filtered:
+        allow = allowed
+        if allow.shape[0] not in (1, n_queries) or allow.shape[1] != n_blocks:
+            raise ValueError(
+                f"Expected allowed of shape (1 or {n_queries}, {n_blocks}), got "
+                f"{np.shape(allowed)}."
+            )
+        # One filter for every query (stride 0), or one row per query.
+        allow_stride = n_blocks if allow.shape[0] > 1 else 0
 
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
@@ -720,7 +739,9 @@ def ivf_fastscan(
                 threshold = _sum_threshold(worst, bias_qp, scale_q)
                 while threshold >= 0 and b < b_end:
                     b = annlearn_fs_scan(isa_, codes, b, b_end, n_pairs, image,
-                                         <uint16_t>threshold, sums, &mask)
+                                         <uint16_t>threshold, sums, &mask,
+                                         &allow[0, 0] + q * allow_stride
+                                         if filtered else NULL)
                     if b == b_end:
                         break
                     if b == b_end - 1:

@@ -316,8 +316,12 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         )
 
     def _search(
-        self, store: FlatStore, X: np.ndarray, n_neighbors: int
+        self, store: FlatStore, X: np.ndarray, n_neighbors: int, allowed=None
     ) -> tuple[np.ndarray, np.ndarray]:
         return store.search(
-            X, n_neighbors, fitted_metric(self), effective_n_threads(self.n_jobs)
+            X,
+            n_neighbors,
+            fitted_metric(self),
+            effective_n_threads(self.n_jobs),
+            allowed=allowed,
         )

@@ -65,7 +65,7 @@ import numpy as np
 cimport cython
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
-from libc.stdint cimport INT64_MAX
+from libc.stdint cimport INT64_MAX, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
 from annlearn._utils._blas cimport gemm_abt
@@ -89,6 +89,7 @@ from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
 cdef extern from "_simd.h" nogil:
     float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
+    float annlearn_l2sqr(const float* x, const float* y, Py_ssize_t d)
 
 # Metric codes understood by the kernel (the Python side maps names to these).
 cpdef enum:
@@ -167,14 +168,22 @@ cdef inline float32_t _exact_score(
     return b.Y_sqnorms[row] - 2.0 * dot if b.l2 else -dot
 
 
+cdef inline int _is_allowed(const uint64_t* allowed, intp_t row) noexcept nogil:
+    """Bit ``row`` of a filter bitmap (NULL: every row is allowed)."""
+    return allowed == NULL or <int>((allowed[row >> 6] >> (row & 63)) & 1)
+
+
 cdef inline void _offer_row(
     const float32_t* scores, intp_t n, intp_t first_id,
     intp_t k, float32_t* values, id_t* ids, const Bound* b, intp_t query,
+    const uint64_t* allowed,
 ) noexcept nogil:
     """Offer ``scores[j]`` with id ``first_id + j`` to one query's heap.
 
     With a bound ``b``, ``scores`` are lower bounds: a candidate whose bound
     may beat the root (``<= root + shift``) is offered with its exact score.
+    With a filter ``allowed`` (a bitmap over rows, or NULL), a row whose bit
+    is clear fails the screen: it is never scored exactly nor offered.
     """
     cdef intp_t j0 = 0, j1, j
     cdef int hit
@@ -183,13 +192,17 @@ cdef inline void _offer_row(
     while j0 < n:
         j1 = _imin(j0 + SCREEN, n)
         hit = 0
-        for j in range(j0, j1):
-            hit = hit | (scores[j] <= limit)
+        if allowed == NULL:
+            for j in range(j0, j1):
+                hit = hit | (scores[j] <= limit)
+        else:
+            for j in range(j0, j1):
+                hit = hit | ((scores[j] <= limit) & _is_allowed(allowed, first_id + j))
         if hit:
             for j in range(j0, j1):
                 # Ids arrive in increasing order, so "<=" lets heap_push
                 # settle exact ties on the id.
-                if scores[j] <= limit:
+                if scores[j] <= limit and _is_allowed(allowed, first_id + j):
                     score = scores[j] if b == NULL else _exact_score(
                         b, query, first_id + j)
                     if score <= values[0]:
@@ -204,7 +217,7 @@ cdef void _scan_block(
     const float32_t* Y_sqnorms, bint l2,
     intp_t k, float32_t* heap_values, id_t* heap_ids,
     float32_t* buf, float32_t* packed_x, float32_t* packed_y, intp_t y_chunk,
-    const Bound* bound,
+    const Bound* bound, const uint64_t* allowed, intp_t allow_stride,
 ) noexcept nogil:
     """Offer every (x in X[xs:xe], y in Y[ys:ye]) score to the rows' heaps.
 
@@ -213,7 +226,9 @@ cdef void _scan_block(
     here: a caller may scan several database ranges into the same heaps.
     ``packed_x``/``packed_y`` are the packing buffers of the packed GEMM, or
     NULL to use BLAS. With a ``bound``, X and Y are the projected vectors
-    whose scores bound the exact ones from below (see ``Bound``).
+    whose scores bound the exact ones from below (see ``Bound``). With a
+    filter, query q offers only the rows set in its bitmap
+    ``allowed + q * allow_stride`` (stride 0: one bitmap for every query).
     """
     cdef intp_t nx = xe - xs, ny, y0, y1, i, j
     cdef float32_t* row
@@ -256,7 +271,9 @@ cdef void _scan_block(
                 # adds it in its epilogue.)
                 for j in range(ny):
                     row[j] = row[j] + Y_sqnorms[y0 + j]
-            _offer_row(row, ny, y0, k, values, ids, bound, xs + i)
+            _offer_row(row, ny, y0, k, values, ids, bound, xs + i,
+                       NULL if allowed == NULL else
+                       allowed + (xs + i) * allow_stride)
         y0 = y1
 
 
@@ -343,6 +360,7 @@ def flat_kneighbors(
     str strategy="auto",
     str gemm="auto",
     bound=None,
+    allowed=None,
 ):
     """k nearest rows of ``Y`` for every row of ``X``, exactly.
 
@@ -375,6 +393,11 @@ def flat_kneighbors(
         candidate is scored exactly (``annlearn/_pca_bound.py``). Only the
         survivors' exact scores are computed from ``X`` and ``Y``; the
         result is the same as without.
+    allowed : ndarray of shape (1 or n_queries, ceil(n_database / 64)), uint64
+        A filter: bit ``j % 64`` of word ``j // 64`` allows row j (one row of
+        words for every query, or one per query). Excluded rows are never
+        offered to the heaps; each query must allow at least k rows (else
+        its last slots are -1). None: every row.
 
     Returns
     -------
@@ -411,6 +434,14 @@ def flat_kneighbors(
     if x_chunk * y_chunk >= 2 ** 31 or y_chunk * n_features >= 2 ** 31:
         raise ValueError("Block too large for 32-bit BLAS sizes.")
 
+    cdef const uint64_t[:, ::1] allow
+    cdef const uint64_t* allow_ptr = NULL
+    cdef intp_t allow_stride = 0
+    if allowed is not None:
+        allowed, allow_stride = _check_allowed(allowed, n_queries, n_database)
+        allow = allowed
+        allow_ptr = &allow[0, 0]
+
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     indices_arr = np.empty((n_queries, k), dtype=np.int64)
     if n_queries == 0:
@@ -441,12 +472,115 @@ def flat_kneighbors(
         bound_ptr = &b
     if strategy == "parallel_on_X":
         _parallel_on_X(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr)
+                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr,
+                       allow_ptr, allow_stride)
     elif strategy == "parallel_on_Y":
         _parallel_on_Y(X, Y, Y_sqnorms, k, metric, n_threads, x_chunk, y_chunk,
-                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr)
+                       packed, distances, indices, GX, GY, G_sqnorms, bound_ptr,
+                       allow_ptr, allow_stride)
     else:
         raise ValueError(f"Unknown strategy {strategy!r}.")
+    return distances_arr, indices_arr
+
+
+def _check_allowed(allowed, intp_t n_queries, intp_t n_rows):
+    """(bitmap, row stride) of a filter over ``n_rows`` rows: one row of
+    uint64 words for every query (stride 0) or one per query."""
+    cdef intp_t n_words = (n_rows + 63) >> 6
+    shape = np.shape(allowed)
+    if (np.asarray(allowed).dtype != np.uint64 or len(shape) != 2
+            or shape[0] not in (1, n_queries) or shape[1] != n_words
+            or n_words == 0):
+        raise ValueError(
+            f"Expected allowed of dtype uint64 and shape (1 or {n_queries}, "
+            f"{n_words}), got {np.asarray(allowed).dtype} {shape}."
+        )
+    return allowed, (n_words if shape[0] > 1 else 0)
+
+
+def rows_kneighbors(
+    const float32_t[:, ::1] X,
+    const float32_t[:, ::1] Y,
+    const id_t[::1] indptr,
+    const id_t[::1] rows,
+    intp_t k,
+    int metric,
+    int n_threads,
+):
+    """k nearest rows of ``Y`` for each query among listed rows, exactly.
+
+    The search over few allowed rows: each candidate is scored directly
+    (a float32 SIMD distance or inner product, no GEMM, no scan of the other
+    rows), and the k winners are finalised as by :func:`flat_kneighbors`
+    (exact float64 distances, re-sorted).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_queries, n_features), float32
+        Queries, prepared as for :func:`flat_kneighbors`.
+    Y : ndarray of shape (n_database, n_features), float32
+    indptr : ndarray of shape (n_queries + 1,) or (2,), int64
+        Query q's candidates are ``rows[indptr[q]:indptr[q + 1]]``; with two
+        entries, one list for every query.
+    rows : ndarray of shape (n_candidates,), int64
+        Row positions in ``Y``, distinct within a list.
+    k : int
+        Neighbours per query (>= 1); lists shorter than k leave their last
+        slots at (+inf, -1).
+    metric : int
+        One of the ``METRIC_*`` codes.
+    n_threads : int
+        OpenMP threads (over queries).
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), float32
+        In the metric's units, ascending.
+    indices : ndarray of shape (n_queries, k), int64
+        Row positions in ``Y``; ties are broken by the smaller position.
+    """
+    cdef intp_t n_queries = X.shape[0], n_features = X.shape[1]
+    cdef intp_t n_database = Y.shape[0]
+    cdef bint shared = indptr.shape[0] == 2
+    if Y.shape[1] != n_features or k < 1:
+        raise ValueError("X and Y must have the same features, and k >= 1.")
+    if not (shared or indptr.shape[0] == n_queries + 1) or indptr[0] != 0 or \
+            indptr[indptr.shape[0] - 1] != rows.shape[0] or \
+            np.any(np.diff(np.asarray(indptr)) < 0):
+        raise ValueError("indptr must increase from 0 to len(rows), one list "
+                         "per query or one for all.")
+    if rows.shape[0] and (np.min(rows) < 0 or np.max(rows) >= n_database):
+        raise ValueError(f"rows must lie in [0, {n_database}).")
+    distances_arr = np.empty((n_queries, k), dtype=np.float32)
+    indices_arr = np.empty((n_queries, k), dtype=np.int64)
+    if n_queries == 0:
+        return distances_arr, indices_arr
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef id_t[:, ::1] indices = indices_arr
+    cdef intp_t q, c, lo, hi
+    cdef id_t row
+    cdef float32_t score
+    cdef bint l2 = metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN
+    cdef intp_t work = (rows.shape[0] * (n_queries if shared else 1)) * n_features
+    cdef int n_threads_used = <int>max(1, min(n_threads, n_queries,
+                                              work // WORK_PER_THREAD))
+    with nogil:
+        for q in prange(n_queries, num_threads=n_threads_used, schedule="dynamic"):
+            heap_init(&distances[q, 0], &indices[q, 0], k)
+            lo = indptr[0 if shared else q]
+            hi = indptr[1 if shared else q + 1]
+            for c in range(lo, hi):
+                row = rows[c]
+                # The ranking scores of _finalize_row: a distance for the L2
+                # metrics (recomputed exactly there), -x.y otherwise.
+                if l2:
+                    score = annlearn_l2sqr(&X[q, 0], &Y[row, 0], n_features)
+                else:
+                    score = -annlearn_inner_product(&X[q, 0], &Y[row, 0],
+                                                    n_features)
+                heap_push(&distances[q, 0], &indices[q, 0], k, score, row)
+            _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
+                          &distances[q, 0], &indices[q, 0], metric)
     return distances_arr, indices_arr
 
 
@@ -486,6 +620,7 @@ cdef void _parallel_on_X(
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
     const float32_t[:, ::1] GX, const float32_t[:, ::1] GY,
     const float32_t[::1] G_sqnorms, const Bound* bound,
+    const uint64_t* allowed, intp_t allow_stride,
 ) except *:
     # GX, GY, G_sqnorms: what the GEMM scans (X, Y, Y_sqnorms themselves, or
     # their projections with a bound); X and Y: the exact final scores.
@@ -517,7 +652,8 @@ cdef void _parallel_on_X(
                 heap_init(&distances[i, 0], &indices[i, 0], k)
             _scan_block(&GX[0, 0], gd, xs, xe, &GY[0, 0], 0, n_database,
                         &G_sqnorms[0], l2, k, &distances[xs, 0], &indices[xs, 0],
-                        buf, packed_x, packed_y, y_chunk, bound)
+                        buf, packed_x, packed_y, y_chunk, bound, allowed,
+                        allow_stride)
             for i in range(xs, xe):
                 _finalize_row(&X[i, 0], &Y[0, 0], n_features, k,
                               &distances[i, 0], &indices[i, 0], metric)
@@ -533,6 +669,7 @@ cdef void _parallel_on_Y(
     float32_t[:, ::1] distances, id_t[:, ::1] indices,
     const float32_t[:, ::1] GX, const float32_t[:, ::1] GY,
     const float32_t[::1] G_sqnorms, const Bound* bound,
+    const uint64_t* allowed, intp_t allow_stride,
 ) except *:
     # GX, GY, G_sqnorms: what the GEMM scans (X, Y, Y_sqnorms themselves, or
     # their projections with a bound); X and Y: the exact final scores.
@@ -580,7 +717,7 @@ cdef void _parallel_on_Y(
                 _scan_block(&GX[0, 0], gd, xs, xe, &GY[0, 0], ys, ye,
                             &G_sqnorms[0], l2, k, &local_values[t, 0, 0],
                             &local_ids[t, 0, 0], buf, packed_x, packed_y,
-                            y_chunk, bound)
+                            y_chunk, bound, allowed, allow_stride)
             # Every thread's heaps of the block are complete before any is
             # merged, and merged (below) before the next block re-initialises
             # them: the pranges of a parallel block do not wait by themselves.

@@ -30,6 +30,30 @@ METRIC_CODES = {
 # of d-feature float32 rows are within ~1e-6 * sqrt(d) of exact).
 _SCREEN_RTOL = 1e-4
 
+# Filtered search (``allowed``): three ways, chosen per call by cost, counted
+# in rows scanned by the masked scan (one query against one row):
+#
+# - direct: the ranking score of each allowed row computed on its own (SIMD
+#   distance, no GEMM): _DIRECT_RATIO rows of the masked scan each, which
+#   runs on blocked GEMM (on the principal-component projections with a
+#   bound). Per-query filters: taken by a query allowing fewer than
+#   n / _DIRECT_RATIO rows.
+# - gathered (one filter for every query): the allowed rows copied into a
+#   smaller store, then searched as is: the copy of a row costs
+#   _GATHER_QUERIES rows of the masked scan: n_allowed * (n_queries +
+#   _GATHER_QUERIES) in all.
+# - masked: the scan of every row, the disallowed ones failing the screen:
+#   n * n_queries.
+#
+# One filter for every query takes the cheapest of the three.
+#
+# Both ratios were measured on Fashion-MNIST (benchmarks/README.md,
+# bench_filter.py --crossover): direct and masked break even near n / 64
+# allowed rows per query, and the gather of 54,000 rows costs as much as the
+# masked scan of about 200 queries.
+_DIRECT_RATIO = 64
+_GATHER_QUERIES = 256
+
 # The bound's arrays: dtype and shape for n vectors, d features, d1 components.
 _BOUND_ARRAYS = {
     "mean": (np.float64, lambda n, d, d1: (d,)),
@@ -37,6 +61,35 @@ _BOUND_ARRAYS = {
     "vectors": (np.float32, lambda n, d, d1: (n, d1 + 1)),
     "sqnorms": (np.float32, lambda n, d, d1: (n,)),
 }
+
+
+def shared_filter_way(n: int, n_allowed: int, n_queries: int) -> str:
+    """The cheapest way to search ``n_queries`` queries among ``n_allowed``
+    of ``n`` rows (one filter for every query): "direct", "gathered" or
+    "masked" (see _DIRECT_RATIO)."""
+    costs = {
+        "direct": n_queries * n_allowed * _DIRECT_RATIO,
+        "gathered": n_allowed * (n_queries + _GATHER_QUERIES),
+        "masked": n * n_queries,
+    }
+    return min(costs, key=costs.get)
+
+
+def search_rows(vectors, rows, X, k, metric: str, n_threads: int):
+    """Exact ``k`` nearest of ``vectors[rows]`` for every query (one list of
+    rows for all): gathered and searched by GEMM when that is cheaper than
+    scoring each row directly. (distances, positions in ``vectors``)."""
+    if len(X) * _DIRECT_RATIO <= len(X) + _GATHER_QUERIES:
+        indptr = np.array([0, len(rows)], dtype=np.int64)
+        return _flat_search.rows_kneighbors(
+            X, vectors, indptr, rows, k, METRIC_CODES[metric], n_threads
+        )
+    gathered = np.ascontiguousarray(vectors[rows])
+    store = FlatStore(
+        gathered, _flat_search.row_sqnorms(gathered, n_threads), rows, None
+    )
+    distances, positions = store._search(X, k, metric, n_threads, None)
+    return distances, rows[positions]
 
 
 class FlatStore:
@@ -131,10 +184,64 @@ class FlatStore:
 
     # -- search ------------------------------------------------------------
     def search(
-        self, X: np.ndarray, k: int, metric: str, n_threads: int
+        self, X: np.ndarray, k: int, metric: str, n_threads: int, allowed=None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact ``k`` nearest rows of each prepared query: (distances in
-        the metric's units, row positions), ties by the smaller position."""
+        the metric's units, row positions), ties by the smaller position.
+        ``allowed``: a :class:`~annlearn._filter.FilterBlock` over the rows,
+        each query allowing at least ``k`` of them."""
+        if allowed is not None:
+            return self._filtered_search(X, k, metric, n_threads, allowed)
+        return self._search(X, k, metric, n_threads, None)
+
+    def _filtered_search(self, X, k, metric, n_threads, allowed):
+        n, n_queries = len(self), len(X)
+        direct = allowed.counts * _DIRECT_RATIO < n
+        if allowed.shared and n_queries:
+            way = shared_filter_way(n, int(allowed.counts[0]), n_queries)
+            if way == "gathered":
+                return self.gathered_search(X, k, metric, n_threads, allowed.mask[0])
+            if way == "masked":
+                return self._search(X, k, metric, n_threads, allowed.bitmap())
+            direct[:] = True
+        distances = np.empty((n_queries, k), dtype=np.float32)
+        positions = np.empty((n_queries, k), dtype=np.int64)
+        queries = np.flatnonzero(direct)
+        if len(queries):
+            indptr, rows = allowed.rows(queries)
+            distances[queries], positions[queries] = _flat_search.rows_kneighbors(
+                X[queries],
+                self.vectors,
+                indptr,
+                rows,
+                k,
+                METRIC_CODES[metric],
+                n_threads,
+            )
+        queries = np.flatnonzero(~direct)
+        if len(queries):
+            Xs = X if len(queries) == n_queries else np.ascontiguousarray(X[queries])
+            bitmap = allowed.take(queries).bitmap()
+            distances[queries], positions[queries] = self._search(
+                Xs, k, metric, n_threads, bitmap
+            )
+        return distances, positions
+
+    def gathered_search(self, X, k, metric, n_threads, keep):
+        """``search`` over the rows where ``keep`` is True, copied into a
+        smaller store (the bound restricted to them stays exact)."""
+        rows = np.flatnonzero(keep)
+        bound = self.bound
+        gathered = FlatStore(
+            np.ascontiguousarray(self.vectors[rows]),
+            self.sqnorms[rows],
+            self.ids[rows],
+            None if bound is None else _pca_bound.subset(bound, keep),
+        )
+        distances, positions = gathered._search(X, k, metric, n_threads, None)
+        return distances, rows[positions]
+
+    def _search(self, X, k, metric, n_threads, bitmap):
         bound = self.bound
         if bound is not None:
             l2 = metric in ("euclidean", "sqeuclidean")
@@ -148,6 +255,7 @@ class FlatStore:
                 METRIC_CODES[metric],
                 n_threads,
                 bound=bound,
+                allowed=bitmap,
             )
 
     def radius_search(

@@ -31,7 +31,7 @@ class InvertedLists:
         Kept for exact re-ranking.
     """
 
-    __slots__ = ("offsets", "codes", "ids", "vectors", "_packed")
+    __slots__ = ("offsets", "codes", "ids", "vectors", "_packed", "_slots")
 
     def __init__(self, offsets, codes, ids, vectors=None) -> None:
         self.offsets = offsets
@@ -39,6 +39,7 @@ class InvertedLists:
         self.ids = ids
         self.vectors = vectors
         self._packed = None
+        self._slots = None
 
     def check_refinable(self, refine_factor) -> None:
         """Raise ValueError if ``refine_factor`` asks for re-ranking these
@@ -49,6 +50,19 @@ class InvertedLists:
                 "refine_factor=None and keeps no vectors to re-rank: fit it "
                 "again with refine_factor set."
             )
+
+    def fastscan_slots(self) -> np.ndarray:
+        """For every row, its slot ``32 * block + lane`` in the fast-scan
+        layout of ``packed_codes`` (a filter over rows becomes one over
+        slots, a 32-bit word per block)."""
+        slots = self._slots
+        if slots is None:
+            # Two threads may both compute it; either result is the same.
+            _, block_offsets = self.packed_codes()
+            cells = self.cells()
+            within = np.arange(len(self), dtype=np.int64) - self.offsets[cells]
+            slots = self._slots = 32 * block_offsets[cells] + within
+        return slots
 
     def packed_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """4-bit codes in the fast-scan layout of ``annlearn/_fastscan.h``
@@ -145,6 +159,7 @@ class InvertedLists:
     def nbytes(self) -> int:
         arrays = (self.offsets, self.codes, self.ids, self.vectors)
         arrays += self._packed or ()
+        arrays += (self._slots,)  # None until a filtered 4-bit search
         return sum(a.nbytes for a in arrays if a is not None)
 
     def to_state(self) -> dict:

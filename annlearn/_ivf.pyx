@@ -42,7 +42,7 @@ import numpy as np
 
 cimport cython
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport INT64_MAX
+from libc.stdint cimport INT64_MAX, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
 cdef extern from "_simd.h" nogil:
@@ -119,6 +119,68 @@ cdef void _scan_list(
         j = j + 1
 
 
+cdef extern from *:
+    """
+    static inline int annlearn_ctz64(unsigned long long x) {
+    #if defined(__GNUC__)
+        return __builtin_ctzll(x);
+    #else
+        int i = 0;
+        while (!(x & 1ull)) { x >>= 1; i++; }
+        return i;
+    #endif
+    }
+    """
+    int annlearn_ctz64(uint64_t x) noexcept nogil
+
+
+cdef void _scan_list_allowed(
+    const code_t* codes, intp_t start, intp_t end, intp_t M, intp_t ksub,
+    const float32_t* table, float32_t base,
+    intp_t k, float32_t* values, id_t* positions, const uint64_t* allowed,
+) noexcept nogil:
+    """``_scan_list`` over the codes whose bit is set in ``allowed`` (a
+    bitmap over code positions): the set bits of each 64-bit word are
+    visited directly, so an excluded code is never read nor scored, and a
+    word of 64 excluded codes costs one load."""
+    cdef intp_t w, w_end = (end + 63) >> 6, j, m
+    cdef uint64_t bits
+    cdef const code_t* c
+    cdef float32_t d
+    cdef float32_t threshold = values[0]
+    w = start >> 6
+    while w < w_end:
+        bits = allowed[w]
+        # Clear the bits of the words' rows outside [start, end).
+        if w == start >> 6:
+            bits = bits & (~(<uint64_t>0) << (start & 63))
+        if w == w_end - 1 and (end & 63):
+            bits = bits & ((<uint64_t>1 << (end & 63)) - 1)
+        while bits:
+            j = (w << 6) + annlearn_ctz64(bits)
+            bits = bits & (bits - 1)
+            c = codes + j * M
+            d = base
+            for m in range(M):
+                d = d + table[m * ksub + c[m]]
+            _offer(d, j, &threshold, k, values, positions)
+        w = w + 1
+
+
+def _check_allowed(allowed, intp_t n_queries, intp_t n_bits):
+    """(bitmap, row stride) of a filter over ``n_bits`` positions: one row
+    of uint64 words for every query (stride 0) or one per query."""
+    cdef intp_t n_words = (n_bits + 63) >> 6
+    shape = np.shape(allowed)
+    if (np.asarray(allowed).dtype != np.uint64 or len(shape) != 2
+            or shape[0] not in (1, n_queries) or shape[1] != n_words):
+        raise ValueError(
+            f"Expected allowed of dtype uint64 and shape (1 or {n_queries}, "
+            f"{n_words}), got {np.asarray(allowed).dtype} {shape}."
+        )
+    return allowed, (n_words if shape[0] > 1 else 0)
+
+
 def _check_scan_inputs(Q, probe_cells, probe_base, codebooks_t, term2,
                        list_offsets, codes):
     """Raise ValueError unless the arrays of a scan fit together."""
@@ -150,6 +212,7 @@ def ivfpq_scan(
     intp_t k,
     bint inner_product,
     int n_threads,
+    allowed=None,
 ):
     """k best stored codes for every query, by ADC over the probed lists.
 
@@ -177,6 +240,10 @@ def ivfpq_scan(
         Rank by -<x, y> instead of ||x - y||^2.
     n_threads : int
         OpenMP threads.
+    allowed : ndarray of shape (1 or n_queries, ceil(n_codes / 64)), uint64
+        A filter: bit ``j % 64`` of word ``j // 64`` allows code j (one row for
+        every query, or one per query); excluded codes are never scored.
+        None: every code.
 
     Returns
     -------
@@ -194,6 +261,13 @@ def ivfpq_scan(
                        list_offsets, codes)
     if k < 1:
         raise ValueError("k must be >= 1.")
+    cdef const uint64_t[:, ::1] allow
+    cdef intp_t allow_stride = 0
+    cdef const uint64_t* allow_q = NULL
+    cdef bint filtered = allowed is not None
+    if filtered:
+        allowed, allow_stride = _check_allowed(allowed, n_queries, codes.shape[0])
+        allow = allowed
 
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
@@ -227,11 +301,21 @@ def ivfpq_scan(
             if shared_term2:
                 annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
             heap_init(&distances[q, 0], &positions[q, 0], k)
+            if filtered:
+                allow_q = &allow[0, 0] + q * allow_stride
             for p in range(nprobe):
                 cell = probe_cells[q, p]
                 if cell < 0 or list_offsets[cell] == list_offsets[cell + 1]:
                     continue
-                if per_cell_term2:
+                if filtered:
+                    if per_cell_term2:
+                        annlearn_add(term3, &term2[cell, 0, 0], table_size, lut)
+                    _scan_list_allowed(&codes[0, 0], list_offsets[cell],
+                                       list_offsets[cell + 1], M, ksub,
+                                       lut if per_cell_term2 else term3,
+                                       probe_base[q, p], k, &distances[q, 0],
+                                       &positions[q, 0], allow_q)
+                elif per_cell_term2:
                     annlearn_add(term3, &term2[cell, 0, 0], table_size, lut)
                     _scan_list(&codes[0, 0], list_offsets[cell],
                                list_offsets[cell + 1], M, ksub, lut,

@@ -464,7 +464,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             n_threads=effective_n_threads(self.n_jobs),
         )
 
-    def _search(self, store: InvertedLists, X: np.ndarray, n_neighbors: int):
+    def _search(
+        self, store: InvertedLists, X: np.ndarray, n_neighbors: int, allowed=None
+    ):
         return self._codec.search(
             store,
             X,
@@ -472,4 +474,5 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             nprobe=self.nprobe,
             refine_factor=self.refine_factor,
             n_threads=effective_n_threads(self.n_jobs),
+            allowed=allowed,
         )

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from annlearn import _fastscan, _flat_search, _ivf
+from annlearn._flat_store import search_rows
 from annlearn._invlists import InvertedLists
 from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
@@ -30,6 +31,23 @@ _ENCODE_BLOCK = 65_536
 
 # Lookup tables of the 4-bit scan held at once (nprobe * M * 16 bytes a query).
 _FASTSCAN_TABLE_BYTES = 32 << 20
+
+# Filtered search (``allowed``). A query allowing a fraction s of the rows
+# probes ceil(nprobe / sqrt(s)) cells (at most nlist): its k allowed
+# neighbours lie further than its k nearest, but in clustered data not 1 / s
+# times as many cells away (nprobe / s, as many allowed rows as an
+# unfiltered scan, cost twice as much for no recall on Fashion-MNIST at 50%
+# and 10% allowed), and with 1 / sqrt(s) the recall stays at its unfiltered
+# level instead of falling with s (bench_filter.py). When the
+# vectors are stored and the exact distances to its allowed rows cost less
+# than that scan, the query gets them instead (recall 1). The costs compared:
+# a probed cell M * ksub (its lookup table) plus M per code of the cell
+# against _EXACT_COST * n_features per allowed row. _EXACT_COST was measured
+# on Fashion-MNIST with 98 x 4-bit codes in 256 cells (benchmarks/README.md,
+# bench_filter.py --crossover): a probed cell cost as much as 16 exact rows,
+# and the exact search won by 2.3x at 3% allowed, lost by 2.7x at 10%, as
+# this rule predicts.
+_EXACT_COST = 2
 
 # Lloyd iterations of the coarse quantizer and of each sub-quantizer: FAISS's
 # defaults for IndexIVFPQ. The cells only need to spread the data evenly; the
@@ -206,6 +224,7 @@ class IVFPQCodec:
         nprobe: int,
         refine_factor: int | None,
         n_threads: int,
+        allowed=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``n_neighbors`` best rows of ``lists`` for each query.
 
@@ -213,7 +232,9 @@ class IVFPQCodec:
         whose probed cells hold fewer than ``n_neighbors`` rows, so no result
         is padded), keeps ``refine_factor * n_neighbors`` candidates and
         re-ranks them by exact distance to ``lists.vectors`` when
-        ``refine_factor`` is set.
+        ``refine_factor`` is set. ``allowed`` (a
+        :class:`~annlearn._filter.FilterBlock`, each query allowing at least
+        ``n_neighbors`` rows) restricts the scan (see ``_EXACT_COST``).
 
         Returns
         -------
@@ -226,6 +247,10 @@ class IVFPQCodec:
         nlist = self.quantizer.nlist
         n_scan = min(n_neighbors * (refine_factor or 1), len(lists))
         nprobe = min(nprobe, nlist)
+        if allowed is not None:
+            return self._filtered_search(
+                lists, X, n_neighbors, n_scan, nprobe, refine_factor, n_threads, allowed
+            )
         distances, positions = self._scan(lists, X, nprobe, n_scan, n_threads)
         short = np.flatnonzero(positions[:, n_neighbors - 1] < 0)
         while len(short) and nprobe < nlist:
@@ -233,6 +258,70 @@ class IVFPQCodec:
             d_more, p_more = self._scan(lists, X[short], nprobe, n_scan, n_threads)
             distances[short], positions[short] = d_more, p_more
             short = short[p_more[:, n_neighbors - 1] < 0]
+        return self._finish(
+            lists, X, distances, positions, n_neighbors, refine_factor, n_threads
+        )
+
+    def _filtered_search(
+        self, lists, X, n_neighbors, n_scan, nprobe, refine_factor, n_threads, allowed
+    ):
+        """``search`` with a filter: per query, the widened scan or the exact
+        distances to its allowed rows, whichever costs less (``_EXACT_COST``)."""
+        n, nlist, M = len(lists), self.quantizer.nlist, self.pq.M
+        counts = np.maximum(allowed.counts, 1)
+        probes = np.minimum(np.ceil(nprobe * np.sqrt(n / counts)), nlist)
+        probes = probes.astype(np.int64)
+        scan_cost = probes * M * self.pq.ksub + (n * probes / nlist) * M
+        exact = np.zeros(len(X), dtype=bool)
+        if lists.vectors is not None:
+            exact = counts * X.shape[1] * _EXACT_COST < scan_cost
+        distances = np.empty((len(X), n_neighbors), dtype=np.float32)
+        positions = np.empty((len(X), n_neighbors), dtype=np.int64)
+        queries = np.flatnonzero(exact)
+        if len(queries):
+            indptr, rows = allowed.rows(queries)
+            Xe = np.ascontiguousarray(X[queries])
+            if allowed.shared:
+                # Many queries over one list: gathered and searched by GEMM.
+                metric = "inner_product" if self.inner_product else "sqeuclidean"
+                dist, positions[queries] = search_rows(
+                    lists.vectors, rows, Xe, n_neighbors, metric, n_threads
+                )
+            else:
+                metric = (
+                    _flat_search.METRIC_INNER_PRODUCT
+                    if self.inner_product
+                    else _flat_search.METRIC_SQEUCLIDEAN
+                )
+                dist, positions[queries] = _flat_search.rows_kneighbors(
+                    Xe, lists.vectors, indptr, rows, n_neighbors, metric, n_threads
+                )
+            distances[queries] = self._to_metric(dist)
+        # The others by groups of equal probes (one group for a shared filter).
+        for value in np.unique(probes[~exact]):
+            queries = np.flatnonzero(~exact & (probes == value))
+            Xg = np.ascontiguousarray(X[queries])
+            sub = allowed.take(queries)
+            dist, pos = self._scan(lists, Xg, int(value), n_scan, n_threads, sub)
+            short = np.flatnonzero(pos[:, n_neighbors - 1] < 0)
+            probe = int(value)
+            while len(short) and probe < nlist:
+                probe = min(2 * probe, nlist)
+                d_more, p_more = self._scan(
+                    lists, Xg[short], probe, n_scan, n_threads, sub.take(short)
+                )
+                dist[short], pos[short] = d_more, p_more
+                short = short[p_more[:, n_neighbors - 1] < 0]
+            distances[queries], positions[queries] = self._finish(
+                lists, Xg, dist, pos, n_neighbors, refine_factor, n_threads
+            )
+        return distances, positions
+
+    def _finish(
+        self, lists, X, distances, positions, n_neighbors, refine_factor, n_threads
+    ):
+        """Re-rank the scanned candidates if asked; keep ``n_neighbors``,
+        in the metric's units."""
         if refine_factor is not None:
             distances, positions = _ivf.refine(
                 X, lists.vectors, positions, n_neighbors, self.inner_product, n_threads
@@ -319,10 +408,13 @@ class IVFPQCodec:
         base: np.ndarray,
         n_scan: int,
         n_threads: int,
+        allowed=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``n_scan`` best rows of ``lists`` in the given cells of each
         query (``probe``'s), by code distance in scan units (``||x - y||^2``
         or ``-<x, y>``, see ``to_metric``); empty slots are (+inf, -1).
+        ``allowed`` (an ``annlearn._filter`` filter over the rows of
+        ``lists``): disallowed rows are never scored.
 
         Returns
         -------
@@ -332,7 +424,14 @@ class IVFPQCodec:
         """
         tables = (self.pq.codebooks_t, self.term2)
         if self.pq.ksub == 16:
-            return self._fast_scan(lists, X, cells, base, *tables, n_scan, n_threads)
+            slots = None
+            if allowed is not None:
+                n_slots = 32 * len(lists.packed_codes()[0])
+                slots = allowed.slot_bitmap(lists.fastscan_slots(), n_slots)
+            return self._fast_scan(
+                lists, X, cells, base, *tables, n_scan, n_threads, slots
+            )
+        bitmap = None if allowed is None else allowed.bitmap()
         return _ivf.ivfpq_scan(
             X,
             cells,
@@ -343,6 +442,7 @@ class IVFPQCodec:
             n_scan,
             self.inner_product,
             n_threads,
+            allowed=bitmap,
         )
 
     def to_metric(self, distances: np.ndarray) -> np.ndarray:
@@ -362,13 +462,28 @@ class IVFPQCodec:
         return distances
 
     def _scan(
-        self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_scan: int, n_threads
+        self,
+        lists: InvertedLists,
+        X: np.ndarray,
+        nprobe: int,
+        n_scan: int,
+        n_threads,
+        allowed=None,
     ):
         cells, base = self._probe(X, nprobe, n_threads)
-        return self.scan_probed(lists, X, cells, base, n_scan, n_threads)
+        return self.scan_probed(lists, X, cells, base, n_scan, n_threads, allowed)
 
     def _fast_scan(
-        self, lists, X, cells, base, codebooks_t, term2, n_scan: int, n_threads
+        self,
+        lists,
+        X,
+        cells,
+        base,
+        codebooks_t,
+        term2,
+        n_scan: int,
+        n_threads,
+        allowed=None,
     ):
         """The 4-bit scan (``annlearn/_fastscan.h``): tables quantized to
         uint8 per query, codes read 32 rows at a time. Queries go by chunks
@@ -389,6 +504,9 @@ class IVFPQCodec:
                 self.inner_product,
                 n_threads,
             )
+            chunk_allowed = allowed
+            if allowed is not None and len(allowed) > 1:
+                chunk_allowed = allowed[rows]
             distances[rows], positions[rows] = _fastscan.ivf_fastscan(
                 *tables,
                 cells[rows],
@@ -397,6 +515,7 @@ class IVFPQCodec:
                 lists.offsets,
                 n_scan,
                 n_threads,
+                allowed=chunk_allowed,
             )
         return distances, positions
 

@@ -191,6 +191,18 @@ def print_environment(env: dict) -> None:
         )
 
 
+def start_with_peers(systems) -> dict:
+    """Import the peers among ``systems`` (faiss, hnswlib), then print the
+    environment header and return it: imported first, the peers' BLAS and the
+    kernel it runs are in the header."""
+    for name in ("faiss", "hnswlib"):
+        if name in systems:
+            __import__(name)
+    env = environment()
+    print_environment(env)
+    return env
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """Markdown table; ``columns`` are (key, format) pairs."""
     print("| " + " | ".join(key for key, _ in columns) + " |")

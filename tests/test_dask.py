@@ -369,6 +369,8 @@ def test_save_and_load_on_a_cluster_of_another_size(client, data, tmp_path):
 
 def test_bad_input(client, data):
     X, Q = data
+    with pytest.raises(ValueError, match="does not support filtered search"):
+        DaskFlatNeighbors(n_neighbors=2).fit(X).kneighbors(Q, allowed=[0, 1, 2])
     with pytest.raises(NotFittedError):
         DaskFlatNeighbors().kneighbors(Q)
     with pytest.raises(InvalidParameterError):

@@ -289,8 +289,9 @@ def _ivf_problem(
     )
 
 
-def _scan_reference(pb, k):
-    """Brute force over the quantized tables, ties by position."""
+def _scan_reference(pb, k, allowed=None):
+    """Brute force over the quantized tables, ties by position; ``allowed``
+    (n_queries, n_rows) bool keeps only the allowed rows."""
     codes, offsets = pb["codes"], pb["offsets"]
     M = codes.shape[1]
     n_queries = pb["qtables"].shape[0]
@@ -302,6 +303,8 @@ def _scan_reference(pb, k):
             if c < 0:
                 continue
             rows = np.arange(offsets[c], offsets[c + 1])
+            if allowed is not None:
+                rows = rows[allowed[q, rows]]
             sums = pb["qtables"][q, p, np.arange(M), codes[rows]].astype(np.int64)
             sums = sums.sum(axis=1).astype(np.float32)
             dists.append(pb["bias"][q, p] + sums / pb["scale"][q])
@@ -315,7 +318,7 @@ def _scan_reference(pb, k):
     return dist, ids
 
 
-def _scan(pb, k, n_threads=1, isa=None, collector=None):
+def _scan(pb, k, n_threads=1, isa=None, collector=None, allowed=None):
     return ivf_fastscan(
         pb["qtables"],
         pb["scale"],
@@ -328,7 +331,33 @@ def _scan(pb, k, n_threads=1, isa=None, collector=None):
         n_threads,
         isa,
         collector,
+        allowed,
     )
+
+
+@pytest.mark.parametrize("collector", ["heap", "buffer"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("fraction", [0.5, 0.05])
+def test_ivf_fastscan_filter_equals_brute_force(rng, isa, collector, shared, fraction):
+    """A filter in the packed layout (one 32-bit word per block) gives brute
+    force over the allowed rows: disallowed lanes never pass, blocks with
+    none allowed are skipped, the padding of last blocks stays out."""
+    from annlearn._filter import FilterBlock
+    from annlearn._invlists import InvertedLists
+
+    pb = _ivf_problem(rng, M=6)
+    n_rows, n_queries = len(pb["codes"]), len(pb["qtables"])
+    mask = rng.random((1 if shared else n_queries, n_rows)) < fraction
+    lists = InvertedLists(pb["offsets"], pb["codes"], np.arange(n_rows))
+    block = FilterBlock(mask, mask.sum(1))
+    words = block.slot_bitmap(lists.fastscan_slots(), 32 * len(pb["packed"]))
+    D_ref, I_ref = _scan_reference(pb, 7, np.broadcast_to(mask, (n_queries, n_rows)))
+    dist, ids = _scan(pb, 7, isa=isa, collector=collector, allowed=words)
+    np.testing.assert_array_equal(ids, I_ref)
+    np.testing.assert_array_equal(dist, D_ref)
+    with pytest.raises(ValueError, match="Expected allowed of shape"):
+        _scan(pb, 7, allowed=np.ascontiguousarray(words[:, 1:]))
 
 
 @pytest.mark.parametrize("collector", ["heap", "buffer"])

@@ -29,6 +29,25 @@ def problem():
     return X, Y, _flat_search.row_sqnorms(Y, 1)
 
 
+def _search(problem, k, n_threads, chunks, strategy, gemm, allowed=None):
+    """flat_kneighbors on ``problem`` (squared L2), BLAS at one thread."""
+    X, Y, sq = problem
+    with blas_single_thread():
+        return _flat_search.flat_kneighbors(
+            X,
+            Y,
+            sq,
+            k,
+            _flat_search.METRIC_SQEUCLIDEAN,
+            n_threads,
+            chunks[0],
+            chunks[1],
+            strategy,
+            gemm,
+            allowed=allowed,
+        )
+
+
 @pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("strategy", ["parallel_on_X", "parallel_on_Y"])
 @pytest.mark.parametrize("chunks", [(1, 1), (3, 7), (12, 32), (50, 200), (None, None)])
@@ -36,21 +55,42 @@ def problem():
 def test_flat_kernel_invariance(problem, gemm, strategy, chunks, n_threads):
     X, Y, sq = problem
     ref_d, ref_i = _reference(X, Y, 9)
-    with blas_single_thread():
-        d, i = _flat_search.flat_kneighbors(
-            X,
-            Y,
-            sq,
-            9,
-            _flat_search.METRIC_SQEUCLIDEAN,
-            n_threads,
-            chunks[0],
-            chunks[1],
-            strategy,
-            gemm,
-        )
+    d, i = _search(problem, 9, n_threads, chunks, strategy, gemm)
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("strategy", ["parallel_on_X", "parallel_on_Y"])
+@pytest.mark.parametrize("chunks", [(3, 7), (50, 64), (None, None)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_flat_kernel_filter_invariance(problem, gemm, strategy, chunks, shared):
+    """A filter bitmap (one for all queries, or one per query) gives the
+    unfiltered kernel's answer over the allowed rows, whatever the blocks,
+    strategy, GEMM and threads; and the direct kernel gives it too."""
+    from annlearn._filter import FilterBlock
+
+    X, Y, sq = problem
+    rng = np.random.default_rng(8)
+    mask = rng.random((1 if shared else len(X), len(Y))) < 0.3
+    mask[:, :9] = True
+    block = FilterBlock(mask, mask.sum(1))
+    d64 = ((X[:, None, :].astype(np.float64) - Y[None]) ** 2).sum(-1)
+    d64[~np.broadcast_to(mask, d64.shape)] = np.inf
+    ref_i = np.argsort(d64, axis=1, kind="stable")[:, :9]
+    ref_d = np.take_along_axis(d64, ref_i, axis=1)
+    for n_threads in (1, 3):
+        d, i = _search(problem, 9, n_threads, chunks, strategy, gemm, block.bitmap())
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+    indptr, rows = block.rows(np.arange(len(X)))
+    d, i = _flat_search.rows_kneighbors(
+        X, Y, indptr, rows, 9, _flat_search.METRIC_SQEUCLIDEAN, 2
+    )
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Expected allowed of dtype uint64"):
+        _flat_search.flat_kneighbors(X, Y, sq, 9, 0, 1, allowed=block.bitmap()[:, 1:])
 
 
 def _low_rank(n, d, seed):

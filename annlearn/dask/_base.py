@@ -246,7 +246,9 @@ class ShardedNeighborsBase(BaseEstimator):
         )
 
     # -- queries -----------------------------------------------------------
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def kneighbors(
+        self, X=None, n_neighbors=None, return_distance=True, *, allowed=None
+    ):
         """Find the k nearest neighbours of each query, over every shard.
 
         Each block of ``query_block_size`` queries is searched on the shards
@@ -266,6 +268,9 @@ default=None
             Number of neighbours; the estimator's ``n_neighbors`` if None.
         return_distance : bool, default=True
             Whether to return the distances too.
+        allowed : None
+            Filtered search is not available on sharded indexes yet: any
+            filter raises a ValueError rather than being dropped.
 
         Returns
         -------
@@ -284,6 +289,12 @@ default=None
             computed).
         """
         check_is_fitted(self)
+        if allowed is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support filtered search "
+                "(allowed=) yet: a filter is never dropped, so search a "
+                "FlatNeighbors or IVFPQNeighbors for filtered queries."
+            )
         index = self._index  # one snapshot for the whole call
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         k = check_n_neighbors(k, index.n_samples, query_is_train=X is None)
