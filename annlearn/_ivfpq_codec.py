@@ -150,10 +150,13 @@ class IVFPQCodec:
         the memory of an index of ``lists`` coded by this codec."""
         n, d = len(lists), self.quantizer.centers.shape[1]
         sizes = lists.sizes()
+        # The uint8 scalar quantizer (lists.sq) counts with the quantizers.
+        sq_bytes = 0 if lists.sq is None else lists.sq.nbytes
         quantizers = self.quantizer.centers.nbytes + self.pq.codebooks.nbytes
+        quantizers += sq_bytes
         kept = lists.vectors is not None
-        per_vector = self.pq.M + 8 + (4 * d if kept else 0)
-        stored = " + float32 vectors for re-ranking" if kept else ""
+        per_vector = self.pq.M + 8 + (lists.sq.itemsize * d if kept else 0)
+        stored = f" + {lists.sq.describe()} for re-ranking" if kept else ""
         return [
             f"  cells: {len(sizes)} (vectors per cell: min {sizes.min()}, "
             f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
@@ -163,8 +166,9 @@ class IVFPQCodec:
             f"  bytes per vector: {per_vector} in the lists (+ "
             f"{quantizers / max(n, 1):.1f} for the quantizers)",
             f"  memory: {format_bytes(lists.nbytes + self.nbytes)} (lists "
-            f"{format_bytes(lists.nbytes)}, quantizers {format_bytes(quantizers)}, "
-            f"lookup tables {format_bytes(self.nbytes - quantizers)})",
+            f"{format_bytes(lists.nbytes - sq_bytes)}, quantizers "
+            f"{format_bytes(quantizers)}, lookup tables "
+            f"{format_bytes(self.nbytes + sq_bytes - quantizers)})",
         ]
 
     # -- coding -----------------------------------------------------------
@@ -208,8 +212,9 @@ class IVFPQCodec:
         Scans the ``nprobe`` nearest cells (further cells for the queries
         whose probed cells hold fewer than ``n_neighbors`` rows, so no result
         is padded), keeps ``refine_factor * n_neighbors`` candidates and
-        re-ranks them by exact distance to ``lists.vectors`` when
-        ``refine_factor`` is set.
+        re-ranks them by exact distance to the vectors ``lists`` stores
+        (float32, float16 or uint8, ``lists.sq``) when ``refine_factor`` is
+        set.
 
         Returns
         -------
@@ -230,8 +235,8 @@ class IVFPQCodec:
             distances[short], positions[short] = d_more, p_more
             short = short[p_more[:, n_neighbors - 1] < 0]
         if refine_factor is not None:
-            distances, positions = _ivf.refine(
-                X, lists.vectors, positions, n_neighbors, self.inner_product, n_threads
+            distances, positions = lists.refine(
+                X, positions, n_neighbors, self.inner_product, n_threads
             )
         distances = np.ascontiguousarray(distances[:, :n_neighbors])
         return self._to_metric(distances), positions[:, :n_neighbors]
@@ -256,12 +261,14 @@ class IVFPQCodec:
         else:
             limit = radius
         nprobe = min(nprobe, self.quantizer.nlist)
+        stored = {} if lists.vectors is None else lists.sq.kernel_args()
         indptr, positions, distances = _ivf.ivfpq_radius(
             *self._scan_inputs(lists, X, nprobe, n_threads),
             lists.vectors,
             np.float32(limit),
             self.inner_product,
             n_threads,
+            **stored,
         )
         return indptr, positions, self._to_metric(distances)
 

@@ -12,6 +12,22 @@ ESTIMATORS = [
     IVFPQNeighbors(
         nlist=2, nprobe=1, nbits=4, metric="cosine", refine_factor=2, random_state=0
     ),
+    IVFPQNeighbors(
+        nlist=2,
+        nprobe=2,
+        nbits=4,
+        refine_factor=2,
+        vector_dtype="uint8",
+        random_state=0,
+    ),
+    IVFPQNeighbors(
+        nlist=2,
+        nbits=4,
+        metric="inner_product",
+        refine_factor=2,
+        vector_dtype="float16",
+        random_state=0,
+    ),
 ]
 
 _TOO_FEW_FOR_PQ = (
