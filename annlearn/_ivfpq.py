@@ -397,18 +397,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         X = self._prepare(X)
         vectors = None
         if lists.vectors is not None:
-            vectors, clipped = lists.sq.encode(X)
-            if clipped:
-                warnings.warn(
-                    f"IVFPQNeighbors.add: {clipped} of {len(X)} vectors have "
-                    "values outside the range of the features at fit, clipped "
-                    "to it in the uint8 copy kept for re-ranking "
-                    "(vector_dtype='uint8'): their re-ranking distances are "
-                    "approximate. Fit again on data covering the new range to "
-                    "store them exactly.",
-                    UserWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            vectors = lists.sq.encode_added(
+                X, "IVFPQNeighbors", "the uint8 copy kept for re-ranking"
+            )
         cells, codes = self._codec.encode(X, effective_n_threads(self.n_jobs))
         return lists.add(cells, codes, ids, vectors)
 

@@ -55,9 +55,10 @@ __all__ = [
 # 3: IVFPQNeighbors with metric="inner_product" stores the lift of its cells
 #    (``_ip_lift``, None for the other metrics and for older files, whose
 #    cells stay probed by the largest inner product).
-# 4: IVFPQNeighbors may store its re-ranking vectors as float16 or uint8
-#    (``vector_dtype``); uint8 with its per-feature ``_vector_offset`` and
-#    ``_vector_scale`` (None otherwise, and in older files: float32).
+# 4: IVFPQNeighbors (its re-ranking copy) and FlatNeighbors may store their
+#    vectors as float16 or uint8 (``vector_dtype``); uint8 with its
+#    per-feature ``_vector_offset`` and ``_vector_scale`` (None otherwise, and
+#    in older files: float32).
 FORMAT_VERSION = 4
 # The data layout of the first annlearn files (earlier layouts were pickled).
 _FIRST_FILE_LAYOUT = 2
@@ -265,7 +266,11 @@ _SCHEMAS = {
 # Keys a state may hold or not: scikit-learn's, and those that states written
 # before they existed lack (the estimator's _upgrade_state fills them in).
 _OPTIONAL = {
-    "FlatNeighbors": {"effective_metric_": _STR},
+    "FlatNeighbors": {
+        "effective_metric_": _STR,
+        "_vector_offset": _ARRAY_OR_NONE,
+        "_vector_scale": _ARRAY_OR_NONE,
+    },
     "IVFPQNeighbors": {
         "effective_metric_": _STR,
         "_by_residual": _BOOL,
@@ -276,7 +281,7 @@ _OPTIONAL = {
 }
 # Parameters added after the first file layout, which older files lack.
 _PARAMS_ADDED_LATER = {
-    "FlatNeighbors": ("radius",),
+    "FlatNeighbors": ("radius", "vector_dtype"),
     "IVFPQNeighbors": ("radius", "vector_dtype"),
 }
 _OPTIONAL_EVERYWHERE = {

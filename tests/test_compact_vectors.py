@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.utils._param_validation import InvalidParameterError
 
-from annlearn import IVFPQNeighbors, _ivf, load, save
+from annlearn import FlatNeighbors, IVFPQNeighbors, _flat_store, _ivf, load, save
 from annlearn._quantizers import ScalarQuantizer
-from annlearn._testing import float64_distances
+from annlearn._testing import assert_knn_quasi_equal, float64_distances
 from annlearn.datasets import make_embeddings
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "inner_product"]
@@ -291,3 +291,71 @@ def test_layout_3_state_loads_as_float32():
     np.testing.assert_array_equal(
         old.kneighbors(_pixels(5, 8, 1))[1], est.kneighbors(_pixels(5, 8, 1))[1]
     )
+
+
+# -- FlatNeighbors ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Compact stores decoded 1,024 rows at a time: several blocks to merge."""
+    monkeypatch.setattr(_flat_store, "_COMPACT_BLOCK_BYTES", 1 << 12)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "inner_product"])
+@pytest.mark.parametrize("algorithm", ["brute", "pca_bound"])
+@pytest.mark.parametrize("shift", [0.0, 1e5])
+def test_flat_uint8_on_8bit_data_equals_float32(metric, algorithm, shift, small_blocks):
+    # shift 1e5: stored centred on an integer mean, still 8-bit.
+    X, Q = _pixels(4000, 40, 0) + shift, _pixels(30, 40, 1) + shift
+    params = dict(n_neighbors=7, metric=metric, algorithm=algorithm)
+    ref = FlatNeighbors(**params).fit(X)
+    est = FlatNeighbors(**params, vector_dtype="uint8").fit(X)
+    assert est._store.vectors.dtype == np.uint8
+    assert (est._center is None) == (ref._center is None)
+    for got, want in zip(est.kneighbors(Q), ref.kneighbors(Q), strict=True):
+        np.testing.assert_array_equal(got, want)
+    radius = ref.kneighbors(Q[:8])[0][:, -1].max()
+    got = est.radius_neighbors(Q[:8], radius=radius, sort_results=True)
+    want = ref.radius_neighbors(Q[:8], radius=radius, sort_results=True)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_flat_compact_is_exact_over_the_stored_vectors(metric, dtype, small_blocks):
+    X, Q = _anisotropic(3000, 24, 0), _anisotropic(40, 24, 1)
+    est = FlatNeighbors(n_neighbors=8, metric=metric, vector_dtype=dtype).fit(X)
+    # float32 exact search over the decoded stored vectors is the answer.
+    stored = est._store.decoded()
+    ref = FlatNeighbors(
+        n_neighbors=8, metric="inner_product" if metric == "cosine" else metric
+    ).fit(stored)
+    Qp = est._prepare_queries(Q.astype(np.float32))
+    want_d, want_i = ref.kneighbors(Qp)
+    if metric == "cosine":
+        want_d = np.clip(1 + want_d, 0, 2)
+    assert_knn_quasi_equal(*est.kneighbors(Q), want_d, want_i, rtol=1e-4, atol=1e-4)
+
+
+def test_flat_add_clips_and_round_trips(tmp_path):
+    X = _pixels(3000, 16, 0)
+    est = FlatNeighbors(n_neighbors=3, vector_dtype="uint8").fit(X)
+    new = X[:2].copy()
+    new[0, 0] = 1000.0
+    with pytest.warns(UserWarning, match="1 of 2 vectors .* clipped"):
+        est.add(new, ids=[7000, 7001])
+    path = tmp_path / "flat.annlearn"
+    save(est, path)
+    for mode in (None, "r"):
+        loaded = load(path, mmap_mode=mode)
+        assert loaded._store.vectors.dtype == np.uint8
+        for got, want in zip(
+            loaded.kneighbors(X[:20]), est.kneighbors(X[:20]), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+    assert "bytes per vector: 28 (uint8" in est.summary()
+    with pytest.raises(InvalidParameterError, match="'vector_dtype' parameter"):
+        FlatNeighbors(vector_dtype="float64").fit(X)

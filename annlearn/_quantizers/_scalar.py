@@ -21,10 +21,13 @@ represent, which every exact distance is measured to.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from annlearn import _ivf
 from annlearn._persistence import check_array_state
+from annlearn._validation import user_stacklevel
 
 __all__ = ["VECTOR_DTYPES", "ScalarQuantizer"]
 
@@ -130,6 +133,22 @@ class ScalarQuantizer:
             np.clip(steps, 0, 255, out=steps)
             codes[rows] = steps
         return codes, clipped
+
+    def encode_added(self, X: np.ndarray, owner: str, copy: str) -> np.ndarray:
+        """``encode`` for the rows that ``owner.add`` brings, with a
+        UserWarning when uint8 clips some (``copy`` names the store)."""
+        stored, clipped = self.encode(X)
+        if clipped:
+            warnings.warn(
+                f"{owner}.add: {clipped} of {len(X)} vectors have values "
+                "outside the range of the features at fit, clipped to it in "
+                f"{copy} (vector_dtype='uint8'): distances to them are "
+                "distances to the clipped vectors. Fit again on data covering "
+                "the new range to store them exactly.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return stored
 
     def decode(self, stored: np.ndarray) -> np.ndarray:
         """The float32 vectors that stored rows represent (what the
