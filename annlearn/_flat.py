@@ -99,10 +99,13 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
           scored in full. Costs ``4 * (d1 + 1)`` bytes per vector (``d1``
           components, at most ``n_features / 4``) and a principal-axes
           estimate at ``fit``;
-        - ``"auto"``: ``"pca_bound"`` when there are at least 4,096 vectors
-          of at least 32 features whose variance sits in few directions
-          (the first ``n_features / 4`` axes explain 85% of it: images and
-          many learnt embeddings), else ``"brute"``.
+        - ``"auto"``: chosen by cost at ``fit`` (at least 4,096 vectors of
+          at least 32 features for the bound): a sample search counts the
+          candidates the bound would let through, and ``"pca_bound"`` is
+          kept, on the cheapest number of components, only when it is
+          estimated at 70% of brute force's cost or less (images, many
+          learnt embeddings); else ``"brute"`` (flat spectra, small
+          indexes). User guide, "Bounds from principal components".
     vector_dtype : {"float32", "float16", "uint8"}, default="float32"
         How the indexed vectors are stored (an explicit opt-in: memory for
         speed and, except on 8-bit data, exactness):
@@ -249,6 +252,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             algorithm=self.algorithm,
             n_threads=n_threads,
             sqnorms=sqnorms,
+            l2=self.metric in ("euclidean", "sqeuclidean"),
             sq=ScalarQuantizer.train(X, self.vector_dtype),
         )
         self.effective_metric_ = self.metric

@@ -76,11 +76,20 @@ class FlatStore:
 
     @classmethod
     def build(
-        cls, X, ids, *, algorithm: str, n_threads: int, sqnorms=None, sq=None
+        cls,
+        X,
+        ids,
+        *,
+        algorithm: str,
+        n_threads: int,
+        sqnorms=None,
+        l2: bool = True,
+        sq=None,
     ) -> FlatStore:
         """A store of prepared rows X (and their squared norms, if known);
-        ``algorithm`` as FlatNeighbors'; stored as ``sq`` says (float32 if
-        None), the norms and the bound being those of the stored vectors."""
+        ``algorithm`` as FlatNeighbors'; ``l2``: ranked by L2 distance, else
+        by inner product; stored as ``sq`` says (float32 if None), the norms
+        and the bound being those of the stored vectors."""
         stored = X
         if sq is not None and sq.dtype != "float32":
             stored, _ = sq.encode(X)
@@ -89,7 +98,9 @@ class FlatStore:
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
         bound = None
         if algorithm != "brute":
-            bound = _pca_bound.fit_bound(X, sqnorms, force=algorithm == "pca_bound")
+            bound = _pca_bound.fit_bound(
+                X, sqnorms, l2=l2, force=algorithm == "pca_bound"
+            )
         return cls(stored, sqnorms, ids, bound, sq)
 
     def decoded(self, rows=slice(None)) -> np.ndarray:

@@ -17,13 +17,28 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+# The data sets the benchmarks know, and the metric each is searched by
+# ("ip": inner product, the text embeddings' unit rows; "l2" otherwise).
+DATA_SETS = ("fashion-mnist", "debian-minilm", "random")
+DATA_METRIC = {"debian-minilm": "ip"}
+TEXT_EMBEDDINGS = os.path.join(os.path.dirname(__file__), "data", "debian-minilm.npz")
+
 
 def load_data(name: str, n_queries: int | None = None):
-    """(database, queries) float32: "fashion-mnist" or "random"."""
+    """(database, queries) float32: "fashion-mnist", "debian-minilm" (built
+    by ``make_text_embeddings.py``) or "random"."""
     from annlearn.datasets import load_fashion_mnist, make_embeddings
 
     if name == "fashion-mnist":
         X, Q = load_fashion_mnist()
+    elif name == "debian-minilm":
+        if not os.path.exists(TEXT_EMBEDDINGS):
+            raise SystemExit(
+                f"{TEXT_EMBEDDINGS} is missing: build it with "
+                "benchmarks/make_text_embeddings.py (see its docstring)."
+            )
+        with np.load(TEXT_EMBEDDINGS) as f:
+            X, Q = f["X"], f["Q"]
     else:
         X = make_embeddings(60_000, 784, random_state=0)
         Q = make_embeddings(10_000, 784, random_state=1)
@@ -230,6 +245,43 @@ def environment_line(env: dict) -> str:
     )
 
 
+def recall_qps_axes():
+    """A figure and axes for a recall/queries-per-second plot, or None
+    without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt.subplots(figsize=(7.5, 5))
+
+
+def save_recall_qps_plot(fig, ax, path: str, title: str, footer: str) -> str:
+    """Label the axes (recall@10 against log queries/s), print ``footer``
+    (the machine and versions) under them, save to ``path`` and close."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@10")
+    ax.set_ylabel("queries / second (log)")
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    if footer:
+        wrapped = textwrap.fill(footer, 120)
+        lines = wrapped.count("\n") + 1
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.03 * lines)
+        fig.text(0.01, 0.01, wrapped, fontsize=6, color="#555555", va="bottom")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_recall_qps_plot(
     rows: list[dict], path: str, title: str, footer: str = ""
 ) -> str | None:
@@ -238,16 +290,10 @@ def write_recall_qps_plot(
     star); systems of the same ``config`` share a colour, annlearn solid and
     the peer dashed. ``footer`` (the machine and versions) is printed under
     the axes. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    axes = recall_qps_axes()
+    if axes is None:
         return None
-    import textwrap
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = axes
     configs = list(dict.fromkeys(r.get("config", r["system"]) for r in rows))
     for system in dict.fromkeys(r["system"] for r in rows):
         points = sorted(
@@ -277,18 +323,4 @@ def write_recall_qps_plot(
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-    ax.set_yscale("log")
-    ax.set_xlabel("recall@10")
-    ax.set_ylabel("queries / second (log)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    if footer:
-        wrapped = textwrap.fill(footer, 120)
-        lines = wrapped.count("\n") + 1
-        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.03 * lines)
-        fig.text(0.01, 0.01, wrapped, fontsize=6, color="#555555", va="bottom")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_recall_qps_plot(fig, ax, path, title, footer)

@@ -18,16 +18,24 @@ RFlat), hnswlib; install them with the ``bench`` extra.
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 
 import numpy as np
 from _common import (
+    DATA_METRIC,
+    DATA_SETS,
     best_time,
     environment,
+    environment_line,
     exact_ground_truth,
+    latencies_us,
     load_data,
     print_environment,
     print_table,
+    publish,
+    recall_qps_axes,
+    save_recall_qps_plot,
     tie_aware_recall,
     write_json,
 )
@@ -35,16 +43,51 @@ from _common import (
 LEVELS = (0.90, 0.95, 0.99)
 
 
-def annlearn_points(X, Q, k, threads, repeats, quick):
+class Point:
+    """One configuration of one system: its batch speed and recall, and how to
+    set it up again and search one query (for the latency of the winners)."""
+
+    def __init__(self, system, config, build_s, nbytes, n, setup, search, Q, repeats):
+        self.system, self.config, self.build_s = system, config, build_s
+        self.bytes_per_vector = nbytes / n
+        self.setup, self.search = setup, search
+        setup()
+        seconds, self.ids = best_time(lambda: search(Q), repeats)
+        self.qps = len(Q) / seconds
+
+    def latencies(self, Q) -> np.ndarray:
+        self.setup()
+        return latencies_us(self.search, Q)
+
+
+def _pickled_bytes(est) -> int:
+    return len(pickle.dumps(est, protocol=5))
+
+
+def annlearn_points(X, Q, k, metric, threads, repeats, quick):
     from annlearn import FlatNeighbors, IVFPQNeighbors
 
-    points = []
+    metric = "inner_product" if metric == "ip" else "sqeuclidean"
     start = time.perf_counter()
-    flat = FlatNeighbors(n_neighbors=k, n_jobs=threads).fit(X)
+    flat = FlatNeighbors(n_neighbors=k, metric=metric, n_jobs=threads).fit(X)
     build = time.perf_counter() - start
-    t, (_, ids) = best_time(lambda: flat.kneighbors(Q), repeats)
-    points.append(("annlearn-Flat", "FlatNeighbors(auto)", build, len(Q) / t, ids))
-    codes = [(28, 8), (98, 4)] if quick else [(28, 8), (56, 4), (98, 4), (196, 4)]
+    yield Point(
+        "annlearn-Flat",
+        "FlatNeighbors(auto)",
+        build,
+        _pickled_bytes(flat),
+        len(X),
+        lambda: None,
+        lambda q: flat.kneighbors(q, return_distance=False),
+        Q,
+        repeats,
+    )
+    d = X.shape[1]
+    codes = (
+        [(d // 28, 8), (d // 8, 4)]
+        if quick
+        else [(d // 28, 8), (d // 14, 4), (d // 8, 4), (d // 4, 4)]
+    )
     grid = [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32)]
     for nlist in (256,) if quick else (256, 1024):
         for m, nbits in codes:
@@ -54,153 +97,354 @@ def annlearn_points(X, Q, k, threads, repeats, quick):
                 nlist=nlist,
                 n_subquantizers=m,
                 nbits=nbits,
+                metric=metric,
                 refine_factor=4,
                 random_state=0,
                 n_jobs=threads,
             ).fit(X)
             build = time.perf_counter() - start
+            nbytes = _pickled_bytes(index)
             for nprobe, refine in grid:
-                index.set_params(nprobe=nprobe, refine_factor=refine)
-                t, (_, ids) = best_time(
-                    lambda index=index: index.kneighbors(Q), repeats
+                yield Point(
+                    "annlearn-IVFPQ",
+                    f"IVF{nlist},PQ{m}x{nbits},refine nprobe={nprobe} rf={refine}",
+                    build,
+                    nbytes,
+                    len(X),
+                    lambda i=index, p=nprobe, r=refine: i.set_params(
+                        nprobe=p, refine_factor=r
+                    ),
+                    lambda q, i=index: i.kneighbors(q, return_distance=False),
+                    Q,
+                    repeats,
                 )
-                name = f"IVF{nlist},PQ{m}x{nbits},refine nprobe={nprobe} rf={refine}"
-                points.append(("annlearn-IVFPQ", name, build, len(Q) / t, ids))
-    return points
 
 
-def faiss_points(X, Q, k, threads, repeats, quick):
+def faiss_points(X, Q, k, metric, threads, repeats, quick):
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    points = []
+    fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    d = X.shape[1]
+    start = time.perf_counter()
+    flat = faiss.IndexFlat(d, fmetric)
+    flat.add(X)
+    yield Point(
+        "faiss-Flat",
+        "IndexFlat",
+        time.perf_counter() - start,
+        len(faiss.serialize_index(flat)),
+        len(X),
+        lambda: None,
+        lambda q: flat.search(q, k)[1],
+        Q,
+        repeats,
+    )
     grid = [(4, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32), (64, 32)]
-    factories = ["IVF256,PQ56x4fs,RFlat", "IVF256,PQ28x8,RFlat"]
+    factories = [f"IVF256,PQ{d // 14}x4fs,RFlat", f"IVF256,PQ{d // 28}x8,RFlat"]
     if not quick:
-        factories += ["IVF1024,PQ56x4fs,RFlat", "IVF256,PQ98x4fs,RFlat"]
+        factories += [
+            f"IVF1024,PQ{d // 14}x4fs,RFlat",
+            f"IVF256,PQ{d // 8}x4fs,RFlat",
+            f"IVF1024,PQ{d // 8}x4fs,RFlat",
+            "IVF256,Flat",
+            "IVF1024,Flat",
+        ]
     for factory in factories:
         start = time.perf_counter()
-        index = faiss.index_factory(X.shape[1], factory)
+        index = faiss.index_factory(d, factory, fmetric)
         index.train(X)
         index.add(X)
         build = time.perf_counter() - start
+        nbytes = len(faiss.serialize_index(index))
         ivf = faiss.extract_index_ivf(index)
-        for nprobe, refine in grid:
-            ivf.nprobe = nprobe
-            index.k_factor = refine
-            t, (_, ids) = best_time(lambda index=index: index.search(Q, k), repeats)
-            name = f"{factory} nprobe={nprobe} k_factor={refine}"
-            points.append(("faiss", name, build, len(Q) / t, ids))
-    return points
+        refined = "RFlat" in factory
+        # IVF-Flat has no re-ranking: its grid is nprobe alone.
+        points = grid if refined else [(p, None) for p in (2, 4, 8, 16, 32, 64)]
+        for nprobe, refine in points:
+
+            def setup(ivf=ivf, index=index, nprobe=nprobe, refine=refine):
+                ivf.nprobe = nprobe
+                if refine is not None:
+                    index.k_factor = refine
+
+            name = f"{factory} nprobe={nprobe}"
+            if refine is not None:
+                name += f" k_factor={refine}"
+            yield Point(
+                "faiss",
+                name,
+                build,
+                nbytes,
+                len(X),
+                setup,
+                lambda q, index=index: index.search(q, k)[1],
+                Q,
+                repeats,
+            )
 
 
-def hnswlib_points(X, Q, k, threads, repeats, quick):
+def hnswlib_points(X, Q, k, metric, threads, repeats, quick):
     import hnswlib
 
-    points = []
     for m in (16,) if quick else (16, 32):
         start = time.perf_counter()
-        index = hnswlib.Index(space="l2", dim=X.shape[1])
+        index = hnswlib.Index(space="ip" if metric == "ip" else "l2", dim=X.shape[1])
         index.init_index(max_elements=len(X), ef_construction=200, M=m)
         index.set_num_threads(threads)
         index.add_items(X, np.arange(len(X)))
         build = time.perf_counter() - start
+        # Graph links and the float32 vectors (hnswlib has no serialisation
+        # to bytes; its own estimate of the level-0 layout).
+        nbytes = len(X) * (4 * X.shape[1] + 8 + 4 * (2 * m + 1))
         for ef in (10, 20, 40, 80, 160, 320):
-            index.set_ef(max(ef, k))
-            t, (ids, _) = best_time(
-                lambda index=index: index.knn_query(Q, k=k), repeats
+            yield Point(
+                "hnswlib",
+                f"HNSW M={m} efC=200 ef={ef}",
+                build,
+                nbytes,
+                len(X),
+                lambda i=index, ef=ef: i.set_ef(max(ef, k)),
+                lambda q, i=index: i.knn_query(q, k=k)[0],
+                Q,
+                repeats,
             )
-            name = f"HNSW M={m} efC=200 ef={ef}"
-            points.append(("hnswlib", name, build, len(Q) / t, ids.astype(np.int64)))
-    return points
+
+
+def pynndescent_points(X, Q, k, metric, threads, repeats, quick):
+    from pynndescent import NNDescent
+
+    for n_neighbors in (30,) if quick else (30, 60):
+        start = time.perf_counter()
+        index = NNDescent(
+            X,
+            metric="dot" if metric == "ip" else "euclidean",
+            n_neighbors=n_neighbors,
+            random_state=0,
+            n_jobs=threads,
+            parallel_batch_queries=True,
+        )
+        index.prepare()
+        build = time.perf_counter() - start
+        nbytes = _pickled_bytes(index)
+        for epsilon in (0.0, 0.05, 0.1, 0.2, 0.3):
+            yield Point(
+                "pynndescent",
+                f"NNDescent k={n_neighbors} epsilon={epsilon}",
+                build,
+                nbytes,
+                len(X),
+                lambda: None,
+                lambda q, i=index, e=epsilon: i.query(q, k=k, epsilon=e)[0],
+                Q,
+                repeats,
+            )
+
+
+RUNNERS = {
+    "annlearn": annlearn_points,
+    "faiss": faiss_points,
+    "hnswlib": hnswlib_points,
+    "pynndescent": pynndescent_points,
+}
+_PEER_MODULES = {"faiss": "faiss", "hnswlib": "hnswlib", "pynndescent": "pynndescent"}
+
+
+def frontier_table(points, levels, k):
+    """Per recall level: each system's best point reaching it, and annlearn's
+    best over the best peer's."""
+    summary, ratios = [], {}
+    for level in levels:
+        best = {}
+        for p in points:
+            if p.recall >= level and p.qps > getattr(best.get(p.system), "qps", 0):
+                best[p.system] = p
+        for p in sorted(best.values(), key=lambda p: -p.qps):
+            summary.append((level, p))
+        ours = max(
+            (p for s, p in best.items() if s.startswith("annlearn")),
+            key=lambda p: p.qps,
+            default=None,
+        )
+        peer = max(
+            (p for s, p in best.items() if not s.startswith("annlearn")),
+            key=lambda p: p.qps,
+            default=None,
+        )
+        if ours and peer:
+            ratios[f"recall@{k} >= {level:.2f}"] = ours.qps / peer.qps
+            print(
+                f"# recall@{k} >= {level:.2f}: annlearn {ours.qps:.0f} "
+                f"({ours.config}) / best peer {peer.qps:.0f} "
+                f"({peer.system} {peer.config}) = {ours.qps / peer.qps:.2f}x"
+            )
+    return summary, ratios
+
+
+def write_pareto_plot(points, path, title, footer):
+    """Recall against queries/s: every point faint, each system's Pareto
+    curve drawn. None without matplotlib."""
+    axes = recall_qps_axes()
+    if axes is None:
+        return None
+    fig, ax = axes
+    for i, system in enumerate(dict.fromkeys(p.system for p in points)):
+        mine = sorted(
+            (p for p in points if p.system == system), key=lambda p: -p.recall
+        )
+        pareto, fastest = [], 0.0
+        for p in mine:
+            if p.qps > fastest:
+                pareto.append(p)
+                fastest = p.qps
+        color = f"C{i % 10}"
+        style = "-" if system.startswith("annlearn") else "--"
+        ax.scatter(
+            [p.recall for p in mine], [p.qps for p in mine], s=8, color=color, alpha=0.3
+        )
+        ax.plot(
+            [p.recall for p in pareto],
+            [p.qps for p in pareto],
+            style,
+            marker="o",
+            markersize=4,
+            color=color,
+            label=system,
+        )
+    for level in LEVELS:
+        ax.axvline(level, color="#999999", linewidth=0.6, linestyle=":")
+    ax.set_xlim(left=max(0.5, min(p.recall for p in points) - 0.02), right=1.002)
+    return save_recall_qps_plot(fig, ax, path, title, footer)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", default="fashion-mnist", choices=["fashion-mnist", "random"]
-    )
+    parser.add_argument("--data", default="fashion-mnist", choices=DATA_SETS)
     parser.add_argument("--n-queries", type=int, default=10_000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--latency-queries",
+        type=int,
+        default=1000,
+        help="queries searched one at a time for the p50/p99 of the winners",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument(
-        "--systems", default="annlearn,faiss,hnswlib", help="comma-separated"
+        "--systems",
+        default=",".join(RUNNERS),
+        help="comma-separated, of " + ", ".join(RUNNERS),
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the results and plot to doc/_static/benchmarks/",
     )
     args = parser.parse_args(argv)
+    systems = args.systems.split(",")
     # The peers are imported first, so that the header lists the BLAS each
     # one loaded and the kernel it runs.
-    systems = args.systems.split(",")
-    for name in ("faiss", "hnswlib"):
-        if name in systems:
-            __import__(name)
+    for name in systems:
+        if name in _PEER_MODULES:
+            __import__(_PEER_MODULES[name])
     env = environment()
     print_environment(env)
     X, Q = load_data(args.data, args.n_queries)
+    metric = DATA_METRIC.get(args.data, "l2")
+    # Unit rows (the text set) rank the same by inner product and by L2, so
+    # one exact L2 ground truth serves both.
     true_dist, _ = exact_ground_truth(X, Q, args.k)
     print(
         f"# data {args.data}: {X.shape[0]} x {X.shape[1]}, {len(Q)} queries, "
-        f"k={args.k}, threads={args.threads}"
+        f"k={args.k}, threads={args.threads}, metric={metric}"
     )
-    runners = {
-        "annlearn": annlearn_points,
-        "faiss": faiss_points,
-        "hnswlib": hnswlib_points,
-    }
-    rows = []
+    points = []
     for system in systems:
-        for family, name, build, qps, ids in runners[system](
-            X, Q, args.k, args.threads, args.repeats, args.quick
+        for point in RUNNERS[system](
+            X, Q, args.k, metric, args.threads, args.repeats, args.quick
         ):
-            recall = tie_aware_recall(ids, X, Q, true_dist)
-            rows.append(
-                dict(system=family, config=name, build_s=build, qps=qps, recall=recall)
-            )
+            point.recall = tie_aware_recall(point.ids, X, Q, true_dist)
+            del point.ids
+            points.append(point)
             print(
-                f"#   {family} {name}: {qps:.0f} q/s, recall {recall:.4f}", flush=True
+                f"#   {point.system} {point.config}: {point.qps:.0f} q/s, "
+                f"recall {point.recall:.4f}",
+                flush=True,
             )
-    summary = []
-    for level in LEVELS:
-        best = {}
-        for row in rows:
-            if row["recall"] >= level and row["qps"] > best.get(row["system"], {}).get(
-                "qps", 0
-            ):
-                best[row["system"]] = row
-        ours = max(
-            (r for s, r in best.items() if s.startswith("annlearn")),
-            key=lambda r: r["qps"],
-            default=None,
-        )
-        peer = max(
-            (r for s, r in best.items() if not s.startswith("annlearn")),
-            key=lambda r: r["qps"],
-            default=None,
-        )
-        for row in sorted(best.values(), key=lambda r: -r["qps"]):
-            summary.append(dict(level=level, **row))
-        if ours and peer:
-            print(
-                f"# recall@{args.k} >= {level}: annlearn {ours['qps']:.0f} "
-                f"({ours['config']}) / best peer {peer['qps']:.0f} "
-                f"({peer['system']} {peer['config']}) = "
-                f"{ours['qps'] / peer['qps']:.2f}x"
+    summary, ratios = frontier_table(points, LEVELS, args.k)
+    # Single-query latency of each level's winners, one query per call.
+    lat_q = Q[: args.latency_queries]
+    latency = {}
+    for _, p in summary:
+        if id(p) not in latency:
+            lat = p.latencies(lat_q)
+            latency[id(p)] = (
+                float(np.percentile(lat, 50)),
+                float(np.percentile(lat, 99)),
             )
+    rows = [
+        dict(
+            level=level,
+            system=p.system,
+            config=p.config,
+            qps=p.qps,
+            recall=p.recall,
+            p50_us=latency[id(p)][0],
+            p99_us=latency[id(p)][1],
+            build_s=p.build_s,
+            bytes_per_vector=p.bytes_per_vector,
+        )
+        for level, p in summary
+    ]
     print_table(
-        summary,
+        rows,
         [
             ("level", ".2f"),
             ("system", "s"),
             ("config", "s"),
             ("qps", ".0f"),
             ("recall", ".4f"),
+            ("p50_us", ".0f"),
+            ("p99_us", ".0f"),
             ("build_s", ".1f"),
+            ("bytes_per_vector", ".0f"),
         ],
     )
-    print("results written to", write_json("frontier", {"env": env, "rows": rows}))
+    all_points = [
+        dict(
+            system=p.system,
+            config=p.config,
+            qps=p.qps,
+            recall=p.recall,
+            build_s=p.build_s,
+            bytes_per_vector=p.bytes_per_vector,
+        )
+        for p in points
+    ]
+    payload = {
+        "environment": env,
+        "args": vars(args),
+        "rows": rows,
+        "ratios": ratios,
+        "points": all_points,
+    }
+    path = write_json(f"frontier-{args.data}", payload)
+    print("results written to", path)
+    png = write_pareto_plot(
+        points,
+        path[: -len(".json")] + ".png",
+        f"{args.data}: {X.shape[0]} x {X.shape[1]}, {len(Q)} queries, k={args.k}, "
+        f"{args.threads} threads; each system's Pareto curve",
+        environment_line(env),
+    )
+    if png:
+        print("plot written to", png)
+    if args.publish:
+        for target in publish(f"frontier-{args.data}", path, png):
+            print("published", target)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ from docutils.statemachine import StringList
 
 # Columns of the results table: key in the JSON row -> (header, format).
 _COLUMNS = {
+    "level": ("recall@k >=", ".2f"),
     "system": ("system", "s"),
+    "config": ("configuration", "s"),
     "nprobe": ("nprobe", "s"),
     "build_s": ("build s", ".1f"),
     "bytes_per_vector": ("bytes/vector", ".1f"),
     "qps": ("queries/s", ".0f"),
     "gflops": ("GFLOP/s", ".0f"),
     "p50_us": ("p50 latency (us)", ".0f"),
+    "p99_us": ("p99 latency (us)", ".0f"),
     "recall": ("recall@k", ".4f"),
 }
 
