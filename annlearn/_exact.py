@@ -40,7 +40,11 @@ def _store_digest(store) -> str:
     with _lock:
         digest = _store_digests.get(store)
     if digest is None:
-        digest = _digest(store.vectors, store.ids)
+        # A uint8 store's codes mean nothing without its offsets and scales.
+        sq = getattr(store, "sq", None)
+        extra = () if sq is None else (sq.offset, sq.scale)
+        extra = [a for a in extra if a is not None]
+        digest = _digest(store.vectors, store.ids, *extra)
         with _lock:
             _store_digests[store] = digest
     return digest

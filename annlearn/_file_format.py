@@ -48,7 +48,8 @@ with a single key starting with ``$`` stands for a value JSON lacks:
   location (a str, or None), which the estimator turns into a ``Memory`` when
   it fits.
 
-Array dtypes are limited to ``<f4``, ``<f8``, ``<i8``, ``<u4`` and ``|u1``.
+Array dtypes are limited to ``<f2``, ``<f4``, ``<f8``, ``<i8``, ``<u4`` and
+``|u1`` (``<f2`` since annlearn files hold float16 vectors, data layout 4).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ _MAX_HEADER_BYTES = 1 << 28
 _MAX_DEPTH = 8
 _MAX_NDIM = 8
 _DTYPES = {
-    np.dtype(code).str: np.dtype(code) for code in ("<f4", "<f8", "<i8", "<u4", "u1")
+    np.dtype(code).str: np.dtype(code)
+    for code in ("<f2", "<f4", "<f8", "<i8", "<u4", "u1")
 }
 _TABLE_KEYS = ("name", "dtype", "shape", "offset", "nbytes", "crc32")
 _HEADER_KEYS = ("format_version", "estimator", "versions", "params", "state", "arrays")

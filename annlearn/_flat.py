@@ -13,6 +13,7 @@ from annlearn import _flat_search
 from annlearn._base import NeighborsBase, transactional
 from annlearn._flat_store import FlatStore
 from annlearn._persistence import PersistenceMixin, check_array_state
+from annlearn._quantizers import VECTOR_DTYPES, ScalarQuantizer
 from annlearn._threads import effective_n_threads
 from annlearn._validation import (
     METRICS,
@@ -105,6 +106,25 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
           estimated at 70% of brute force's cost or less (images, many
           learnt embeddings); else ``"brute"`` (flat spectra, small
           indexes). User guide, "Bounds from principal components".
+    vector_dtype : {"float32", "float16", "uint8"}, default="float32"
+        How the indexed vectors are stored (an explicit opt-in: memory for
+        speed and, except on 8-bit data, exactness):
+
+        - ``"float32"``: the vectors as given;
+        - ``"float16"``: 2 bytes per feature; ``fit`` and ``add`` refuse
+          values of magnitude above 65504;
+        - ``"uint8"``: 1 byte per feature, ``offset + scale * code`` per
+          feature over its range at ``fit``. Features whose values are
+          integers spanning at most 256 values (8-bit data such as pixels)
+          are stored exactly: the index is then the float32 one at a quarter
+          of the memory. Values ``add`` brings outside what the codes cover
+          are clipped, with a warning.
+
+        The search is exact over the *stored* vectors (which are the data
+        themselves with ``"float32"``, and with ``"uint8"`` on 8-bit data):
+        it decodes a block of them at a time to float32, so it costs one
+        conversion of the whole index per call on top of the float32 search
+        (batches amortise it; single queries pay it).
     n_jobs : int, default=None
         Number of OpenMP threads of the search kernel (not joblib processes).
         ``None`` honours ``OMP_NUM_THREADS``, threadpoolctl limits and the
@@ -134,8 +154,9 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
 
     Notes
     -----
-    Vectors are stored in float32: 4 bytes per feature per vector. Input of
-    another dtype is converted once at ``fit``; float32 C-contiguous input is
+    Vectors are stored in float32: 4 bytes per feature per vector (2 or 1
+    with ``vector_dtype="float16"`` or ``"uint8"``). Input of another dtype
+    is converted once at ``fit``; float32 C-contiguous input is
     stored without a copy, except for ``"cosine"`` (rows are normalised) and
     for Euclidean data sitting far from the origin relative to their spread,
     which are stored centred on their mean (this changes no distance and
@@ -167,6 +188,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         "metric": [StrOptions(set(METRICS))],
         "mode": [StrOptions({"distance", "connectivity"})],
         "algorithm": [StrOptions({"auto", "brute", "pca_bound"})],
+        "vector_dtype": [StrOptions(set(VECTOR_DTYPES))],
         "n_jobs": [Integral, None],
     }
 
@@ -178,6 +200,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         metric="euclidean",
         mode="distance",
         algorithm="auto",
+        vector_dtype="float32",
         n_jobs=None,
     ):
         self.n_neighbors = n_neighbors
@@ -185,6 +208,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self.metric = metric
         self.mode = mode
         self.algorithm = algorithm
+        self.vector_dtype = vector_dtype
         self.n_jobs = n_jobs
 
     @transactional
@@ -217,6 +241,9 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         sqnorms = _flat_search.row_sqnorms(X, n_threads)
         if self.metric in ("euclidean", "sqeuclidean") and _far_from_origin(X, sqnorms):
             self._center = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+            if self.vector_dtype == "uint8":
+                # An integer centre keeps integer features integer (exact).
+                self._center = np.rint(self._center)
             X = np.ascontiguousarray(X - self._center)
             sqnorms = None
         store = FlatStore.build(
@@ -226,6 +253,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             n_threads=n_threads,
             sqnorms=sqnorms,
             l2=self.metric in ("euclidean", "sqeuclidean"),
+            sq=ScalarQuantizer.train(X, self.vector_dtype),
         )
         self.effective_metric_ = self.metric
         self._set_store(store)
@@ -238,15 +266,24 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         self._store = store
         self.n_samples_fit_ = len(store)
         self.n_bound_components_ = store.n_bound_components
+        # Saved with the state: the uint8 quantizer of the stored vectors.
+        sq = store.sq
+        self._vector_offset = None if sq is None else sq.offset
+        self._vector_scale = None if sq is None else sq.scale
 
     def _store_with(self, store: FlatStore, X: np.ndarray, ids) -> FlatStore:
-        return store.add(
-            self._prepare_queries(X), ids, effective_n_threads(self.n_jobs)
-        )
+        X = self._prepare_queries(X)
+        stored = None
+        if store.sq is not None:
+            stored = store.sq.encode_added(X, "FlatNeighbors", "the uint8 store")
+        return store.add(X, ids, effective_n_threads(self.n_jobs), stored=stored)
 
     def _upgrade_state(self, state: dict, layout: int) -> dict:
         # Written before the fitted metric was recorded: the parameter was it.
         state.setdefault("effective_metric_", state.get("metric"))
+        # Before layout 4 the vectors were float32.
+        state.setdefault("_vector_offset", None)
+        state.setdefault("_vector_scale", None)
         store = state.get("_store")
         if layout < 2 and isinstance(store, dict):
             # Written before the bound existed: brute force, as then.
@@ -256,6 +293,14 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
 
     def _check_state(self) -> None:
         name, d = "FlatNeighbors", self.n_features_in_
+        store = getattr(self, "_store", None)
+        ScalarQuantizer.check_state(
+            name,
+            store.get("vectors") if isinstance(store, dict) else None,
+            self._vector_offset,
+            self._vector_scale,
+            d=d,
+        )
         FlatStore.check_state(
             name,
             getattr(self, "_store", None),
@@ -281,7 +326,11 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
     def _derive_tables(self) -> None:
         # A loaded state holds the store as plain arrays (to_state's dict).
         if isinstance(self._store, dict):
-            self._store = FlatStore.from_state(self._store)
+            vectors = self._store["vectors"]
+            sq = ScalarQuantizer.of_stored(
+                vectors, self._vector_offset, self._vector_scale
+            )
+            self._store = FlatStore.from_state(self._store, sq)
 
     def _prepare_vectors(self, X: np.ndarray) -> np.ndarray:
         """Validated float32 rows -> the form stored and searched."""
@@ -308,7 +357,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
         return self._prepare_vectors(X)
 
     def _indexed_queries(self, store: FlatStore, positions: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(store.vectors[positions])
+        return store.decoded(positions)
 
     def _radius_search(self, store: FlatStore, X: np.ndarray, radius: float):
         return store.radius_search(

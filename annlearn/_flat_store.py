@@ -1,8 +1,13 @@
 """FlatStore: the vectors of an exact index, and the exact search over them.
 
-Layout: float32 rows as searched (centred or normalised by the estimator),
-their squared norms, their ids, and optionally the principal-component bound
-(a dict of arrays, :mod:`annlearn._pca_bound`). A ``FlatStore`` is never
+Layout: the rows as searched (centred or normalised by the estimator), their
+squared norms, their ids, and optionally the principal-component bound (a
+dict of arrays, :mod:`annlearn._pca_bound`). The rows are float32, or, with
+``vector_dtype``, float16 or uint8 as a
+:class:`~annlearn._quantizers.ScalarQuantizer` stores them: the search then
+decodes one block of rows at a time (``_COMPACT_BLOCK_BYTES`` of float32),
+searches it exactly and merges the blocks' answers, so it is exact over the
+stored vectors with memory bounded by the block. A ``FlatStore`` is never
 modified: ``add`` and ``remove`` return new stores, which the estimator
 publishes with one assignment, so a search running in another thread keeps a
 consistent snapshot.
@@ -14,6 +19,7 @@ import numpy as np
 
 from annlearn import _flat_search, _pca_bound
 from annlearn._persistence import check_array_state, check_ids_state
+from annlearn._quantizers import ScalarQuantizer
 from annlearn._threads import flat_search_blas_guard
 from annlearn._utils import format_bytes
 
@@ -53,6 +59,8 @@ _SCREEN_RTOL = 1e-4
 # masked scan of about 200 queries.
 _DIRECT_RATIO = 64
 _GATHER_QUERIES = 256
+# float32 bytes of compact rows decoded at once by a search.
+_COMPACT_BLOCK_BYTES = 32 << 20
 
 # The bound's arrays: dtype and shape for n vectors, d features, d1 components.
 _BOUND_ARRAYS = {
@@ -97,28 +105,47 @@ class FlatStore:
 
     Parameters
     ----------
-    vectors : ndarray of shape (n, n_features), float32, C-contiguous
+    vectors : ndarray of shape (n, n_features), C-contiguous
+        float32, or as ``sq`` stores them.
     sqnorms : ndarray of shape (n,), float32
+        Of the (decoded) vectors.
     ids : ndarray of shape (n,), int64
     bound : dict or None
-        The principal-component bound (``_pca_bound.fit_bound``), or None
-        for brute force.
+        The principal-component bound (``_pca_bound.fit_bound``) of the
+        (decoded) vectors, or None for brute force.
+    sq : ScalarQuantizer or None, default=None
+        How ``vectors`` are stored; None for float32.
     """
 
     _FIELDS = ("vectors", "sqnorms", "ids", "bound")
     # __weakref__: the cache of exact answers keys digests by store.
-    __slots__ = (*_FIELDS, "__weakref__")
+    __slots__ = (*_FIELDS, "sq", "__weakref__")
 
-    def __init__(self, vectors, sqnorms, ids, bound) -> None:
+    def __init__(self, vectors, sqnorms, ids, bound, sq=None) -> None:
         self.vectors, self.sqnorms, self.ids, self.bound = vectors, sqnorms, ids, bound
+        # float32 rows are searched as they are: no quantizer.
+        self.sq = None if sq is None or sq.dtype == "float32" else sq
 
     @classmethod
     def build(
-        cls, X, ids, *, algorithm: str, n_threads: int, sqnorms=None, l2: bool = True
+        cls,
+        X,
+        ids,
+        *,
+        algorithm: str,
+        n_threads: int,
+        sqnorms=None,
+        l2: bool = True,
+        sq=None,
     ) -> FlatStore:
         """A store of prepared rows X (and their squared norms, if known);
         ``algorithm`` as FlatNeighbors'; ``l2``: ranked by L2 distance, else
-        by inner product."""
+        by inner product; stored as ``sq`` says (float32 if None), the norms
+        and the bound being those of the stored vectors."""
+        stored = X
+        if sq is not None and sq.dtype != "float32":
+            stored, _ = sq.encode(X)
+            X, sqnorms = sq.decode(stored), None
         if sqnorms is None:
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
         bound = None
@@ -126,7 +153,20 @@ class FlatStore:
             bound = _pca_bound.fit_bound(
                 X, sqnorms, l2=l2, force=algorithm == "pca_bound"
             )
-        return cls(X, sqnorms, ids, bound)
+        return cls(stored, sqnorms, ids, bound, sq)
+
+    def decoded(self, rows=slice(None)) -> np.ndarray:
+        """The float32 vectors stored at ``rows``, C-contiguous."""
+        if self.sq is None:
+            return np.ascontiguousarray(self.vectors[rows])
+        return np.ascontiguousarray(self.sq.decode(self.vectors[rows]))
+
+    def _blocks(self):
+        """Slices of rows decoded at once by a search of compact rows."""
+        n, d = self.vectors.shape
+        # A multiple of 64 rows: a filter's bitmap words split at blocks.
+        step = max(1024, _COMPACT_BLOCK_BYTES // (4 * max(d, 1))) // 64 * 64
+        return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -151,24 +191,33 @@ class FlatStore:
         if d1:
             search = f"pca_bound on {d1} principal components, +{4 * (d1 + 2)} "
             search += "bytes per vector"
+        size = self.vectors.dtype.itemsize * d
+        kind = "float32" if self.sq is None else self.sq.describe()[: -len("s")]
         return [
-            f"  bytes per vector: {4 * d + 12} (float32 vector {4 * d}, squared "
-            "norm 4, id 8)",
+            f"  bytes per vector: {size + 12} ({kind} {size}, squared norm 4, id 8)",
             f"  search: {search}",
             f"  memory: {format_bytes(self.nbytes)}",
         ]
 
     # -- changes -----------------------------------------------------------
-    def add(self, vectors, ids, n_threads: int) -> FlatStore:
-        """A store with these prepared vectors too (O(n) copy); the bound is
+    def add(self, vectors, ids, n_threads: int, *, stored=None) -> FlatStore:
+        """A store with these prepared vectors too (O(n) copy); ``stored``
+        is their encoding by ``self.sq`` if the caller has it. The bound is
         extended on the same axes, so it stays exact for any vector."""
+        if self.sq is None:
+            stored = vectors
+        else:
+            if stored is None:
+                stored, _ = self.sq.encode(vectors)
+            vectors = self.sq.decode(stored)
         sqnorms = _flat_search.row_sqnorms(vectors, n_threads)
         bound = self.bound
         return FlatStore(
-            np.concatenate([self.vectors, vectors]),
+            np.concatenate([self.vectors, stored]),
             np.concatenate([self.sqnorms, sqnorms]),
             np.concatenate([self.ids, ids]),
             None if bound is None else _pca_bound.extend(bound, vectors, sqnorms),
+            self.sq,
         )
 
     def remove(self, mask) -> FlatStore:
@@ -180,6 +229,7 @@ class FlatStore:
             self.sqnorms[keep],
             self.ids[keep],
             None if bound is None else _pca_bound.subset(bound, keep),
+            self.sq,
         )
 
     # -- search ------------------------------------------------------------
@@ -196,9 +246,13 @@ class FlatStore:
 
     def _filtered_search(self, X, k, metric, n_threads, allowed):
         n, n_queries = len(self), len(X)
+        # Compact rows are decoded a block at a time: no direct scoring.
         direct = allowed.counts * _DIRECT_RATIO < n
+        direct &= self.sq is None
         if allowed.shared and n_queries:
             way = shared_filter_way(n, int(allowed.counts[0]), n_queries)
+            if way == "direct" and self.sq is not None:
+                way = "gathered"
             if way == "gathered":
                 return self.gathered_search(X, k, metric, n_threads, allowed.mask[0])
             if way == "masked":
@@ -233,7 +287,7 @@ class FlatStore:
         rows = np.flatnonzero(keep)
         bound = self.bound
         gathered = FlatStore(
-            np.ascontiguousarray(self.vectors[rows]),
+            self.decoded(rows),
             self.sqnorms[rows],
             self.ids[rows],
             None if bound is None else _pca_bound.subset(bound, keep),
@@ -246,6 +300,8 @@ class FlatStore:
         if bound is not None:
             l2 = metric in ("euclidean", "sqeuclidean")
             bound = _pca_bound.query_bounds(bound, X, l2)
+        if self.sq is not None:
+            return self._search_blocks(X, k, metric, n_threads, bound, bitmap)
         with flat_search_blas_guard():
             return _flat_search.flat_kneighbors(
                 X,
@@ -257,6 +313,39 @@ class FlatStore:
                 bound=bound,
                 allowed=bitmap,
             )
+
+    def _search_blocks(self, X, k: int, metric: str, n_threads: int, bound, bitmap):
+        """``search`` over compact rows: each block decoded and searched
+        exactly (``bitmap``, the filter's words, cut to the block's), the
+        blocks' k best merged by (distance, position), which is the order
+        of a search over all rows at once."""
+        distances = np.full((len(X), 0), np.inf, dtype=np.float32)
+        positions = np.full((len(X), 0), -1, dtype=np.int64)
+        for rows in self._blocks():
+            part = None if bound is None else _block_bound(bound, rows)
+            with flat_search_blas_guard():
+                d, p = _flat_search.flat_kneighbors(
+                    X,
+                    self.decoded(rows),
+                    self.sqnorms[rows],
+                    min(k, rows.stop - rows.start),
+                    METRIC_CODES[metric],
+                    n_threads,
+                    bound=part,
+                    allowed=None
+                    if bitmap is None
+                    else np.ascontiguousarray(
+                        bitmap[:, rows.start // 64 : -(-rows.stop // 64)]
+                    ),
+                )
+            distances = np.concatenate([distances, d], axis=1)
+            positions = np.concatenate([positions, p + rows.start], axis=1)
+            # Positions increase with the blocks: a stable sort on the
+            # distance breaks ties on the smaller position.
+            order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+            distances = np.take_along_axis(distances, order, axis=1)
+            positions = np.take_along_axis(positions, order, axis=1)
+        return distances, positions
 
     def radius_search(
         self, X: np.ndarray, radius: float, metric: str, n_threads: int
@@ -279,17 +368,27 @@ class FlatStore:
         bound = self.bound
         if bound is not None:
             bound = _pca_bound.query_bounds(bound, X, l2)
-        with flat_search_blas_guard():
-            return _flat_search.flat_radius(
-                X,
-                self.vectors,
-                self.sqnorms,
-                limits.astype(np.float32),
-                kernel_radius,
-                METRIC_CODES[metric],
-                n_threads,
-                bound=bound,
-            )
+        limits = limits.astype(np.float32)
+        blocks = [slice(None)] if self.sq is None else self._blocks()
+        hits = []
+        for rows in blocks:
+            part = None if bound is None else _block_bound(bound, rows)
+            with flat_search_blas_guard():
+                indptr, found, dist = _flat_search.flat_radius(
+                    X,
+                    self.vectors if self.sq is None else self.decoded(rows),
+                    self.sqnorms[rows],
+                    limits,
+                    kernel_radius,
+                    METRIC_CODES[metric],
+                    n_threads,
+                    bound=part,
+                )
+            if self.sq is None:
+                return indptr, found, dist
+            query = np.repeat(np.arange(len(X)), np.diff(indptr))
+            hits.append((query, found + rows.start, dist))
+        return _merge_hits(hits, len(X))
 
     def exact_distances(self, Xq: np.ndarray, ids: np.ndarray, metric: str):
         """float64 distances between prepared queries and the stored rows of
@@ -304,7 +403,7 @@ class FlatStore:
         # One query row at a time keeps memory at O(k * n_features).
         for i in range(len(Xq)):
             q = Xq[i].astype(np.float64)
-            y = self.vectors[rows[i]].astype(np.float64)
+            y = self.decoded(rows[i]).astype(np.float64)
             if metric in ("euclidean", "sqeuclidean"):
                 d = ((y - q) ** 2).sum(axis=1)
                 if metric == "euclidean":
@@ -321,8 +420,8 @@ class FlatStore:
         return {name: getattr(self, name) for name in self._FIELDS}
 
     @classmethod
-    def from_state(cls, state: dict) -> FlatStore:
-        return cls(state["vectors"], state["sqnorms"], state["ids"], state["bound"])
+    def from_state(cls, state: dict, sq: ScalarQuantizer | None = None) -> FlatStore:
+        return cls(state["vectors"], state["sqnorms"], state["ids"], state["bound"], sq)
 
     @staticmethod
     def check_state(owner: str, state, *, n: int, d: int, d1: int) -> None:
@@ -331,8 +430,15 @@ class FlatStore:
         (none when 0)."""
         if not isinstance(state, dict) or set(state) != set(FlatStore._FIELDS):
             raise ValueError(f"Corrupted {owner} state: no index arrays.")
+        vectors = state["vectors"]
         check_array_state(
-            owner, "vectors", state["vectors"], dtype=np.float32, ndim=2, shape=(n, d)
+            owner,
+            "vectors",
+            vectors,
+            # Its dtype is one ScalarQuantizer.check_state accepted.
+            dtype=getattr(vectors, "dtype", np.float32),
+            ndim=2,
+            shape=(n, d),
         )
         check_array_state(
             owner, "sqnorms", state["sqnorms"], dtype=np.float32, ndim=1, shape=(n,)
@@ -359,3 +465,22 @@ class FlatStore:
                 shape=shape(n, d, d1),
                 finite=key in ("mean", "rotation"),
             )
+
+
+def _block_bound(bound: tuple, rows: slice) -> tuple:
+    """``query_bounds``' tuple for the database rows ``rows`` only."""
+    X_proj, Y_proj, Y_sqnorms, shift = bound
+    return X_proj, np.ascontiguousarray(Y_proj[rows]), Y_sqnorms[rows], shift
+
+
+def _merge_hits(hits: list, n_queries: int):
+    """One ``(indptr, rows, distances)`` from the ``(query, rows,
+    distances)`` hits of consecutive blocks; rows increase within a query."""
+    query = np.concatenate([h[0] for h in hits])
+    # Stable: within a query, the blocks' hits keep their (increasing) order.
+    order = np.argsort(query, kind="stable")
+    indptr = np.zeros(n_queries + 1, dtype=np.int64)
+    np.cumsum(np.bincount(query, minlength=n_queries), out=indptr[1:])
+    rows = np.concatenate([h[1] for h in hits])[order]
+    distances = np.concatenate([h[2] for h in hits])[order]
+    return indptr, rows.astype(np.int64), distances.astype(np.float32)

@@ -14,12 +14,13 @@ import numpy as np
 
 from annlearn import _fastscan
 from annlearn._persistence import check_array_state, check_ids_state
+from annlearn._quantizers import ScalarQuantizer
 
 __all__ = ["InvertedLists"]
 
 
 class InvertedLists:
-    """Per-cell lists of codes, ids and, optionally, float32 vectors.
+    """Per-cell lists of codes, ids and, optionally, the vectors.
 
     Parameters
     ----------
@@ -27,17 +28,23 @@ class InvertedLists:
         List ``c`` holds rows ``offsets[c]:offsets[c + 1]``.
     codes : ndarray of shape (n, code_size), uint8
     ids : ndarray of shape (n,), int64
-    vectors : ndarray of shape (n, n_features), float32, or None
-        Kept for exact re-ranking.
+    vectors : ndarray of shape (n, n_features), or None
+        Kept for exact re-ranking, as ``sq`` stores them: float32, float16
+        or uint8 codes.
+    sq : ScalarQuantizer, default=None
+        How ``vectors`` are stored; None means float32 (or no vectors).
     """
 
-    __slots__ = ("offsets", "codes", "ids", "vectors", "_packed", "_slots")
+    __slots__ = ("offsets", "codes", "ids", "vectors", "sq", "_packed", "_slots")
 
-    def __init__(self, offsets, codes, ids, vectors=None) -> None:
+    def __init__(self, offsets, codes, ids, vectors=None, sq=None) -> None:
         self.offsets = offsets
         self.codes = codes
         self.ids = ids
         self.vectors = vectors
+        if sq is None and vectors is not None:
+            sq = ScalarQuantizer("float32")
+        self.sq = sq
         self._packed = None
         self._slots = None
 
@@ -64,6 +71,16 @@ class InvertedLists:
             slots = self._slots = 32 * block_offsets[cells] + within
         return slots
 
+    def refine(self, X, candidates, k: int, inner_product: bool, n_threads: int):
+        """The ``k`` best ``candidates`` (rows, -1 for none) of each prepared
+        query by exact distance to the stored vectors: ``_ivf.refine``."""
+        return self.sq.refine(X, self.vectors, candidates, k, inner_product, n_threads)
+
+    def decoded_vectors(self, positions=None) -> np.ndarray:
+        """The float32 vectors stored at ``positions`` (all rows if None)."""
+        stored = self.vectors if positions is None else self.vectors[positions]
+        return np.ascontiguousarray(self.sq.decode(stored))
+
     def packed_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """4-bit codes in the fast-scan layout of ``annlearn/_fastscan.h``
         (each list in blocks of 32 rows) and the first block of each list,
@@ -82,9 +99,10 @@ class InvertedLists:
         codes: np.ndarray,
         ids: np.ndarray,
         vectors: np.ndarray | None = None,
+        sq: ScalarQuantizer | None = None,
     ) -> InvertedLists:
         """Lists from the cell of every row (rows keep their order within a
-        cell)."""
+        cell); ``vectors`` as ``sq`` stores them."""
         order = np.argsort(cells, kind="stable")
         offsets = np.zeros(nlist + 1, dtype=np.int64)
         np.cumsum(np.bincount(cells, minlength=nlist), out=offsets[1:])
@@ -93,6 +111,7 @@ class InvertedLists:
             np.ascontiguousarray(codes[order]),
             np.ascontiguousarray(ids[order]),
             None if vectors is None else np.ascontiguousarray(vectors[order]),
+            sq,
         )
 
     @property
@@ -121,7 +140,8 @@ class InvertedLists:
         ids: np.ndarray,
         vectors: np.ndarray | None = None,
     ) -> InvertedLists:
-        """New lists holding these rows too (O(n) copy)."""
+        """New lists holding these rows too (O(n) copy); ``vectors`` as
+        ``self.sq`` stores them."""
         if (vectors is None) != (self.vectors is None):
             raise ValueError(
                 "vectors must be given if and only if the lists keep them."
@@ -132,6 +152,7 @@ class InvertedLists:
             np.concatenate([self.codes, codes]),
             np.concatenate([self.ids, ids]),
             None if vectors is None else np.concatenate([self.vectors, vectors]),
+            self.sq,
         )
 
     def remove(self, mask: np.ndarray) -> InvertedLists:
@@ -146,6 +167,7 @@ class InvertedLists:
             np.ascontiguousarray(self.codes[keep]),
             self.ids[keep],
             None if self.vectors is None else np.ascontiguousarray(self.vectors[keep]),
+            self.sq,
         )
 
     def imbalance_factor(self) -> float:
@@ -160,7 +182,8 @@ class InvertedLists:
         arrays = (self.offsets, self.codes, self.ids, self.vectors)
         arrays += self._packed or ()
         arrays += (self._slots,)  # None until a filtered 4-bit search
-        return sum(a.nbytes for a in arrays if a is not None)
+        sq = 0 if self.sq is None else self.sq.nbytes
+        return sq + sum(a.nbytes for a in arrays if a is not None)
 
     def to_state(self) -> dict:
         """The arrays, by the names the saved state uses."""
@@ -172,9 +195,10 @@ class InvertedLists:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> InvertedLists:
+    def from_state(cls, state: dict, sq: ScalarQuantizer | None = None):
+        """Lists of ``to_state``'s arrays, the vectors stored as ``sq``."""
         return cls(
-            state["list_offsets"], state["codes"], state["ids"], state["vectors"]
+            state["list_offsets"], state["codes"], state["ids"], state["vectors"], sq
         )
 
     @staticmethod
@@ -205,11 +229,12 @@ class InvertedLists:
             )
         check_ids_state(owner, state["ids"], n)
         if state["vectors"] is not None:
+            # Its dtype is one ScalarQuantizer.check_state accepted.
             check_array_state(
                 owner,
                 "vectors",
                 state["vectors"],
-                dtype=np.float32,
+                dtype=getattr(state["vectors"], "dtype", np.float32),
                 ndim=2,
                 shape=(n, d),
             )

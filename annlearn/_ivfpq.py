@@ -22,7 +22,12 @@ from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._invlists import InvertedLists
 from annlearn._ivfpq_codec import IVFPQCodec, train_and_encode
 from annlearn._persistence import PersistenceMixin
-from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
+from annlearn._quantizers import (
+    VECTOR_DTYPES,
+    CoarseQuantizer,
+    ProductQuantizer,
+    ScalarQuantizer,
+)
 from annlearn._threads import effective_n_threads
 from annlearn._validation import (
     METRICS,
@@ -162,12 +167,32 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         cells are built on lifted vectors (user guide, "Inner-product
         cells").
     refine_factor : int, default=4
-        If set, keep a float32 copy of the vectors and re-rank the best
-        ``refine_factor * n_neighbors`` candidates by exact distance (search
-        time, once fitted with a value: ``None`` stores no vectors, for the
-        smallest index). The defaults (4-bit codes of about 8 features each,
-        re-ranking 4 * k candidates, nprobe 8) are chosen in the user guide,
-        "Defaults".
+        If set, keep a copy of the vectors (stored as ``vector_dtype``) and
+        re-rank the best ``refine_factor * n_neighbors`` candidates by exact
+        distance to it (search time, once fitted with a value: ``None``
+        stores no vectors, for the smallest index). The defaults (4-bit
+        codes of about 8 features each, re-ranking 4 * k candidates, nprobe
+        8) are chosen in the user guide, "Defaults".
+    vector_dtype : {"float32", "float16", "uint8"}, default="float32"
+        How the copy kept for re-ranking stores each feature (used when
+        ``refine_factor`` is set at ``fit``; the user guide, "Compact vectors
+        for re-ranking", compares them):
+
+        - ``"float32"``: the vectors as given, 4 bytes per feature;
+        - ``"float16"``: 2 bytes, about 3 significant digits; ``fit`` and
+          ``add`` refuse values of magnitude above 65504;
+        - ``"uint8"``: 1 byte, per-feature scalar quantization
+          ``offset + scale * code`` over the range of each feature at
+          ``fit``. Features whose values are integers spanning at most 256
+          values (8-bit data such as pixels) are stored exactly, so
+          re-ranking and its distances are those of ``"float32"``. Values
+          that ``add`` brings outside what the codes cover (the range at
+          ``fit``; 256 integers from the minimum for 8-bit features) are
+          clipped to it, with a warning. With ``"cosine"`` the normalised
+          rows are quantized, which is never exact.
+
+        Distances after re-ranking are exact to the stored vectors, and
+        ``score`` compares with exact search over them.
     by_residual : bool, default=True
         Encode the residuals to the cell centres (more accurate) rather than
         the vectors.
@@ -219,7 +244,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     Memory per vector: ``n_subquantizers`` bytes of codes (one byte each,
     whatever ``nbits``; 4-bit codes are also kept packed, two per byte, for
     the fast scan) and 8 bytes of id, plus ``4 * n_features`` bytes when
-    ``refine_factor`` is set; ``summary()`` reports the whole index.
+    ``refine_factor`` is set (2 with ``vector_dtype="float16"``, 1 with
+    ``"uint8"``); ``summary()`` reports the whole index.
 
     Examples
     --------
@@ -241,6 +267,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         "nbits": [Interval(Integral, 4, 8, closed="both")],
         "metric": [StrOptions(set(METRICS))],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
+        "vector_dtype": [StrOptions(set(VECTOR_DTYPES))],
         "by_residual": ["boolean"],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "mode": [StrOptions({"distance", "connectivity"})],
@@ -262,6 +289,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         nbits=4,
         metric="euclidean",
         refine_factor=4,
+        vector_dtype="float32",
         by_residual=True,
         max_train_samples=None,
         mode="distance",
@@ -278,6 +306,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.nbits = nbits
         self.metric = metric
         self.refine_factor = refine_factor
+        self.vector_dtype = vector_dtype
         self.by_residual = by_residual
         self.max_train_samples = max_train_samples
         self.mode = mode
@@ -320,6 +349,11 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.effective_metric_ = self.metric
         self._by_residual = self.by_residual
         X = self._prepare(X)
+        sq = vectors = None
+        if keep_vectors:
+            # Before training: float16 may refuse X.
+            sq = ScalarQuantizer.train(X, self.vector_dtype)
+            vectors, _ = sq.encode(X)
         params = {
             "nlist": self.nlist,
             "M": n_sub,
@@ -340,9 +374,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self._codec = self._make_codec()
         # Saved with the state (older files have it); the quantizer's own.
         self._center_sqnorms = self._codec.quantizer.sqnorms
-        vectors = X if keep_vectors else None
         lists = InvertedLists.from_cells(
-            self.nlist, trained["cells"], trained["codes"], ids, vectors
+            self.nlist, trained["cells"], trained["codes"], ids, vectors, sq
         )
         self._set_store(lists)
         if not keep_vectors:
@@ -366,14 +399,23 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     def _store_with(self, lists: InvertedLists, X: np.ndarray, ids) -> InvertedLists:
         X = self._prepare(X)
+        vectors = None
+        if lists.vectors is not None:
+            vectors = lists.sq.encode_added(
+                X, "IVFPQNeighbors", "the uint8 copy kept for re-ranking"
+            )
         cells, codes = self._codec.encode(X, effective_n_threads(self.n_jobs))
-        return lists.add(cells, codes, ids, None if lists.vectors is None else X)
+        return lists.add(cells, codes, ids, vectors)
 
     def _set_store(self, lists: InvertedLists) -> None:
         # One assignment replaces the whole index, so a search running in
         # another thread sees either the old lists or the new ones.
         self._store = lists
         self.n_samples_fit_ = len(lists)
+        # Saved with the state: the uint8 quantizer of the stored vectors.
+        sq = lists.sq
+        self._vector_offset = None if sq is None else sq.offset
+        self._vector_scale = None if sq is None else sq.scale
         # The vectors given to fit no longer describe the index.
         self._fit_source = None
 
@@ -383,7 +425,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         check_is_fitted(self)
         lists = self._store
         if lists.vectors is not None:
-            vectors, ids = lists.vectors, lists.ids
+            vectors, ids = lists.decoded_vectors(), lists.ids
         else:
             # Checked on every call: the reference may share the fit array's
             # memory, which the caller can overwrite at any time.
@@ -407,6 +449,9 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         # Before layout 3, inner-product cells were not lifted: they keep
         # being probed by the largest inner product, which they were built for.
         state.setdefault("_ip_lift", None)
+        # Before layout 4 the stored vectors were float32.
+        state.setdefault("_vector_offset", None)
+        state.setdefault("_vector_scale", None)
         return state
 
     def _check_state(self) -> None:
@@ -426,9 +471,17 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             lift=self._ip_lift,
             metric=metric,
         )
+        store = self._store
+        ScalarQuantizer.check_state(
+            name,
+            store.get("vectors") if isinstance(store, dict) else None,
+            self._vector_offset,
+            self._vector_scale,
+            d=self.n_features_in_,
+        )
         InvertedLists.check_state(
             name,
-            self._store,
+            store,
             n=self.n_samples_fit_,
             nlist=nlist,
             code_size=self.n_subquantizers_,
@@ -439,7 +492,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _derive_tables(self) -> None:
         # A loaded state holds the lists as plain arrays (to_state's dict).
         if isinstance(self._store, dict):
-            self._store = InvertedLists.from_state(self._store)
+            vectors, sq = self._store["vectors"], None
+            if vectors is not None:
+                sq = ScalarQuantizer.of_stored(
+                    vectors, self._vector_offset, self._vector_scale
+                )
+            self._store = InvertedLists.from_state(self._store, sq)
         self._codec = self._make_codec()
 
     # -- hooks of NeighborsBase -------------------------------------------
@@ -452,7 +510,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
     def _indexed_queries(self, store: InvertedLists, positions: np.ndarray):
         # The stored vectors when kept, else the reconstructions from the codes.
         if store.vectors is not None:
-            return np.ascontiguousarray(store.vectors[positions])
+            return store.decoded_vectors(positions)
         return self._codec.decode(store.cells_of(positions), store.codes[positions])
 
     def _radius_search(self, store: InvertedLists, X: np.ndarray, radius: float):

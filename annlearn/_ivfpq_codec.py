@@ -172,10 +172,13 @@ class IVFPQCodec:
         the memory of an index of ``lists`` coded by this codec."""
         n, d = len(lists), self.quantizer.centers.shape[1]
         sizes = lists.sizes()
+        # The uint8 scalar quantizer (lists.sq) counts with the quantizers.
+        sq_bytes = 0 if lists.sq is None else lists.sq.nbytes
         quantizers = self.quantizer.centers.nbytes + self.pq.codebooks.nbytes
+        quantizers += sq_bytes
         kept = lists.vectors is not None
-        per_vector = self.pq.M + 8 + (4 * d if kept else 0)
-        stored = " + float32 vectors for re-ranking" if kept else ""
+        per_vector = self.pq.M + 8 + (lists.sq.itemsize * d if kept else 0)
+        stored = f" + {lists.sq.describe()} for re-ranking" if kept else ""
         return [
             f"  cells: {len(sizes)} (vectors per cell: min {sizes.min()}, "
             f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
@@ -185,8 +188,9 @@ class IVFPQCodec:
             f"  bytes per vector: {per_vector} in the lists (+ "
             f"{quantizers / max(n, 1):.1f} for the quantizers)",
             f"  memory: {format_bytes(lists.nbytes + self.nbytes)} (lists "
-            f"{format_bytes(lists.nbytes)}, quantizers {format_bytes(quantizers)}, "
-            f"lookup tables {format_bytes(self.nbytes - quantizers)})",
+            f"{format_bytes(lists.nbytes - sq_bytes)}, quantizers "
+            f"{format_bytes(quantizers)}, lookup tables "
+            f"{format_bytes(self.nbytes + sq_bytes - quantizers)})",
         ]
 
     # -- coding -----------------------------------------------------------
@@ -231,10 +235,11 @@ class IVFPQCodec:
         Scans the ``nprobe`` nearest cells (further cells for the queries
         whose probed cells hold fewer than ``n_neighbors`` rows, so no result
         is padded), keeps ``refine_factor * n_neighbors`` candidates and
-        re-ranks them by exact distance to ``lists.vectors`` when
-        ``refine_factor`` is set. ``allowed`` (a
-        :class:`~annlearn._filter.FilterBlock`, each query allowing at least
-        ``n_neighbors`` rows) restricts the scan (see ``_EXACT_COST``).
+        re-ranks them by exact distance to the vectors ``lists`` stores
+        (float32, float16 or uint8, ``lists.sq``) when ``refine_factor`` is
+        set. ``allowed`` (a :class:`~annlearn._filter.FilterBlock`, each
+        query allowing at least ``n_neighbors`` rows) restricts the scan
+        (see ``_EXACT_COST``).
 
         Returns
         -------
@@ -281,11 +286,18 @@ class IVFPQCodec:
         if len(queries):
             indptr, rows = allowed.rows(queries)
             Xe = np.ascontiguousarray(X[queries])
+            vectors, kept = lists.vectors, None
+            if lists.sq.dtype != "float32":
+                # Compact rows: the allowed ones decoded (few: this path is
+                # taken when they are few), rows renumbered into them.
+                kept = np.unique(rows)
+                vectors = lists.decoded_vectors(kept)
+                rows = np.searchsorted(kept, rows)
             if allowed.shared:
                 # Many queries over one list: gathered and searched by GEMM.
                 metric = "inner_product" if self.inner_product else "sqeuclidean"
-                dist, positions[queries] = search_rows(
-                    lists.vectors, rows, Xe, n_neighbors, metric, n_threads
+                dist, pos = search_rows(
+                    vectors, rows, Xe, n_neighbors, metric, n_threads
                 )
             else:
                 metric = (
@@ -293,9 +305,10 @@ class IVFPQCodec:
                     if self.inner_product
                     else _flat_search.METRIC_SQEUCLIDEAN
                 )
-                dist, positions[queries] = _flat_search.rows_kneighbors(
-                    Xe, lists.vectors, indptr, rows, n_neighbors, metric, n_threads
+                dist, pos = _flat_search.rows_kneighbors(
+                    Xe, vectors, indptr, rows, n_neighbors, metric, n_threads
                 )
+            positions[queries] = pos if kept is None else kept[pos]
             distances[queries] = self._to_metric(dist)
         # The others by groups of equal probes (one group for a shared filter).
         for value in np.unique(probes[~exact]):
@@ -323,8 +336,8 @@ class IVFPQCodec:
         """Re-rank the scanned candidates if asked; keep ``n_neighbors``,
         in the metric's units."""
         if refine_factor is not None:
-            distances, positions = _ivf.refine(
-                X, lists.vectors, positions, n_neighbors, self.inner_product, n_threads
+            distances, positions = lists.refine(
+                X, positions, n_neighbors, self.inner_product, n_threads
             )
         distances = np.ascontiguousarray(distances[:, :n_neighbors])
         return self._to_metric(distances), positions[:, :n_neighbors]
@@ -349,12 +362,14 @@ class IVFPQCodec:
         else:
             limit = radius
         nprobe = min(nprobe, self.quantizer.nlist)
+        stored = {} if lists.vectors is None else lists.sq.kernel_args()
         indptr, positions, distances = _ivf.ivfpq_radius(
             *self._scan_inputs(lists, X, nprobe, n_threads),
             lists.vectors,
             np.float32(limit),
             self.inner_product,
             n_threads,
+            **stored,
         )
         return indptr, positions, self._to_metric(distances)
 

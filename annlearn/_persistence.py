@@ -55,7 +55,11 @@ __all__ = [
 # 3: IVFPQNeighbors with metric="inner_product" stores the lift of its cells
 #    (``_ip_lift``, None for the other metrics and for older files, whose
 #    cells stay probed by the largest inner product).
-FORMAT_VERSION = 3
+# 4: IVFPQNeighbors (its re-ranking copy) and FlatNeighbors may store their
+#    vectors as float16 or uint8 (``vector_dtype``); uint8 with its
+#    per-feature ``_vector_offset`` and ``_vector_scale`` (None otherwise, and
+#    in older files: float32).
+FORMAT_VERSION = 4
 # The data layout of the first annlearn files (earlier layouts were pickled).
 _FIRST_FILE_LAYOUT = 2
 
@@ -262,15 +266,24 @@ _SCHEMAS = {
 # Keys a state may hold or not: scikit-learn's, and those that states written
 # before they existed lack (the estimator's _upgrade_state fills them in).
 _OPTIONAL = {
-    "FlatNeighbors": {"effective_metric_": _STR},
+    "FlatNeighbors": {
+        "effective_metric_": _STR,
+        "_vector_offset": _ARRAY_OR_NONE,
+        "_vector_scale": _ARRAY_OR_NONE,
+    },
     "IVFPQNeighbors": {
         "effective_metric_": _STR,
         "_by_residual": _BOOL,
         "_ip_lift": _Maybe({"extra": _ARRAY, "max_sqnorm": _FLOAT}),
+        "_vector_offset": _ARRAY_OR_NONE,
+        "_vector_scale": _ARRAY_OR_NONE,
     },
 }
 # Parameters added after the first file layout, which older files lack.
-_PARAMS_ADDED_LATER = ("radius",)
+_PARAMS_ADDED_LATER = {
+    "FlatNeighbors": ("radius", "vector_dtype"),
+    "IVFPQNeighbors": ("radius", "vector_dtype"),
+}
 _OPTIONAL_EVERYWHERE = {
     "feature_names_in_": _STRINGS,
     "_sklearn_version": _STR,
@@ -462,7 +475,8 @@ def _decode_and_check(cls: type, json_params, json_state, arrays: dict):
         raise ValueError("params and state must be objects, not tagged values.")
     # Files written before a parameter existed load with its default.
     defaults = cls().get_params(deep=False)
-    params = {**{key: defaults[key] for key in _PARAMS_ADDED_LATER}, **params}
+    added = _PARAMS_ADDED_LATER[cls.__name__]
+    params = {**{key: defaults[key] for key in added}, **params}
     _check_contents(cls, params, state)
     unused = sorted(set(arrays) - used)
     if unused:

@@ -8,9 +8,27 @@ ESTIMATORS = [
     FlatNeighbors(metric="cosine"),
     FlatNeighbors(metric="inner_product", n_jobs=1),
     FlatNeighbors(algorithm="pca_bound"),
+    FlatNeighbors(vector_dtype="uint8"),
+    FlatNeighbors(metric="cosine", algorithm="pca_bound", vector_dtype="float16"),
     IVFPQNeighbors(nlist=2, nprobe=2, nbits=4, n_subquantizers=1, random_state=0),
     IVFPQNeighbors(
         nlist=2, nprobe=1, nbits=4, metric="cosine", refine_factor=2, random_state=0
+    ),
+    IVFPQNeighbors(
+        nlist=2,
+        nprobe=2,
+        nbits=4,
+        refine_factor=2,
+        vector_dtype="uint8",
+        random_state=0,
+    ),
+    IVFPQNeighbors(
+        nlist=2,
+        nbits=4,
+        metric="inner_product",
+        refine_factor=2,
+        vector_dtype="float16",
+        random_state=0,
     ),
 ]
 

@@ -425,3 +425,52 @@ def test_per_query_dense_with_user_ids_and_query_is_train(clustered):
     np.testing.assert_array_equal(per_row, before)
     assert np.take_along_axis(per_row, ind, axis=1).all()
     assert not (ind == np.arange(len(X))[:, None]).any()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_compact_flat_store_applies_the_filter_in_every_block(monkeypatch, shared):
+    """uint8 rows are decoded a block at a time: the filter's bitmap is cut
+    at the blocks, and on 8-bit data the answer is float32 storage's."""
+    from annlearn import _flat_store
+
+    monkeypatch.setattr(_flat_store, "_COMPACT_BLOCK_BYTES", 64 * 4 * 1000)
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 256, (6000, 64)).astype(np.float32)
+    Q = X[:40] + 0.5
+    compact = FlatNeighbors(n_neighbors=10, vector_dtype="uint8").fit(X)
+    plain = FlatNeighbors(n_neighbors=10).fit(X)
+    assert len(compact._store._blocks()) > 3
+    for share in (0.5, 0.05, 0.005):
+        keep = rng.random(len(X) if shared else (len(Q), len(X))) < share
+        keep[..., :20] = True
+        got, want = (
+            compact.kneighbors(Q, allowed=keep),
+            plain.kneighbors(Q, allowed=keep),
+        )
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert np.broadcast_to(keep, (len(Q), len(X)))[
+            np.arange(len(Q))[:, None], got[1]
+        ].all()
+
+
+@pytest.mark.parametrize("vector_dtype", ["uint8", "float16"])
+def test_compact_ivfpq_exact_path_decodes_the_allowed_rows(vector_dtype):
+    """Few allowed rows take the exact path over the stored vectors: compact
+    rows are decoded, and on 8-bit data the answer is exact search's."""
+    rng = np.random.default_rng(4)
+    X = rng.integers(0, 256, (6000, 32)).astype(np.float32)
+    Q = X[:30] + 0.5
+    index = IVFPQNeighbors(
+        n_neighbors=5, nlist=16, vector_dtype=vector_dtype, random_state=0
+    ).fit(X)
+    exact = FlatNeighbors(n_neighbors=5).fit(X)
+    keep = rng.random(len(X)) < 0.005
+    keep[:10] = True
+    for allowed in (keep, np.broadcast_to(keep, (len(Q), len(X)))):
+        got, want = (
+            index.kneighbors(Q, allowed=allowed),
+            exact.kneighbors(Q, allowed=keep),
+        )
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)

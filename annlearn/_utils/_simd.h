@@ -18,6 +18,7 @@
 #ifndef ANNLEARN_SIMD_H
 #define ANNLEARN_SIMD_H
 
+#include <math.h>
 #include <stddef.h>
 
 #include "_packed_gemm.h"
@@ -178,7 +179,10 @@ static inline float annlearn_l2sqr_avx2(const float* x, const float* y,
         a0 = _mm256_fmadd_ps(d0, d0, a0);
     }
     total = annlearn_hsum_avx2(_mm256_add_ps(a0, a1));
-    for (; i < d; i++) total += (x[i] - y[i]) * (x[i] - y[i]);
+    /* Explicit FMAs: left to itself the compiler vectorises part of this
+     * tail with separate multiplies and adds and contracts the rest, which
+     * the compact-row kernels of _compact.h could not reproduce bit for bit. */
+    for (; i < d; i++) total = fmaf(x[i] - y[i], x[i] - y[i], total);
     return total;
 }
 
@@ -196,7 +200,7 @@ static inline float annlearn_inner_product_avx2(const float* x, const float* y,
     for (; i + 8 <= d; i += 8)
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
     total = annlearn_hsum_avx2(_mm256_add_ps(a0, a1));
-    for (; i < d; i++) total += x[i] * y[i];
+    for (; i < d; i++) total = fmaf(x[i], y[i], total); /* as in l2sqr */
     return total;
 }
 
