@@ -60,6 +60,13 @@ class Point:
         return latencies_us(self.search, Q)
 
 
+def _m(d: int, features_per_code: int) -> int:
+    """The divisor of ``d`` nearest ``d / features_per_code`` (PQ's code
+    count must divide the features): 28 -> 28 of 784, 24 of 384."""
+    divisors = [m for m in range(1, d + 1) if d % m == 0]
+    return min(divisors, key=lambda m: (abs(m - d / features_per_code), m))
+
+
 def _pickled_bytes(est) -> int:
     return len(pickle.dumps(est, protocol=5))
 
@@ -83,14 +90,19 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
         repeats,
     )
     d = X.shape[1]
-    codes = (
-        [(d // 28, 8), (d // 8, 4)]
-        if quick
-        else [(d // 28, 8), (d // 14, 4), (d // 8, 4), (d // 4, 4)]
-    )
+    codes = [(_m(d, 28), 8), (_m(d, 8), 4)]
+    if not quick:
+        codes += [(_m(d, 14), 4), (_m(d, 4), 4)]
+    # The re-ranking copy in float32, and for the fast-scan codes of about
+    # 8 features also in the smallest storage exact for the data: uint8 for
+    # 8-bit data (pixels), float16 otherwise.
+    compact = "uint8" if np.array_equal(X[:1000], np.round(X[:1000])) else "float16"
+    configs = [(m, nbits, "float32") for m, nbits in codes]
+    configs.append((_m(d, 8), 4, compact))
     grid = [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32)]
+    grid += [] if quick else [(64, 32), (64, 64), (128, 64)]
     for nlist in (256,) if quick else (256, 1024):
-        for m, nbits in codes:
+        for m, nbits, storage in configs:
             start = time.perf_counter()
             index = IVFPQNeighbors(
                 n_neighbors=k,
@@ -99,15 +111,19 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
                 nbits=nbits,
                 metric=metric,
                 refine_factor=4,
+                vector_dtype=storage,
                 random_state=0,
                 n_jobs=threads,
             ).fit(X)
             build = time.perf_counter() - start
             nbytes = _pickled_bytes(index)
+            name = f"IVF{nlist},PQ{m}x{nbits},refine" + (
+                "" if storage == "float32" else f"({storage})"
+            )
             for nprobe, refine in grid:
                 yield Point(
                     "annlearn-IVFPQ",
-                    f"IVF{nlist},PQ{m}x{nbits},refine nprobe={nprobe} rf={refine}",
+                    f"{name} nprobe={nprobe} rf={refine}",
                     build,
                     nbytes,
                     len(X),
@@ -141,12 +157,13 @@ def faiss_points(X, Q, k, metric, threads, repeats, quick):
         repeats,
     )
     grid = [(4, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32), (64, 32)]
-    factories = [f"IVF256,PQ{d // 14}x4fs,RFlat", f"IVF256,PQ{d // 28}x8,RFlat"]
+    grid += [] if quick else [(64, 64), (128, 64)]
+    factories = [f"IVF256,PQ{_m(d, 14)}x4fs,RFlat", f"IVF256,PQ{_m(d, 28)}x8,RFlat"]
     if not quick:
         factories += [
-            f"IVF1024,PQ{d // 14}x4fs,RFlat",
-            f"IVF256,PQ{d // 8}x4fs,RFlat",
-            f"IVF1024,PQ{d // 8}x4fs,RFlat",
+            f"IVF1024,PQ{_m(d, 14)}x4fs,RFlat",
+            f"IVF256,PQ{_m(d, 8)}x4fs,RFlat",
+            f"IVF1024,PQ{_m(d, 8)}x4fs,RFlat",
             "IVF256,Flat",
             "IVF1024,Flat",
         ]
@@ -160,7 +177,7 @@ def faiss_points(X, Q, k, metric, threads, repeats, quick):
         ivf = faiss.extract_index_ivf(index)
         refined = "RFlat" in factory
         # IVF-Flat has no re-ranking: its grid is nprobe alone.
-        points = grid if refined else [(p, None) for p in (2, 4, 8, 16, 32, 64)]
+        points = grid if refined else [(p, None) for p in (2, 4, 8, 16, 32, 64, 128)]
         for nprobe, refine in points:
 
             def setup(ivf=ivf, index=index, nprobe=nprobe, refine=refine):
