@@ -192,7 +192,7 @@ class FlatStore:
             search = f"pca_bound on {d1} principal components, +{4 * (d1 + 2)} "
             search += "bytes per vector"
         size = self.vectors.dtype.itemsize * d
-        kind = "float32" if self.sq is None else self.sq.describe()[: -len("s")]
+        kind = "float32 vector" if self.sq is None else self.sq.describe()[: -len("s")]
         return [
             f"  bytes per vector: {size + 12} ({kind} {size}, squared norm 4, id 8)",
             f"  search: {search}",
