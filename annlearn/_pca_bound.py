@@ -49,14 +49,12 @@ _MIN_FEATURES = 32
 # pair costs _PAIR_COST (its score written and screened) plus its GEMM
 # share: n_features for brute force, _PROJECTED_COST * (d1 + 1) for the
 # bound's thinner GEMM, which adds for each survivor an exact score over a
-# row fetched from memory: _EXACT_COST per feature plus _FETCH_COST. Fitted
-# by least squares to side-by-side runs of both searches (generated spectra
-# of 96, 256 and 384 features, Fashion-MNIST; within 0.2 of every measured
-# time ratio).
-_PAIR_COST = 100.0
-_PROJECTED_COST = 2.4
-_EXACT_COST = 2.2
-_FETCH_COST = 3200.0
+# row fetched from memory, _EXACT_COST per feature. Fitted by non-negative
+# least squares to side-by-side runs of both searches
+# (benchmarks/bench_pca_bound_costs.py).
+_PAIR_COST = 200.0
+_PROJECTED_COST = 1.4
+_EXACT_COST = 13.5
 # The bound is kept when its estimated cost is at most this share of brute
 # force's: the model errs by up to 0.2 either way, and a slower exact search
 # is the failure to avoid.
@@ -191,11 +189,7 @@ def bound_costs(
             np.negative(lower, out=lower)
         share = _survivor_share(lower, exact, k)
         # The queries' projection (d * d1 per query) is spread over the rows.
-        bound = (
-            _PROJECTED_COST * (d1 + 1)
-            + share * (_EXACT_COST * d + _FETCH_COST)
-            + d * d1 / n_total
-        )
+        bound = _PROJECTED_COST * (d1 + 1) + share * _EXACT_COST * d + d * d1 / n_total
         costs.append((_PAIR_COST + bound) / (_PAIR_COST + d))
         if len(costs) >= 3 and costs[-1] > costs[-2] > costs[-3]:
             break  # past the minimum: more axes only add GEMM columns
