@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import shutil
 import time
@@ -45,6 +46,11 @@ def load_data(name: str, n_queries: int | None = None):
     if n_queries is not None:
         Q = Q[:n_queries]
     return np.ascontiguousarray(X), np.ascontiguousarray(Q)
+
+
+def pickled_bytes(est) -> int:
+    """Bytes of a fitted index as pickled (codes, ids, vectors, tables)."""
+    return len(pickle.dumps(est, protocol=5))
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:

@@ -18,7 +18,6 @@ RFlat), hnswlib; install them with the ``bench`` extra.
 from __future__ import annotations
 
 import argparse
-import pickle
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ from _common import (
     exact_ground_truth,
     latencies_us,
     load_data,
+    pickled_bytes,
     print_environment,
     print_table,
     publish,
@@ -67,10 +67,6 @@ def _m(d: int, features_per_code: int) -> int:
     return min(divisors, key=lambda m: (abs(m - d / features_per_code), m))
 
 
-def _pickled_bytes(est) -> int:
-    return len(pickle.dumps(est, protocol=5))
-
-
 def annlearn_points(X, Q, k, metric, threads, repeats, quick):
     from annlearn import FlatNeighbors, IVFPQNeighbors
 
@@ -82,7 +78,7 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
         "annlearn-Flat",
         "FlatNeighbors(auto)",
         build,
-        _pickled_bytes(flat),
+        pickled_bytes(flat),
         len(X),
         lambda: None,
         lambda q: flat.kneighbors(q, return_distance=False),
@@ -116,7 +112,7 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
                 n_jobs=threads,
             ).fit(X)
             build = time.perf_counter() - start
-            nbytes = _pickled_bytes(index)
+            nbytes = pickled_bytes(index)
             name = f"IVF{nlist},PQ{m}x{nbits},refine" + (
                 "" if storage == "float32" else f"({storage})"
             )
@@ -243,7 +239,7 @@ def pynndescent_points(X, Q, k, metric, threads, repeats, quick):
         )
         index.prepare()
         build = time.perf_counter() - start
-        nbytes = _pickled_bytes(index)
+        nbytes = pickled_bytes(index)
         for epsilon in (0.0, 0.05, 0.1, 0.2, 0.3):
             yield Point(
                 "pynndescent",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 
@@ -30,6 +29,7 @@ from _common import (  # noqa: E402
     exact_ground_truth,
     latencies_us,
     load_data,
+    pickled_bytes,
     print_environment,
     print_table,
     publish,
@@ -38,11 +38,6 @@ from _common import (  # noqa: E402
     write_json,
     write_recall_qps_plot,
 )
-
-
-def annlearn_bytes(est) -> int:
-    """Bytes of the fitted index as pickled (codes, ids, vectors, tables)."""
-    return len(pickle.dumps(est, protocol=5))
 
 
 def main(argv=None):
@@ -184,7 +179,7 @@ def main(argv=None):
         lambda q: est.kneighbors(q, return_distance=False),
         lambda p: est.set_params(nprobe=p),
         ours_build,
-        annlearn_bytes(est),
+        pickled_bytes(est),
     )
 
     # --- with exact re-ranking ----------------------------------------------
@@ -224,7 +219,7 @@ def main(argv=None):
             lambda q, est=est_r: est.kneighbors(q, return_distance=False),
             lambda p, est=est_r: est.set_params(nprobe=p),
             o_build,
-            annlearn_bytes(est_r),
+            pickled_bytes(est_r),
             label=f"refine {factor}",
         )
 
