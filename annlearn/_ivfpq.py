@@ -8,6 +8,7 @@ by ``add`` and ``remove``.
 
 from __future__ import annotations
 
+import time
 import warnings
 from numbers import Integral, Real
 
@@ -16,7 +17,8 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from annlearn._base import NeighborsBase, transactional
+from annlearn import _calibration
+from annlearn._base import NeighborsBase, _drop_self, transactional
 from annlearn._fit_source import FitSource, checksum
 from annlearn._flat import FlatNeighbors, _normalize_rows
 from annlearn._invlists import InvertedLists
@@ -37,6 +39,7 @@ from annlearn._validation import (
     validate_fit_data,
     validate_query_data,
 )
+from annlearn.metrics import recall_at_k
 
 __all__ = ["IVFPQNeighbors"]
 
@@ -193,6 +196,18 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
         Distances after re-ranking are exact to the stored vectors, and
         ``score`` compares with exact search over them.
+    target_recall : float in (0, 1], default=None
+        Recall@``n_neighbors`` to reach, as fast as possible: ``fit`` then
+        chooses the search-time ``nprobe`` and ``refine_factor`` itself
+        (``nprobe_``, ``refine_factor_``), and searches use them instead of
+        the parameters (``refine_factor=None`` still stores no vectors, and
+        only ``nprobe`` is chosen). Up to 1,000 rows (a tenth of X at most)
+        are held out of training to measure the recall as new queries would
+        see it (user guide, "A recall target"); expect the recall of new
+        queries from the same distribution within about 0.01 of the target.
+        A target out of reach warns and keeps the setting with the highest
+        recall measured. Calibrated at ``fit`` only: ``add``, ``remove``
+        and ``set_params`` keep the settings, a new ``fit`` recalibrates.
     by_residual : bool, default=True
         Encode the residuals to the cell centres (more accurate) rather than
         the vectors.
@@ -234,6 +249,23 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during ``fit``, when X has string column names.
+    nprobe_ : int
+        Cells the searches probe, chosen by ``fit`` for ``target_recall``
+        (only when fitted with one).
+    refine_factor_ : int or None
+        Re-ranking depth the searches use, chosen with ``nprobe_``.
+    calibration_recall_ : float
+        Recall@``n_neighbors`` of ``nprobe_`` and ``refine_factor_`` on the
+        held-out rows (below ``target_recall`` only if out of reach).
+    calibration_results_ : dict of ndarray
+        The settings compared: for each ``nprobe`` that is the smallest
+        reaching the target with some ``refine_factor``, the smallest such
+        ``refine_factor``. Keys ``"nprobe"``, ``"refine_factor"`` (0 for
+        none), ``"recall"``, ``"cost"`` (microseconds per query that a cost
+        model, fitted on this machine kind, gives the part of the search the
+        settings change; the lowest is chosen, so that a fit with a given
+        ``random_state`` always chooses alike) and ``"qps"`` (queries per
+        second of the search that measured the recall).
 
     See Also
     --------
@@ -268,6 +300,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         "metric": [StrOptions(set(METRICS))],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "vector_dtype": [StrOptions(set(VECTOR_DTYPES))],
+        "target_recall": [Interval(Real, 0, 1, closed="right"), None],
         "by_residual": ["boolean"],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "mode": [StrOptions({"distance", "connectivity"})],
@@ -290,6 +323,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         metric="euclidean",
         refine_factor=4,
         vector_dtype="float32",
+        target_recall=None,
         by_residual=True,
         max_train_samples=None,
         mode="distance",
@@ -307,6 +341,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self.metric = metric
         self.refine_factor = refine_factor
         self.vector_dtype = vector_dtype
+        self.target_recall = target_recall
         self.by_residual = by_residual
         self.max_train_samples = max_train_samples
         self.mode = mode
@@ -342,6 +377,14 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         n_sub = _n_subquantizers(self.n_subquantizers, X.shape[1])
         n_train = _training_rows(len(X), self.nlist, self.nbits, self.max_train_samples)
         n_threads = effective_n_threads(self.n_jobs)
+        held_out = None
+        if self.target_recall is not None:
+            held_out = _calibration.held_out_rows(
+                len(X),
+                max(self.nlist, 2**self.nbits),
+                self.n_neighbors,
+                self.random_state,
+            )
         # score finds the exact neighbours in the stored vectors when kept,
         # else in the fit array, whose checksum tells if it was overwritten.
         keep_vectors = self.refine_factor is not None
@@ -363,6 +406,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             "n_train": n_train,
             "random_state": self.random_state,
         }
+        if held_out is not None:
+            params["held_out"] = held_out
         train = check_memory(self.memory).cache(
             train_and_encode, ignore=["n_threads", "verbose"]
         )
@@ -381,9 +426,130 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         if not keep_vectors:
             self._fit_source = FitSource.of(source, ids, crc)
         _warn_imbalance(lists)
+        calibration = None
+        if held_out is not None:
+            calibration = self._calibrate(X, ids, held_out, n_threads)
+        self._set_calibration(calibration)
         return self
 
     # -- internals ---------------------------------------------------------
+    def _calibrate(
+        self, X: np.ndarray, ids: np.ndarray, held_out: np.ndarray, n_threads: int
+    ) -> _calibration.Calibration:
+        """Settings for ``target_recall``, measured with the ``held_out`` rows
+        of prepared X (which trained no quantizer) as queries. Each finds
+        itself in the index: it searches one more neighbour and one more
+        candidate, and its own row is dropped, so that it sees the index of
+        the same size as a new query would."""
+        lists = self._store
+        queries = X[held_out]
+        own_ids = ids[held_out]
+        k = self.n_neighbors
+        reference = FlatNeighbors(
+            algorithm="brute", metric=self.effective_metric_, n_jobs=self.n_jobs
+        ).fit(X, ids=ids)
+        ref_queries = reference._prepare_queries(queries)
+        true_dist, true_ids = reference.kneighbors(ref_queries, k + 1)
+        true_dist, true_ids = _drop_self(true_dist, true_ids, own_ids)
+        true_dist = reference._exact_distances(ref_queries, true_ids)
+
+        def measure(nprobe, refine_factor):
+            start = time.perf_counter()
+            distances, positions = self._codec.search(
+                lists,
+                queries,
+                k + 1,
+                nprobe=nprobe,
+                refine_factor=refine_factor,
+                n_threads=n_threads,
+                n_candidates=k * (refine_factor or 1) + 1,
+            )
+            seconds = time.perf_counter() - start
+            _, found = _drop_self(distances, lists.ids[positions], own_ids)
+            # Exact distances for the ids not among the true ones only: the
+            # tie rule (recall_at_k) decides nothing else.
+            missed = ~(found[:, :, None] == true_ids[:, None, :]).any(axis=2)
+            found_dist = np.zeros(found.shape)
+            rows, cols = np.nonzero(missed)
+            found_dist[rows, cols] = reference._exact_distances(
+                ref_queries[rows], found[rows, cols][:, None]
+            )[:, 0]
+            recall = recall_at_k(
+                true_ids, found, true_distances=true_dist, pred_distances=found_dist
+            )
+            return recall, seconds
+
+        # Rows per probed cell of each query, nearest first (-1: none).
+        sizes = np.append(lists.sizes(), 0)
+        probed = np.empty((len(queries), 0), dtype=np.int64)
+
+        def cost(nprobe, refine_factor):
+            nonlocal probed
+            if probed.shape[1] < nprobe:
+                width = min(self.nlist, max(nprobe, 2 * probed.shape[1], 64))
+                probed = self._codec.probe(queries, width, n_threads)[0]
+            features = _calibration.cost_features(
+                scanned=sizes[probed[:, :nprobe]].sum(axis=1).mean(),
+                nprobe=nprobe,
+                refine_factor=refine_factor,
+                n_neighbors=k,
+                n_features=X.shape[1],
+                n_subquantizers=self.n_subquantizers_,
+                nbits=self.nbits,
+            )
+            return float(features @ _calibration.COSTS)
+
+        keep_vectors = lists.vectors is not None
+        calibration = _calibration.choose_settings(
+            measure,
+            cost,
+            target=self.target_recall,
+            nlist=self.nlist,
+            refine_factors=_calibration.REFINE_FACTORS if keep_vectors else (None,),
+            n_queries=len(queries),
+        )
+        if self.verbose:
+            print(
+                f"[IVFPQNeighbors] calibrated on {len(queries)} held-out rows: "
+                f"nprobe={calibration.nprobe}, "
+                f"refine_factor={calibration.refine_factor}, "
+                f"recall@{k} {calibration.recall:.4f}"
+            )
+        if not calibration.reached:
+            warnings.warn(
+                f"IVFPQNeighbors cannot reach target_recall={self.target_recall}: "
+                f"the highest recall@{k} measured on {len(queries)} held-out rows "
+                f"is {calibration.recall:.4f}, at nprobe={calibration.nprobe} and "
+                f"refine_factor={calibration.refine_factor}, which searches use. "
+                + (
+                    "Store vectors to re-rank (refine_factor=4), or use "
+                    if not keep_vectors
+                    else "Use "
+                )
+                + "more sub-quantizers or nbits=8 for a higher recall.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return calibration
+
+    def _set_calibration(self, calibration) -> None:
+        names = ("nprobe_", "refine_factor_", "calibration_recall_")
+        if calibration is None:
+            for name in (*names, "calibration_results_"):
+                self.__dict__.pop(name, None)
+            return
+        self.nprobe_ = calibration.nprobe
+        self.refine_factor_ = calibration.refine_factor
+        self.calibration_recall_ = calibration.recall
+        self.calibration_results_ = calibration.results
+
+    def _search_settings(self) -> tuple[int, int | None]:
+        """``(nprobe, refine_factor)`` of a search: calibrated at fit for a
+        target recall, else the parameters."""
+        if hasattr(self, "nprobe_"):
+            return self.nprobe_, self.refine_factor_
+        return self.nprobe, self.refine_factor
+
     def _prepare(self, X: np.ndarray) -> np.ndarray:
         return _normalize_rows(X) if fitted_metric(self) == "cosine" else X
 
@@ -488,6 +654,43 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             ksub=ksub,
             d=self.n_features_in_,
         )
+        self._check_calibration(name, store)
+
+    def _check_calibration(self, name: str, store) -> None:
+        attributes = ("nprobe_", "refine_factor_", "calibration_recall_")
+        present = [hasattr(self, a) for a in (*attributes, "calibration_results_")]
+        if not any(present):
+            return
+        if not all(present):
+            raise ValueError(
+                f"Corrupted {name} state: a calibration needs nprobe_, "
+                "refine_factor_, calibration_recall_ and calibration_results_."
+            )
+        vectors = store.get("vectors") if isinstance(store, dict) else store.vectors
+        refine_factor = self.refine_factor_
+        if self.nprobe_ < 1 or (refine_factor is not None and refine_factor < 1):
+            raise ValueError(
+                f"Corrupted {name} state: nprobe_ = {self.nprobe_} and "
+                f"refine_factor_ = {refine_factor} must be >= 1."
+            )
+        if refine_factor is not None and vectors is None:
+            raise ValueError(
+                f"Corrupted {name} state: refine_factor_ = {refine_factor} but "
+                "no vectors are stored to re-rank."
+            )
+        if not 0.0 <= self.calibration_recall_ <= 1.0:
+            raise ValueError(
+                f"Corrupted {name} state: calibration_recall_ = "
+                f"{self.calibration_recall_} is not in [0, 1]."
+            )
+        lengths = {len(np.ravel(v)) for v in self.calibration_results_.values()}
+        if len(lengths) != 1 or any(
+            np.ndim(v) != 1 for v in self.calibration_results_.values()
+        ):
+            raise ValueError(
+                f"Corrupted {name} state: calibration_results_ must hold 1-d "
+                "arrays of one length."
+            )
 
     def _derive_tables(self) -> None:
         # A loaded state holds the lists as plain arrays (to_state's dict).
@@ -518,19 +721,20 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             store,
             X,
             radius,
-            nprobe=self.nprobe,
+            nprobe=self._search_settings()[0],
             n_threads=effective_n_threads(self.n_jobs),
         )
 
     def _search(
         self, store: InvertedLists, X: np.ndarray, n_neighbors: int, allowed=None
     ):
+        nprobe, refine_factor = self._search_settings()
         return self._codec.search(
             store,
             X,
             n_neighbors,
-            nprobe=self.nprobe,
-            refine_factor=self.refine_factor,
+            nprobe=nprobe,
+            refine_factor=refine_factor,
             n_threads=effective_n_threads(self.n_jobs),
             allowed=allowed,
         )

@@ -229,6 +229,7 @@ class IVFPQCodec:
         refine_factor: int | None,
         n_threads: int,
         allowed=None,
+        n_candidates: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``n_neighbors`` best rows of ``lists`` for each query.
 
@@ -239,7 +240,10 @@ class IVFPQCodec:
         (float32, float16 or uint8, ``lists.sq``) when ``refine_factor`` is
         set. ``allowed`` (a :class:`~annlearn._filter.FilterBlock`, each
         query allowing at least ``n_neighbors`` rows) restricts the scan
-        (see ``_EXACT_COST``).
+        (see ``_EXACT_COST``). ``n_candidates`` overrides the number of
+        candidates scanned for (``refine_factor * n_neighbors``; at least
+        ``n_neighbors``): a query that is itself indexed searches one more
+        neighbour and one more candidate to search as a new query would.
 
         Returns
         -------
@@ -250,7 +254,9 @@ class IVFPQCodec:
         """
         lists.check_refinable(refine_factor)
         nlist = self.quantizer.nlist
-        n_scan = min(n_neighbors * (refine_factor or 1), len(lists))
+        if n_candidates is None:
+            n_candidates = n_neighbors * (refine_factor or 1)
+        n_scan = min(max(n_candidates, n_neighbors), len(lists))
         nprobe = min(nprobe, nlist)
         if allowed is not None:
             return self._filtered_search(
@@ -573,15 +579,22 @@ class IVFPQCodec:
         n_train: int,
         random_state,
         n_threads: int,
+        held_out: np.ndarray | None = None,
         verbose: int = 0,
         log: Callable[[str], None] = lambda message: None,
     ) -> IVFPQCodec:
         """Train both quantizers on ``n_train`` rows of X drawn at random (the
-        sub-quantizers on at most ``256 * 2**nbits`` of them)."""
+        sub-quantizers on at most ``256 * 2**nbits`` of them), never from the
+        rows ``held_out`` (at most all the others)."""
         rng = check_random_state(random_state)
         n_samples = len(X)
-        rows = np.sort(rng.choice(n_samples, n_train, replace=False))
-        train = X[rows] if n_train < n_samples else X
+        if held_out is None:
+            rows = np.sort(rng.choice(n_samples, n_train, replace=False))
+            train = X[rows] if n_train < n_samples else X
+        else:
+            pool = np.setdiff1d(np.arange(n_samples), held_out)
+            n_train = min(n_train, len(pool))
+            train = X[np.sort(pool[rng.choice(len(pool), n_train, replace=False)])]
         start = time.perf_counter()
         quantizer = CoarseQuantizer.train(
             train,

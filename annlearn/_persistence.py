@@ -59,7 +59,10 @@ __all__ = [
 #    vectors as float16 or uint8 (``vector_dtype``); uint8 with its
 #    per-feature ``_vector_offset`` and ``_vector_scale`` (None otherwise, and
 #    in older files: float32).
-FORMAT_VERSION = 4
+# 5: IVFPQNeighbors fitted with a target_recall stores the settings it chose
+#    and their calibration (``nprobe_``, ``refine_factor_``,
+#    ``calibration_recall_``, ``calibration_results_``); absent otherwise.
+FORMAT_VERSION = 5
 # The data layout of the first annlearn files (earlier layouts were pickled).
 _FIRST_FILE_LAYOUT = 2
 
@@ -212,6 +215,9 @@ def _is_array(value) -> bool:
 _ARRAY = _Kind("a numeric array", _is_array)
 _ARRAY_OR_NONE = _Kind("a numeric array or null", lambda v: v is None or _is_array(v))
 _COUNT = _Kind("an integer >= 0", lambda v: type(v) is int and v >= 0)
+_COUNT_OR_NONE = _Kind(
+    "an integer >= 0 or null", lambda v: v is None or (type(v) is int and v >= 0)
+)
 _FLOAT = _Kind("a float", lambda v: type(v) is float)
 _BOOL = _Kind("a bool", lambda v: type(v) is bool)
 _STR = _Kind("a string", lambda v: type(v) is str)
@@ -277,12 +283,23 @@ _OPTIONAL = {
         "_ip_lift": _Maybe({"extra": _ARRAY, "max_sqnorm": _FLOAT}),
         "_vector_offset": _ARRAY_OR_NONE,
         "_vector_scale": _ARRAY_OR_NONE,
+        # All four or none: fitted with a target_recall.
+        "nprobe_": _COUNT,
+        "refine_factor_": _COUNT_OR_NONE,
+        "calibration_recall_": _FLOAT,
+        "calibration_results_": {
+            "nprobe": _ARRAY,
+            "refine_factor": _ARRAY,
+            "recall": _ARRAY,
+            "cost": _ARRAY,
+            "qps": _ARRAY,
+        },
     },
 }
 # Parameters added after the first file layout, which older files lack.
 _PARAMS_ADDED_LATER = {
     "FlatNeighbors": ("radius", "vector_dtype"),
-    "IVFPQNeighbors": ("radius", "vector_dtype"),
+    "IVFPQNeighbors": ("radius", "vector_dtype", "target_recall"),
 }
 _OPTIONAL_EVERYWHERE = {
     "feature_names_in_": _STRINGS,

@@ -22,6 +22,7 @@ ESTIMATORS = [
         vector_dtype="uint8",
         random_state=0,
     ),
+    IVFPQNeighbors(nlist=2, nbits=4, target_recall=0.9, random_state=0),
     IVFPQNeighbors(
         nlist=2,
         nbits=4,
