@@ -16,6 +16,8 @@ search starts where the previous one ended, and the descent stops once a
 would cost more than the cheapest setting found. Of the settings
 found with the same ``nprobe`` only the smallest ``refine_factor`` can be the
 fastest; of those left, a cost model (``cost_features``) picks the fastest.
+Deeper re-ranking (``DEEP_REFINE_FACTORS``) is searched the same way when no
+setting reaches the target otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ N_QUERIES = 1000
 # enough that, nprobe being coarse where it is small, some setting lands near
 # the target rather than well above it.
 REFINE_FACTORS = (32, 28, 24, 20, 16, 14, 12, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1)
+# Deeper re-ranking, tried only when none of REFINE_FACTORS reaches the
+# target: coarse codes of data that quantizes badly (4-bit codes of text
+# embeddings reach recall@10 0.95 only with refine_factor 48).
+DEEP_REFINE_FACTORS = (128, 96, 64, 48, 40)
 
 
 # Seconds per unit of each term of cost_features on 2 threads, fitted by
@@ -118,6 +124,7 @@ def choose_settings(
     nlist: int,
     refine_factors: Sequence,
     n_queries: int,
+    deeper: Sequence = (),
 ) -> Calibration:
     """The cheapest ``(nprobe, refine_factor)`` whose recall reaches ``target``.
 
@@ -137,6 +144,9 @@ def choose_settings(
         Candidates, largest first (``[None]`` when no vectors are stored).
     n_queries : int
         Queries ``measure`` searches, for the queries per second.
+    deeper : sequence of int
+        Larger candidates, largest first, tried only when none of
+        ``refine_factors`` reaches the target.
 
     Returns
     -------
@@ -153,25 +163,10 @@ def choose_settings(
         return seen[key][0]
 
     found: list[tuple[int, object]] = []
-    cheapest = np.inf
-    start = 1
-    for refine_factor in refine_factors:
-        nprobe = _smallest_nprobe(
-            lambda p, rf=refine_factor: recall_at(p, rf),
-            target,
-            start,
-            nlist,
-            # A smaller refine_factor needs at least this many cells: once
-            # they alone cost more than the cheapest setting, none can win.
-            hopeless=lambda p, bound=cheapest: cost(p, None) >= bound,
-        )
-        if nprobe is None:
+    for tier in (refine_factors, deeper):
+        found = _descend(recall_at, cost, tier, target, nlist)
+        if found:
             break
-        if found and found[-1][0] == nprobe:
-            found.pop()
-        found.append((nprobe, refine_factor))
-        cheapest = min(cheapest, cost(nprobe, refine_factor))
-        start = nprobe
     reached = bool(found)
     if not reached:
         # The best recall measured, the cheapest among equals.
@@ -193,6 +188,33 @@ def choose_settings(
         reached=reached,
         results=results,
     )
+
+
+def _descend(recall_at, cost, refine_factors, target: float, nlist: int) -> list:
+    """For each of ``refine_factors`` (largest first) until one falls short,
+    the smallest ``nprobe`` reaching ``target``; of those with the same
+    ``nprobe``, the smallest ``refine_factor`` only."""
+    found: list[tuple[int, object]] = []
+    cheapest = np.inf
+    start = 1
+    for refine_factor in refine_factors:
+        nprobe = _smallest_nprobe(
+            lambda p, rf=refine_factor: recall_at(p, rf),
+            target,
+            start,
+            nlist,
+            # A smaller refine_factor needs at least this many cells: once
+            # they alone cost more than the cheapest setting, none can win.
+            hopeless=lambda p, bound=cheapest: cost(p, None) >= bound,
+        )
+        if nprobe is None:
+            break
+        if found and found[-1][0] == nprobe:
+            found.pop()
+        found.append((nprobe, refine_factor))
+        cheapest = min(cheapest, cost(nprobe, refine_factor))
+        start = nprobe
+    return found
 
 
 def _smallest_nprobe(

@@ -507,6 +507,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
             nlist=self.nlist,
             refine_factors=_calibration.REFINE_FACTORS if keep_vectors else (None,),
             n_queries=len(queries),
+            deeper=_calibration.DEEP_REFINE_FACTORS if keep_vectors else (),
         )
         if self.verbose:
             print(
@@ -705,7 +706,15 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     # -- hooks of NeighborsBase -------------------------------------------
     def _describe(self, store: InvertedLists) -> list[str]:
-        return self._codec.describe(store)
+        lines = self._codec.describe(store)
+        if hasattr(self, "nprobe_"):
+            lines.append(
+                f"  search: nprobe={self.nprobe_}, refine_factor="
+                f"{self.refine_factor_}, chosen at fit for a target recall "
+                f"(recall@{self.n_neighbors} {self.calibration_recall_:.4f} "
+                "on held-out rows)"
+            )
+        return lines
 
     def _prepare_queries(self, X: np.ndarray) -> np.ndarray:
         return self._prepare(X)
