@@ -31,7 +31,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-__all__ = ["Filter", "FilterBlock", "check_allowed"]
+__all__ = [
+    "Filter",
+    "FilterBlock",
+    "canonical_allowed",
+    "check_allowed",
+    "unknown_ids_error",
+]
 
 # Bytes of the boolean (n_queries, n_samples) image of a block of per-query
 # filters, from which the block's bitmaps are packed (an eighth of it).
@@ -194,16 +200,15 @@ def _positions_of(ids: np.ndarray, n_columns: int) -> np.ndarray:
     return positions
 
 
-def check_allowed(allowed, ids: np.ndarray, n_queries: int) -> Filter:
-    """Check the ``allowed`` argument of ``kneighbors`` against the ids of
-    the store searched and the number of queries; a :class:`Filter`.
+def canonical_allowed(allowed, n_columns: int, n_queries: int) -> tuple[str, object]:
+    """The form of an ``allowed`` argument over ``n_columns`` ids, checked
+    without the ids themselves: ``("sparse", csr_matrix)``, ``("mask",
+    1-d bool)``, ``("ids", 1-d integers)`` (not yet checked to be in the
+    index: :func:`unknown_ids_error`) or ``("dense", 2-d bool)``.
 
     Raises TypeError for a filter of the wrong kind or dtype and ValueError
-    for a wrong shape or unknown ids, each naming ``allowed``.
+    for a wrong shape, each naming ``allowed``.
     """
-    n_columns = int(ids.max()) + 1 if len(ids) else 0
-    n_rows = len(ids)
-    positions_of = _positions_of(ids, n_columns)
     expected = (
         "allowed must be an array of ids, a boolean mask of shape "
         f"({n_columns},) over the ids, or a boolean array or sparse matrix of "
@@ -217,11 +222,7 @@ def check_allowed(allowed, ids: np.ndarray, n_queries: int) -> Filter:
             )
         matrix = sparse.csr_matrix(allowed)
         matrix.sum_duplicates()
-        coo = matrix.tocoo()
-        rows = positions_of[coo.col]
-        keep = (rows >= 0) & (coo.data != 0)
-        counts = np.bincount(coo.row[keep], minlength=n_queries).astype(np.int64)
-        return Filter("sparse", matrix, positions_of, n_rows, n_queries, counts)
+        return "sparse", matrix
     try:
         array = np.asarray(allowed)
     except (TypeError, ValueError) as exc:
@@ -234,36 +235,72 @@ def check_allowed(allowed, ids: np.ndarray, n_queries: int) -> Filter:
                 f"{expected}; got a boolean mask of {len(array)} entries, not "
                 f"{n_columns} (one per id, up to the largest id in the index)."
             )
-        mask = array[ids]
-    elif array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-        unknown = array[(array < 0) | (array >= n_columns)]
-        inside = array[(array >= 0) & (array < n_columns)]
-        unknown = np.concatenate([unknown, inside[positions_of[inside] < 0]])
-        if len(unknown):
-            shown = ", ".join(map(str, np.unique(unknown)[:10]))
-            raise ValueError(
-                f"allowed holds {len(np.unique(unknown))} ids that are not in "
-                f"the index: {shown}{', ...' if len(np.unique(unknown)) > 10 else ''}."
-            )
-        mask = np.zeros(n_rows, dtype=bool)
-        mask[positions_of[array]] = True
-    elif array.ndim == 2 and array.dtype == bool:
+        return "mask", array
+    if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+        return "ids", array
+    if array.ndim == 2 and array.dtype == bool:
         if array.shape != (n_queries, n_columns):
             raise ValueError(f"{expected}; got a boolean array of shape {array.shape}.")
-        counts = np.zeros(n_queries, dtype=np.int64)
-        step = max(1, _BLOCK_BYTES // max(n_rows, 1))
-        identity = n_columns == n_rows and np.array_equal(ids, np.arange(n_rows))
-        for start in range(0, n_queries, step):
-            block = array[start : start + step]
-            counts[start : start + step] = (block if identity else block[:, ids]).sum(1)
-        return Filter("dense", array, positions_of, n_rows, n_queries, counts)
-    elif array.ndim in (1, 2):
+        return "dense", array
+    if array.ndim in (1, 2):
         raise TypeError(
             f"{expected}; got a {array.ndim}-d array of dtype {array.dtype} "
             "(ids must be integers, masks boolean)."
         )
+    raise ValueError(f"{expected}; got an array of {array.ndim} dimensions.")
+
+
+def unknown_ids_error(unknown: np.ndarray) -> ValueError:
+    """The error for ids of an ``allowed`` array that are not in the index."""
+    unknown = np.unique(unknown)
+    shown = ", ".join(map(str, unknown[:10]))
+    return ValueError(
+        f"allowed holds {len(unknown)} ids that are not in the index: "
+        f"{shown}{', ...' if len(unknown) > 10 else ''}."
+    )
+
+
+def check_allowed(
+    allowed, ids: np.ndarray, n_queries: int, n_columns: int | None = None
+) -> Filter:
+    """Check the ``allowed`` argument of ``kneighbors`` against the ids of
+    the store searched and the number of queries; a :class:`Filter`.
+
+    ``n_columns`` is the width of the id space (by default the store's
+    largest id + 1; a shard of a larger index is given the index's): mask
+    entries of ids the store does not hold are ignored, ids given as an
+    array must all be in it. Raises as :func:`canonical_allowed`, and
+    ValueError for unknown ids.
+    """
+    if n_columns is None:
+        n_columns = int(ids.max()) + 1 if len(ids) else 0
+    n_rows = len(ids)
+    positions_of = _positions_of(ids, n_columns)
+    kind, data = canonical_allowed(allowed, n_columns, n_queries)
+    if kind == "sparse":
+        coo = data.tocoo()
+        rows = positions_of[coo.col]
+        keep = (rows >= 0) & (coo.data != 0)
+        counts = np.bincount(coo.row[keep], minlength=n_queries).astype(np.int64)
+        return Filter("sparse", data, positions_of, n_rows, n_queries, counts)
+    if kind == "dense":
+        counts = np.zeros(n_queries, dtype=np.int64)
+        step = max(1, _BLOCK_BYTES // max(n_rows, 1))
+        identity = n_columns == n_rows and np.array_equal(ids, np.arange(n_rows))
+        for start in range(0, n_queries, step):
+            block = data[start : start + step]
+            counts[start : start + step] = (block if identity else block[:, ids]).sum(1)
+        return Filter("dense", data, positions_of, n_rows, n_queries, counts)
+    if kind == "mask":
+        mask = data[ids]
     else:
-        raise ValueError(f"{expected}; got an array of {array.ndim} dimensions.")
+        unknown = data[(data < 0) | (data >= n_columns)]
+        inside = data[(data >= 0) & (data < n_columns)]
+        unknown = np.concatenate([unknown, inside[positions_of[inside] < 0]])
+        if len(unknown):
+            raise unknown_ids_error(unknown)
+        mask = np.zeros(n_rows, dtype=bool)
+        mask[positions_of[data]] = True
     counts = np.full(n_queries, int(mask.sum()), dtype=np.int64)
     return Filter("shared", mask, positions_of, n_rows, n_queries, counts)
 

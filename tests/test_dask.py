@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from numpy.testing import assert_array_equal
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy import sparse
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
@@ -364,13 +365,64 @@ def test_save_and_load_on_a_cluster_of_another_size(client, data, tmp_path):
         load(tmp_path / "missing", client)
 
 
+# -- filtered search -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_flat_filter_equals_one_index(client, data, metric):
+    # Every form of filter, applied in every shard, gives one index's answer;
+    # small blocks, and filters that leave a shard fewer than k rows of a
+    # query (or none), exercise the merge of short answers.
+    X, Q = data
+    ids = np.random.default_rng(3).permutation(10 * len(X))[: len(X)]
+    sharded = DaskFlatNeighbors(n_neighbors=5, metric=metric, query_block_size=64)
+    sharded.fit(X, ids=ids)
+    local = FlatNeighbors(n_neighbors=5, metric=metric).fit(X, ids=ids)
+    rng = np.random.default_rng(4)
+    n_ids = ids.max() + 1
+    mask = np.zeros(n_ids, dtype=bool)
+    mask[ids[rng.random(len(X)) < 0.02]] = True
+    few = ids[rng.choice(len(X), 7, replace=False)]
+    per_query = np.zeros((len(Q), n_ids), dtype=bool)
+    per_query[:, ids] = rng.random((len(Q), len(X))) < 0.01
+    for allowed in (mask, few, per_query, sparse.csr_matrix(per_query)):
+        dist, ind = sharded.kneighbors(Q, allowed=allowed)
+        expected_dist, expected_ind = local.kneighbors(Q, allowed=allowed)
+        assert_array_equal(ind, expected_ind)
+        # A shard may score its few allowed rows directly where one index
+        # masks a GEMM (the cost rule sees the shard's size): float32 rounding.
+        assert_allclose(dist, expected_dist, rtol=1e-6, atol=1e-6)
+    graph = sharded.kneighbors_graph(Q, allowed=mask)
+    assert (graph != local.kneighbors_graph(Q, allowed=mask)).nnz == 0
+
+
+def test_flat_filter_bad_input_changes_nothing(client, data):
+    X, Q = data
+    sharded = DaskFlatNeighbors(n_neighbors=3).fit(X)
+    before = sharded.kneighbors(Q)
+    with pytest.raises(ValueError, match="ids that are not in the index: 6000"):
+        sharded.kneighbors(Q, allowed=[0, 1, 6000])
+    with pytest.raises(ValueError, match=r"query 0 \(and 299 other queries\)"):
+        sharded.kneighbors(Q, allowed=[0, 1])
+    with pytest.raises(ValueError, match="boolean mask of 5 entries"):
+        sharded.kneighbors(Q, allowed=np.ones(5, dtype=bool))
+    with pytest.raises(TypeError, match="ids must be integers"):
+        sharded.kneighbors(Q, allowed=np.array([0.5, 1.5]))
+    with pytest.raises(ValueError, match="numpy array of queries only"):
+        sharded.kneighbors(allowed=np.arange(10))
+    with pytest.raises(ValueError, match="numpy array of queries only"):
+        sharded.kneighbors(da.from_array(Q, chunks=100), allowed=np.arange(10))
+    assert_same(sharded.kneighbors(Q), before)
+
+
 # -- errors ----------------------------------------------------------------------
 
 
 def test_bad_input(client, data):
     X, Q = data
+    local = ivfpq().fit(X)
     with pytest.raises(ValueError, match="does not support filtered search"):
-        DaskFlatNeighbors(n_neighbors=2).fit(X).kneighbors(Q, allowed=[0, 1, 2])
+        dask_ivfpq(local).fit(X, quantizers=local).kneighbors(Q, allowed=[0, 1, 2])
     with pytest.raises(NotFittedError):
         DaskFlatNeighbors().kneighbors(Q)
     with pytest.raises(InvalidParameterError):

@@ -36,6 +36,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from annlearn._base import NeighborsBase, transactional
+from annlearn._filter import canonical_allowed, check_enough, unknown_ids_error
 from annlearn._validation import (
     _as_int64_ids,
     _show,
@@ -268,9 +269,17 @@ default=None
             Number of neighbours; the estimator's ``n_neighbors`` if None.
         return_distance : bool, default=True
             Whether to return the distances too.
-        allowed : None
-            Filtered search is not available on sharded indexes yet: any
-            filter raises a ValueError rather than being dropped.
+        allowed : array-like or sparse matrix, default=None
+            Restrict each search to a subset of ids, in any form
+            :meth:`annlearn.FlatNeighbors.kneighbors` takes (an array of
+            ids, a boolean mask over the ids, or one row per query), with
+            numpy queries X. Every shard applies the filter inside its
+            search and the answers are those of one index over all the
+            vectors; a query allowing fewer than ``n_neighbors`` ids in the
+            whole index raises a ``ValueError`` naming it. Sharded indexes
+            without filtered search (``DaskIVFPQNeighbors``), ``X=None`` and
+            dask arrays of queries raise a ``ValueError``: a filter is never
+            dropped.
 
         Returns
         -------
@@ -289,16 +298,12 @@ default=None
             computed).
         """
         check_is_fitted(self)
-        if allowed is not None:
-            raise ValueError(
-                f"{type(self).__name__} does not support filtered search "
-                "(allowed=) yet: a filter is never dropped, so search a "
-                "FlatNeighbors or IVFPQNeighbors for filtered queries."
-            )
         index = self._index  # one snapshot for the whole call
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         k = check_n_neighbors(k, index.n_samples, query_is_train=X is None)
-        if X is None:
+        if allowed is not None:
+            dist, ids = self._kneighbors_allowed(index, X, k, allowed)
+        elif X is None:
             dist, ids = self._kneighbors_indexed(index, k)
         elif is_dask_array(X):
             dist, ids = self._kneighbors_lazy(
@@ -314,7 +319,9 @@ default=None
     transform = NeighborsBase.transform
     fit_transform = NeighborsBase.fit_transform
 
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+    def kneighbors_graph(
+        self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None
+    ):
         """Compute the graph of k nearest neighbours as a sparse matrix.
 
         As :meth:`annlearn.FlatNeighbors.kneighbors_graph`; a dask array of
@@ -332,6 +339,8 @@ default=None
             None.
         mode : {"connectivity", "distance"}, default="connectivity"
             ``"connectivity"`` stores ones, ``"distance"`` the distances.
+        allowed : array-like or sparse matrix, default=None
+            A filter, as in :meth:`kneighbors`.
 
         Returns
         -------
@@ -343,11 +352,126 @@ default=None
             check_is_fitted(self)
             X = self._check_dask_array(X, fit=False)
             X = self._index.client.compute(X, sync=True)
-        return self._graph(X, n_neighbors, mode)
+        return self._graph(X, n_neighbors, mode, allowed=allowed)
 
     def _graph_n_columns(self) -> int:
         """Columns of the graphs: one per id, up to the largest."""
         return int(self._index.max_ids.max()) + 1
+
+    def _allowed_plan(self, index: ShardedIndex, k: int) -> SearchPlan | None:
+        """How a block is searched with a filter, or None if this kind of
+        sharded index cannot: ``search(shard, queries, allowed,
+        n_columns, *search_args)``."""
+        return None
+
+    def _kneighbors_allowed(self, index: ShardedIndex, X, k: int, allowed):
+        """Filtered search of numpy queries: the filter is checked on the
+        client against the whole index (its form, its ids, the ids it
+        allows per query, summed over the shards), then sent with each
+        block of queries to every shard."""
+        name = type(self).__name__
+        plan = self._allowed_plan(index, k)
+        if plan is None:
+            raise ValueError(
+                f"{name} does not support filtered search (allowed=) yet: a "
+                "filter is never dropped, so search a DaskFlatNeighbors or "
+                "an IVFPQNeighbors for filtered queries."
+            )
+        if X is None or is_dask_array(X):
+            raise ValueError(
+                f"{name} filters (allowed=) the search of a numpy array of "
+                "queries only, not X=None nor a dask array: give the queries "
+                "as a numpy array."
+            )
+        Xq = self._prepare(index, validate_query_data(self, X))
+        n_columns = self._graph_n_columns()
+        kind, data = canonical_allowed(allowed, n_columns, len(Xq))
+        if kind == "ids":
+            data = self._ids_mask(index, data, n_columns)
+        client = index.client
+        shards = [s for s, n in zip(index.shards, index.sizes, strict=True) if n]
+        size = self.query_block_size
+        starts = range(0, len(Xq), size)
+
+        def pieces():
+            """The filter of each block on the workers, with the block's
+            first query (sent again by a retry: scattered data has no
+            lineage, see ``share``)."""
+            if data.ndim == 1:
+                shared = client.scatter(data, broadcast=True, hash=False)
+                return [(shared, s) for s in starts]
+            return [
+                (client.scatter(data[s : s + size], broadcast=True, hash=False), s)
+                for s in starts
+            ]
+
+        def count():
+            sent = pieces()
+            return [
+                client.submit(
+                    _shards.count_allowed,
+                    shard,
+                    piece,
+                    n_columns,
+                    min(size, len(Xq) - start),
+                    pure=False,
+                )
+                for piece, start in sent
+                for shard in shards
+            ]
+
+        counts = self._retried(index, shards, count)
+        per_block = [
+            np.sum(counts[i * len(shards) : (i + 1) * len(shards)], axis=0)
+            for i in range(len(starts))
+        ]
+        check_enough(
+            np.concatenate(per_block) if per_block else np.zeros(0, np.int64),
+            k,
+            query_is_train=False,
+        )
+
+        def search():
+            blocks = client.scatter([Xq[s : s + size] for s in starts], hash=False)
+            merged = []
+            for block, (piece, _) in zip(blocks, pieces(), strict=True):
+                parts = [
+                    client.submit(
+                        plan.search,
+                        shard,
+                        block,
+                        piece,
+                        n_columns,
+                        *plan.search_args,
+                        pure=False,
+                    )
+                    for shard in shards
+                ]
+                merged.append(
+                    client.submit(plan.merge, parts, *plan.merge_args, pure=False)
+                )
+            return merged
+
+        results = self._retried(index, shards, search)
+        if not results:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return (
+            np.concatenate([d for d, _ in results]),
+            np.concatenate([i for _, i in results]),
+        )
+
+    def _ids_mask(self, index: ShardedIndex, ids: np.ndarray, n_columns: int):
+        """An ``allowed`` array of ids as a boolean mask over the ids, after
+        checking with the shards that every id is in the index."""
+        inside = np.unique(ids[(ids >= 0) & (ids < n_columns)])
+        held = self._ask_shards(index, _shards.owned_ids, inside)
+        missing = np.setdiff1d(inside, np.concatenate(held))
+        unknown = np.concatenate([ids[(ids < 0) | (ids >= n_columns)], missing])
+        if len(unknown):
+            raise unknown_ids_error(unknown)
+        mask = np.zeros(n_columns, dtype=bool)
+        mask[inside] = True
+        return mask
 
     def _kneighbors_now(
         self, index: ShardedIndex, Xq: np.ndarray, k: int, shards=None, plan=None

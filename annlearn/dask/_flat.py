@@ -179,6 +179,14 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
             merge_args=(n_neighbors,),
         )
 
+    def _allowed_plan(self, index: ShardedIndex, n_neighbors: int) -> SearchPlan:
+        return SearchPlan(
+            search=_shards.search_flat_allowed,
+            search_args=(n_neighbors, self.n_jobs),
+            merge=_shards.merge_flat,
+            merge_args=(n_neighbors,),
+        )
+
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):
         # Exact already: the reference is the index itself.
         return self._kneighbors_now(index, self._prepare(index, X), k)

@@ -25,6 +25,7 @@ import numpy as np
 
 from annlearn import _ivf
 from annlearn._base import _drop_self
+from annlearn._filter import check_allowed
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
@@ -317,6 +318,48 @@ def search_ivfpq(shard, piece, n_candidates: int, refine: bool, n_jobs):
     ids = np.where(filled, lists.ids[np.maximum(pos, 0)], -1)
     cells = np.where(filled, lists.cells_of(pos), -1).astype(np.int32)
     return rows, dist, exact, ids, cells
+
+
+def count_allowed(shard, allowed, n_columns: int, n_queries: int) -> np.ndarray:
+    """Rows of the shard each query's filter allows (``allowed`` in
+    ``canonical_allowed``'s form, over the index's ``n_columns`` ids)."""
+    return check_allowed(allowed, shard._store.ids, n_queries, n_columns).counts
+
+
+def search_flat_allowed(
+    shard, X: np.ndarray, allowed, n_columns: int, n_neighbors: int, n_jobs
+):
+    """A Flat shard's ``n_neighbors`` best allowed rows for prepared queries
+    X: ``(distances, ids)``, as ``search_flat``. ``allowed`` (a boolean mask
+    over the ids, or these queries' rows of a per-query filter, over the
+    index's ``n_columns`` ids) is applied inside the search, as one index
+    applies it. A query allowing fewer rows of this shard gets them all and
+    empty slots (+inf, -1) after: the other shards hold the rest, and the
+    client checked that every query allows ``n_neighbors`` in all."""
+    n_queries = len(X)
+    dist, found = _empty(n_queries, n_neighbors)
+    store = shard._store
+    ids = store.ids
+    widths = np.minimum(
+        check_allowed(allowed, ids, n_queries, n_columns).counts, n_neighbors
+    )
+    searcher = copy.copy(shard)
+    searcher.n_jobs = n_jobs
+    # Queries by the number of neighbours this shard can give them.
+    for width in np.unique(widths[widths > 0]):
+        queries = np.flatnonzero(widths == width)
+        rows = allowed if allowed.ndim == 1 else allowed[queries]
+        filt = check_allowed(rows, ids, len(queries), n_columns)
+        step = filt.block_size()
+        for start in range(0, len(queries), step):
+            stop = min(start + step, len(queries))
+            block = queries[start:stop]
+            d, positions = searcher._search(
+                store, X[block], int(width), filt.block(start, stop)
+            )
+            dist[block, :width] = d
+            found[block, :width] = ids[positions]
+    return dist, found
 
 
 def _best(keys, ids, width: int, cells=None) -> np.ndarray:
