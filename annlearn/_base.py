@@ -52,6 +52,7 @@ from annlearn._exact import exact_answers
 from annlearn._filter import check_allowed, check_enough
 from annlearn._radius import RadiusNeighborsMixin
 from annlearn._validation import (
+    check_fitted,
     check_graph_mode,
     check_n_neighbors,
     check_new_ids,
@@ -238,7 +239,7 @@ class NeighborsBase(
         neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype int64
             Indices of the neighbours in the fitted data.
         """
-        check_is_fitted(self)
+        check_fitted(self)
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
         store = self._store  # one snapshot for the whole call

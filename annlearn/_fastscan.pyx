@@ -39,6 +39,7 @@ from libc.math cimport INFINITY, fabs
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 
+from annlearn._utils._checks cimport all_finite, ids_within, positive_finite
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 
@@ -363,6 +364,23 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
     return qtables_arr, scale_arr, bias_arr
 
 
+# Checked on every call by a typed loop, as _utils/_checks.pxd's checks.
+cdef bint _lists_match(
+    const id_t[::1] list_offsets, const id_t[::1] block_offsets, intp_t n_blocks
+) noexcept nogil:
+    """Offsets non-decreasing from >= 0, each list in ceil(size / 32) blocks
+    of ``packed`` (pack_lists's layout)."""
+    cdef intp_t c, nlist = list_offsets.shape[0] - 1
+    cdef id_t size
+    if list_offsets[0] < 0 or block_offsets[0] < 0 or block_offsets[nlist] > n_blocks:
+        return False
+    for c in range(nlist):
+        size = list_offsets[c + 1] - list_offsets[c]
+        if size < 0 or block_offsets[c + 1] - block_offsets[c] != (size + _BLOCK - 1) // _BLOCK:
+            return False
+    return True
+
+
 def ivf_tables(
     const float32_t[:, ::1] Q,
     const float32_t[:, :, ::1] codebooks_t,
@@ -425,9 +443,9 @@ def ivf_tables(
         raise ValueError(
             f"Expected probe_cells and probe_base of shape ({n_queries}, nprobe)."
         )
-    if n_queries and nprobe and np.min(probe_cells) < -1:
+    if not ids_within(probe_cells, -1, INT64_MAX):
         raise ValueError("Expected probe_cells >= -1.")
-    if n_tables > 1 and n_queries and nprobe and np.max(probe_cells) >= n_tables:
+    if n_tables > 1 and not ids_within(probe_cells, -1, n_tables):
         raise ValueError(f"Expected probe_cells < {n_tables} (one term 2 per cell).")
     qtables_arr = np.empty((n_queries, nprobe, M, 16), dtype=np.uint8)
     scale_arr = np.ones(n_queries, dtype=np.float32)
@@ -628,9 +646,7 @@ def ivf_fastscan(
             f"Expected scale ({n_queries},), bias and probe_cells "
             f"({n_queries}, {nprobe})."
         )
-    if n_queries and not (np.all(np.asarray(scale) > 0)
-                          and np.all(np.isfinite(np.asarray(scale)))
-                          and np.all(np.isfinite(np.asarray(bias)))):
+    if not (positive_finite(scale) and all_finite(bias)):
         raise ValueError("Expected positive finite scale and finite bias.")
     if packed.shape[1] != annlearn_fs_block_bytes(M):
         raise ValueError(
@@ -641,17 +657,12 @@ def ivf_fastscan(
         raise ValueError(f"Expected k >= 1, got {k}.")
     if nlist < 1 or block_offsets.shape[0] != nlist + 1:
         raise ValueError("Expected block_offsets and list_offsets of shape (nlist + 1,).")
-    sizes = np.diff(np.asarray(list_offsets))
-    blocks = np.diff(np.asarray(block_offsets))
-    if (list_offsets[0] < 0 or np.any(sizes < 0) or block_offsets[0] < 0
-            or np.any(blocks != (sizes + BLOCK - 1) // BLOCK)
-            or block_offsets[nlist] > n_blocks):
+    if not _lists_match(list_offsets, block_offsets, n_blocks):
         raise ValueError(
             "Expected block_offsets and list_offsets of the same lists "
             "(pack_lists), within packed."
         )
-    if n_queries and nprobe and (np.max(probe_cells) >= nlist
-                                 or np.min(probe_cells) < -1):
+    if not ids_within(probe_cells, -1, nlist):
         raise ValueError(f"Expected probe_cells in [-1, {nlist}).")
     cdef const uint32_t[:, ::1] allow
     cdef intp_t allow_stride = 0

@@ -72,6 +72,7 @@ cdef extern from "_compact.h" nogil:
                                      const float* offset, const float* scale,
                                      Py_ssize_t d)
     void annlearn_prefetch(const void* p, Py_ssize_t n_bytes)
+from annlearn._utils._checks cimport ids_within
 from annlearn._utils._heap cimport heap_init, heap_push, heap_sort
 from annlearn._utils._hits cimport Hits, hits_append, hits_collect
 from annlearn._utils._openmp_helpers cimport omp_get_thread_num
@@ -307,8 +308,7 @@ def _check_scan_inputs(Q, probe_cells, probe_base, codebooks_t, term2,
         raise ValueError("term2 must be (nlist or 1 or 0, M, ksub).")
     if codes.shape[1] != M and codes.shape[0] > 0:
         raise ValueError("codes must have M columns.")
-    if n_queries and probe_cells.shape[1] and (
-            np.max(probe_cells) >= nlist or np.min(probe_cells) < -1):
+    if not ids_within(probe_cells, -1, nlist):
         raise ValueError(f"probe_cells must lie in [-1, {nlist}).")
 
 
@@ -494,7 +494,7 @@ def refine(
         raise ValueError("candidates must have one row per query.")
     if not 1 <= k <= n_candidates:
         raise ValueError(f"Expected 1 <= k <= {n_candidates}, got k={k}.")
-    if candidates.size and (np.max(candidates) >= n_vectors or np.min(candidates) < -1):
+    if not ids_within(candidates, -1, n_vectors):
         raise ValueError(f"candidates must lie in [-1, {n_vectors}).")
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
