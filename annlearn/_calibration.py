@@ -1,20 +1,21 @@
 """Search settings that reach a recall target at the highest speed.
 
 ``IVFPQNeighbors(target_recall=...)`` calibrates at ``fit``: a sample of the
-rows is held out of training and, while calibrating, out of the index, so
-that it queries the index as new data would (rows that trained the
-quantizers are encoded better than new ones, and would promise a recall that
-new queries do not get). Its exact neighbours among the other rows are the
-reference.
+rows is held out of training (rows that trained the quantizers are encoded
+better than new ones, and would promise a recall that new queries do not
+get) but indexed, and queries the index, each row searching one more
+neighbour and one more candidate and dropping itself, so that it sees an
+index of the real size as new data would. Its exact neighbours among the
+other rows are the reference.
 
 :func:`choose_settings` then searches the ``(nprobe, refine_factor)`` plane.
 For each ``refine_factor``, largest first, it finds the smallest ``nprobe``
 whose recall reaches the target: growing steps, then bisection, since recall
-grows with ``nprobe``. A smaller ``refine_factor`` never needs fewer cells, so each
-search starts where the previous one ended, and the descent stops once a
-``refine_factor`` cannot reach the target (more cells no longer help) or
-would cost more than the cheapest setting found. Of the settings
-found with the same ``nprobe`` only the smallest ``refine_factor`` can be the
+grows with ``nprobe``. A smaller ``refine_factor`` never needs fewer cells,
+so each search starts where the previous one ended, and the descent stops
+once a ``refine_factor`` cannot reach the target (more cells no longer help)
+or would cost more than the cheapest setting found. Of the settings found
+with the same ``nprobe`` only the smallest ``refine_factor`` can be the
 fastest; of those left, a cost model (``cost_features``) picks the fastest.
 Deeper re-ranking (``DEEP_REFINE_FACTORS``) is searched the same way when no
 setting reaches the target otherwise.
