@@ -191,7 +191,8 @@ class IVFPQCodec:
             f"median {int(np.median(sizes))}, max {sizes.max()}; imbalance "
             f"{lists.imbalance_factor():.2f}, 1.00 is even)",
             f"  codes: {self.pq.M} sub-vectors x {self.pq.nbits} bits "
-            f"per vector, stored one byte each{stored}",
+            f"per vector, of the {'residuals' if self.by_residual else 'vectors'}, "
+            f"stored one byte each{stored}",
             f"  bytes per vector: {per_vector} in the lists (+ "
             f"{quantizers / max(n, 1):.1f} for the quantizers)",
             f"  memory: {format_bytes(lists.nbytes + self.nbytes)} (lists "
@@ -210,13 +211,19 @@ class IVFPQCodec:
     def encode(self, X: np.ndarray, n_threads: int) -> tuple[np.ndarray, np.ndarray]:
         """The cell and the code of every row of X, a block of rows at a time."""
         cells = np.empty(len(X), dtype=np.int64)
-        codes = np.empty((len(X), self.pq.M), dtype=np.uint8)
         for start in range(0, len(X), _ENCODE_BLOCK):
             block = slice(start, start + _ENCODE_BLOCK)
             cells[block] = self.quantizer.assign(X[block], n_threads)
+        return cells, self.encode_in(X, cells, n_threads)
+
+    def encode_in(self, X: np.ndarray, cells: np.ndarray, n_threads: int) -> np.ndarray:
+        """The codes of the rows of X, already assigned to ``cells``."""
+        codes = np.empty((len(X), self.pq.M), dtype=np.uint8)
+        for start in range(0, len(X), _ENCODE_BLOCK):
+            block = slice(start, start + _ENCODE_BLOCK)
             residuals = self.residuals(X[block], cells[block])
             codes[block] = self.pq.encode(residuals, n_threads)
-        return cells, codes
+        return codes
 
     def decode(self, cells: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Reconstructions of rows coded as (cells, codes), float32."""
@@ -582,17 +589,22 @@ class IVFPQCodec:
         M: int,
         nbits: int,
         metric: str,
-        by_residual: bool,
+        by_residual: bool | str,
         n_train: int,
         random_state,
         n_threads: int,
         held_out: np.ndarray | None = None,
         verbose: int = 0,
         log: Callable[[str], None] = lambda message: None,
-    ) -> IVFPQCodec:
+    ) -> list[IVFPQCodec]:
         """Train both quantizers on ``n_train`` rows of X drawn at random (the
         sub-quantizers on at most ``256 * 2**nbits`` of them), never from the
-        rows ``held_out`` (at most all the others)."""
+        rows ``held_out`` (at most all the others).
+
+        Returns one codec, or for ``by_residual="auto"`` two that share the
+        cells: codes of the residuals, then codes of the vectors, their
+        sub-quantizers trained on the same rows.
+        """
         rng = check_random_state(random_state)
         n_samples = len(X)
         if held_out is None:
@@ -616,46 +628,58 @@ class IVFPQCodec:
             f"coarse quantizer: {nlist} cells trained on {n_train} rows in "
             f"{time.perf_counter() - start:.2f} s"
         )
-        start = time.perf_counter()
         pq_rows = _PQ_MAX_POINTS_PER_CENTRE * 2**nbits
         if len(train) > pq_rows:
             train = train[np.sort(rng.choice(len(train), pq_rows, replace=False))]
-        residuals = train
-        if by_residual:
-            residuals = train - quantizer.centers[quantizer.assign(train, n_threads)]
-        pq = ProductQuantizer.train(
-            residuals,
-            M,
-            nbits,
-            max_iter=_PQ_MAX_ITER,
-            random_state=rng,
-            n_threads=n_threads,
-            verbose=verbose > 1,
-        )
-        log(
-            f"product quantizer: {M} x {2**nbits} centres trained on "
-            f"{len(train)} rows in {time.perf_counter() - start:.2f} s"
-        )
-        return cls(quantizer, pq, metric, by_residual)
+        codecs = []
+        for residual in (True, False) if by_residual == "auto" else (by_residual,):
+            start = time.perf_counter()
+            target = train
+            if residual:
+                target = train - quantizer.centers[quantizer.assign(train, n_threads)]
+            pq = ProductQuantizer.train(
+                target,
+                M,
+                nbits,
+                max_iter=_PQ_MAX_ITER,
+                random_state=rng,
+                n_threads=n_threads,
+                verbose=verbose > 1,
+            )
+            log(
+                f"product quantizer of the {'residuals' if residual else 'vectors'}: "
+                f"{M} x {2**nbits} centres trained on {len(train)} rows in "
+                f"{time.perf_counter() - start:.2f} s"
+            )
+            codecs.append(cls(quantizer, pq, metric, residual))
+        return codecs
 
 
 def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) -> dict:
     """Train an :class:`IVFPQCodec` on prepared X with ``params`` (see
     ``IVFPQCodec.train``) and encode X: the part of ``IVFPQNeighbors.fit``
-    that its ``memory`` caches, so it returns plain arrays."""
+    that its ``memory`` caches, so it returns plain arrays. ``"encodings"``
+    lists the codes of each codec trained (two for ``by_residual="auto"``),
+    all in the same ``"cells"``."""
 
     def log(message: str) -> None:
         if verbose:
             print(f"[IVFPQNeighbors] {message}")
 
-    codec = IVFPQCodec.train(X, **params, n_threads=n_threads, verbose=verbose, log=log)
+    codecs = IVFPQCodec.train(
+        X, **params, n_threads=n_threads, verbose=verbose, log=log
+    )
     start = time.perf_counter()
-    cells, codes = codec.encode(X, n_threads)
+    cells, codes = codecs[0].encode(X, n_threads)
+    codes = [codes] + [codec.encode_in(X, cells, n_threads) for codec in codecs[1:]]
+    encodings = [
+        {"by_residual": c.by_residual, "pq_codebooks": c.pq.codebooks, "codes": k}
+        for c, k in zip(codecs, codes, strict=True)
+    ]
     log(f"encoded {len(X)} vectors in {time.perf_counter() - start:.2f} s")
     return {
-        "cluster_centers": codec.quantizer.centers,
-        "cells_lift": codec.quantizer.lift,
-        "pq_codebooks": codec.pq.codebooks,
+        "cluster_centers": codecs[0].quantizer.centers,
+        "cells_lift": codecs[0].quantizer.lift,
         "cells": cells,
-        "codes": codes,
+        "encodings": encodings,
     }

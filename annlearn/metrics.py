@@ -192,7 +192,7 @@ def make_recall_scorer(n_neighbors: int | None = None):
     >>> print(f"{recall_at_5(index, X[1500:]):.2f}")  # every cell probed
     0.99
     >>> print(f"{recall_at_5(index.set_params(nprobe=2), X[1500:]):.2f}")
-    0.56
+    0.57
     """
     return _RecallScorer(n_neighbors)
 

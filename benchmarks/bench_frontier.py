@@ -97,12 +97,15 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
     # 8 features also in the smallest storage exact for the data: uint8 for
     # 8-bit data (pixels), float16 otherwise.
     compact = "uint8" if np.array_equal(X[:1000], np.round(X[:1000])) else "float16"
-    configs = [(m, nbits, "float32") for m, nbits in codes]
-    configs.append((_m(d, 8), 4, compact))
+    configs = [(m, nbits, "float32", True) for m, nbits in codes]
+    configs.append((_m(d, 8), 4, compact, True))
+    # The same codes of the vectors themselves rather than of their residuals
+    # (by_residual=False), which rank text embeddings better.
+    configs.append((_m(d, 8), 4, compact, False))
     grid = [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32)]
     grid += [] if quick else [(64, 32), (64, 64), (128, 64)]
     for nlist in (256,) if quick else (256, 1024):
-        for m, nbits, storage in configs:
+        for m, nbits, storage, by_residual in configs:
             start = time.perf_counter()
             index = IVFPQNeighbors(
                 n_neighbors=k,
@@ -112,14 +115,14 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
                 metric=metric,
                 refine_factor=4,
                 vector_dtype=storage,
+                by_residual=by_residual,
                 random_state=0,
                 n_jobs=threads,
             ).fit(X)
             build = time.perf_counter() - start
             nbytes = pickled_bytes(index)
-            name = f"IVF{nlist},PQ{m}x{nbits},refine" + (
-                "" if storage == "float32" else f"({storage})"
-            )
+            name = f"IVF{nlist},PQ{m}x{nbits}" + ("" if by_residual else "(direct)")
+            name += ",refine" + ("" if storage == "float32" else f"({storage})")
             for nprobe, refine in grid:
                 yield Point(
                     "annlearn-IVFPQ",

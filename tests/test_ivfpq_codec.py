@@ -17,7 +17,7 @@ def X(eight_blobs):
 def _coded(X, *, nlist=8, vectors=False, **params):
     """A codec trained on X with ``params`` and X's lists."""
     params = {"by_residual": True, "n_train": len(X), "random_state": 0, **params}
-    codec = IVFPQCodec.train(X, nlist=nlist, n_threads=2, **params)
+    (codec,) = IVFPQCodec.train(X, nlist=nlist, n_threads=2, **params)
     cells, codes = codec.encode(X, n_threads=2)
     stored = X if vectors else None
     return codec, InvertedLists.from_cells(

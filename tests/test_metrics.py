@@ -166,5 +166,6 @@ def test_exact_answers_are_computed_once_per_split(data, monkeypatch, small_ivfp
     _exact._cache.clear()
     monkeypatch.setattr(FlatNeighbors, "_search", counting)
     for nprobe in (1, 2, 4):
-        small_ivfpq(nprobe=nprobe).fit(X).score(Q)
+        # by_residual=True: "auto" searches exactly for held-out rows at fit.
+        small_ivfpq(nprobe=nprobe, by_residual=True).fit(X).score(Q)
     assert len(calls) == 1

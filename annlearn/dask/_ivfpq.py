@@ -44,7 +44,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         As :class:`~annlearn.IVFPQNeighbors`'s. ``nprobe`` counts cells of
         the whole index, and is widened (doubled) for the queries whose
         probed cells hold fewer than ``n_neighbors`` rows over all shards,
-        as one index does.
+        as one index does. ``by_residual="auto"`` is decided on the
+        training sample, as one index decides it on its rows.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores, as :class:`~annlearn.FlatNeighbors`'s
         (``"distance"``: ``n_neighbors + 1`` neighbours per row, for
@@ -124,7 +125,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         "nbits": [Interval(Integral, 4, 8, closed="both")],
         "metric": [StrOptions(set(METRICS))],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
-        "by_residual": ["boolean"],
+        "by_residual": ["boolean", StrOptions({"auto"})],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "mode": [StrOptions({"distance", "connectivity"})],
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
@@ -143,7 +144,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         nbits=4,
         metric="euclidean",
         refine_factor=4,
-        by_residual=True,
+        by_residual="auto",
         mode="distance",
         max_train_samples=None,
         n_shards=None,
@@ -186,8 +187,9 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             A fitted index whose quantizers to use instead of training new
             ones (train once, on one machine, then index anywhere). Its
             metric, ``nlist``, ``nbits``, ``n_subquantizers`` and
-            ``by_residual`` must be this estimator's, and it must keep its
-            vectors if ``refine_factor`` is set.
+            ``by_residual`` must be this estimator's (any with
+            ``"auto"``), and it must keep its vectors if ``refine_factor``
+            is set.
 
         Returns
         -------
@@ -230,6 +232,8 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         wanted = self.get_params()
         if wanted["n_subquantizers"] is None:
             wanted["n_subquantizers"] = fitted["n_subquantizers"]
+        if wanted["by_residual"] == "auto":
+            wanted["by_residual"] = fitted["by_residual"]
         problems = [
             f"{key}={fitted[key]!r} (this estimator: {wanted[key]!r})"
             for key in fitted
