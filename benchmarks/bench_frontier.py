@@ -64,6 +64,16 @@ class Point:
         return latencies_us(self.search, Q)
 
 
+# (nprobe, re-ranking depth) points of every IVF with re-ranking, annlearn's
+# and FAISS's alike; the full run adds _GRID_FULL.
+_GRID_QUICK = [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 8), (32, 16), (32, 32)]
+_GRID_FULL = [(64, 16), (64, 32), (64, 64), (128, 32), (128, 64)]
+
+
+def _grid(quick: bool) -> list[tuple[int, int]]:
+    return _GRID_QUICK + ([] if quick else _GRID_FULL)
+
+
 def _m(d: int, features_per_code: int) -> int:
     """The divisor of ``d`` nearest ``d / features_per_code`` (PQ's code
     count must divide the features): 28 -> 28 of 784, 24 of 384."""
@@ -99,11 +109,12 @@ def annlearn_points(X, Q, k, metric, threads, repeats, quick):
     compact = "uint8" if np.array_equal(X[:1000], np.round(X[:1000])) else "float16"
     configs = [(m, nbits, "float32", True) for m, nbits in codes]
     configs.append((_m(d, 8), 4, compact, True))
-    # The same codes of the vectors themselves rather than of their residuals
-    # (by_residual=False), which rank text embeddings better.
+    # The 4-bit codes of the vectors themselves rather than of their
+    # residuals (by_residual=False), which rank text embeddings better.
     configs.append((_m(d, 8), 4, compact, False))
-    grid = [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32)]
-    grid += [] if quick else [(64, 32), (64, 64), (128, 64)]
+    if not quick:
+        configs.append((_m(d, 4), 4, compact, False))
+    grid = _grid(quick)
     for nlist in (256,) if quick else (256, 1024):
         for m, nbits, storage, by_residual in configs:
             start = time.perf_counter()
@@ -159,14 +170,14 @@ def faiss_points(X, Q, k, metric, threads, repeats, quick):
         Q,
         repeats,
     )
-    grid = [(4, 4), (8, 8), (16, 8), (16, 16), (32, 16), (32, 32), (64, 32)]
-    grid += [] if quick else [(64, 64), (128, 64)]
+    grid = _grid(quick)
     factories = [f"IVF256,PQ{_m(d, 14)}x4fs,RFlat", f"IVF256,PQ{_m(d, 28)}x8,RFlat"]
     if not quick:
         factories += [
             f"IVF1024,PQ{_m(d, 14)}x4fs,RFlat",
             f"IVF256,PQ{_m(d, 8)}x4fs,RFlat",
             f"IVF1024,PQ{_m(d, 8)}x4fs,RFlat",
+            f"IVF256,PQ{_m(d, 4)}x4fs,RFlat",
             "IVF256,Flat",
             "IVF1024,Flat",
         ]
