@@ -51,6 +51,7 @@ def train_kmeans(
     n_threads: int = 1,
     verbose: int = 0,
     name: str = "k-means",
+    sphere_radius: float | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """Cluster the rows of X with Lloyd's algorithm.
 
@@ -77,6 +78,11 @@ def train_kmeans(
         Print the inertia and time of every iteration when > 0.
     name : str, default="k-means"
         What to call this training in verbose output.
+    sphere_radius : float or None, default=None
+        Spherical k-means: after each update every centre is scaled to this
+        norm (a centre at the origin stays there). For rows that all have
+        this norm, whose nearest centre is then the one of largest inner
+        product.
 
     Returns
     -------
@@ -111,6 +117,7 @@ def train_kmeans(
         n_threads=n_threads,
         verbose=verbose,
         name=name,
+        sphere_radius=sphere_radius,
     )
 
 
@@ -148,6 +155,7 @@ def _lloyd(
     n_threads: int,
     verbose: int = 0,
     name: str = "k-means",
+    sphere_radius: float | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """annlearn's Lloyd iterations from the given initial centres."""
     n_clusters = centers.shape[0]
@@ -168,6 +176,10 @@ def _lloyd(
             new_centers = sums / np.maximum(counts, 1)[:, None]
             # A centre no point could be moved to stays where it was.
             new_centers[counts == 0] = centers[counts == 0]
+            if sphere_radius is not None:
+                norms = np.linalg.norm(new_centers, axis=1)
+                away = norms > 0
+                new_centers[away] *= (sphere_radius / norms[away])[:, None]
             new_centers = new_centers.astype(np.float32)
             shift = float(np.sum((new_centers - centers) ** 2, dtype=np.float64))
             centers = new_centers

@@ -217,11 +217,12 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         rank better (images, generated embeddings); sentence embeddings
         ranked by inner product rank better by codes of the vectors (recall
         0.90 against 0.87 at ``nprobe=32, refine_factor=16`` on 384-d
-        MiniLM embeddings). ``"auto"`` trains both product quantizers and
-        keeps the one whose index finds more of the true neighbours of up to
-        1,000 rows held out of training (a tenth of X at most), searched at
-        ``nprobe`` and ``refine_factor``; the residuals' on a tie and below
-        1,000 rows. ``by_residual_`` tells which.
+        MiniLM embeddings). With codes of the vectors, inner-product cells
+        are spherical (user guide, "Inner-product cells"). ``"auto"`` trains
+        both and keeps the one whose index finds more of the true neighbours
+        of up to 1,000 rows held out of training (a tenth of X at most),
+        searched at ``nprobe`` and ``refine_factor``; the residuals' on a tie
+        and below 1,000 rows. ``by_residual_`` tells which.
     max_train_samples : int, default=None
         Rows drawn at random to train the quantizers; ``None`` means
         ``256 * max(nlist, 2**nbits)``. The sub-quantizers train on at most
@@ -435,8 +436,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         if len(encodings) > 1:
             chosen, lists = self._choose_encoding(measure, trained, ids, vectors, sq)
         self._by_residual = chosen["by_residual"]
-        self.cluster_centers_ = trained["cluster_centers"]
-        self._ip_lift = trained["cells_lift"]
+        self.cluster_centers_ = chosen["cluster_centers"]
+        self._ip_lift = chosen["cells_lift"]
         self.pq_codebooks_ = chosen["pq_codebooks"]
         self.n_subquantizers_ = n_sub
         self._codec = self._make_codec()
@@ -444,7 +445,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         self._center_sqnorms = self._codec.quantizer.sqnorms
         if lists is None:
             lists = InvertedLists.from_cells(
-                self.nlist, trained["cells"], chosen["codes"], ids, vectors, sq
+                self.nlist, chosen["cells"], chosen["codes"], ids, vectors, sq
             )
         self._set_store(lists)
         if not keep_vectors:
@@ -518,13 +519,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         ``_held_out_recall``) at this estimator's ``nprobe`` and
         ``refine_factor`` (the residuals' on a tie), and its inverted lists."""
         metric = self.metric
-        quantizer = CoarseQuantizer(
-            trained["cluster_centers"],
-            "inner_product" if metric == "inner_product" else "l2",
-            trained["cells_lift"],
-        )
         recalls, indexes = {}, []
         for encoding in trained["encodings"]:
+            quantizer = CoarseQuantizer(
+                encoding["cluster_centers"],
+                "inner_product" if metric == "inner_product" else "l2",
+                encoding["cells_lift"],
+            )
             codec = IVFPQCodec(
                 quantizer,
                 ProductQuantizer(encoding["pq_codebooks"]),
@@ -532,7 +533,7 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
                 encoding["by_residual"],
             )
             lists = InvertedLists.from_cells(
-                self.nlist, trained["cells"], encoding["codes"], ids, vectors, sq
+                self.nlist, encoding["cells"], encoding["codes"], ids, vectors, sq
             )
             name = "residuals" if encoding["by_residual"] else "vectors"
             recalls[name] = measure(codec, lists, self.nprobe, self.refine_factor)[0]

@@ -601,9 +601,11 @@ class IVFPQCodec:
         sub-quantizers on at most ``256 * 2**nbits`` of them), never from the
         rows ``held_out`` (at most all the others).
 
-        Returns one codec, or for ``by_residual="auto"`` two that share the
-        cells: codes of the residuals, then codes of the vectors, their
-        sub-quantizers trained on the same rows.
+        Returns one codec, or for ``by_residual="auto"`` two: codes of the
+        residuals, then codes of the vectors, their sub-quantizers trained on
+        the same rows. Codes of the vectors leave the cells only to route
+        queries: for the inner product their cells are spherical (see
+        ``annlearn/_quantizers/_coarse.py``), else the two share the cells.
         """
         rng = check_random_state(random_state)
         n_samples = len(X)
@@ -614,29 +616,40 @@ class IVFPQCodec:
             pool = np.setdiff1d(np.arange(n_samples), held_out)
             n_train = min(n_train, len(pool))
             train = X[np.sort(pool[rng.choice(len(pool), n_train, replace=False)])]
-        start = time.perf_counter()
-        quantizer = CoarseQuantizer.train(
-            train,
-            nlist,
-            metric="inner_product" if metric == "inner_product" else "l2",
-            max_iter=_COARSE_MAX_ITER,
-            random_state=rng,
-            n_threads=n_threads,
-            verbose=verbose > 1,
-        )
-        log(
-            f"coarse quantizer: {nlist} cells trained on {n_train} rows in "
-            f"{time.perf_counter() - start:.2f} s"
-        )
-        pq_rows = _PQ_MAX_POINTS_PER_CENTRE * 2**nbits
-        if len(train) > pq_rows:
-            train = train[np.sort(rng.choice(len(train), pq_rows, replace=False))]
+        quantizers: dict[bool, CoarseQuantizer] = {}
+        pq_train = None
         codecs = []
         for residual in (True, False) if by_residual == "auto" else (by_residual,):
+            spherical = not residual and metric == "inner_product"
+            if spherical not in quantizers:
+                start = time.perf_counter()
+                quantizers[spherical] = CoarseQuantizer.train(
+                    train,
+                    nlist,
+                    metric="inner_product" if metric == "inner_product" else "l2",
+                    max_iter=_COARSE_MAX_ITER,
+                    random_state=rng,
+                    n_threads=n_threads,
+                    verbose=verbose > 1,
+                    spherical=spherical,
+                )
+                log(
+                    f"{'spherical ' if spherical else ''}coarse quantizer: "
+                    f"{nlist} cells trained on {n_train} rows in "
+                    f"{time.perf_counter() - start:.2f} s"
+                )
+            quantizer = quantizers[spherical]
+            if pq_train is None:
+                pq_train = train
+                pq_rows = _PQ_MAX_POINTS_PER_CENTRE * 2**nbits
+                if len(train) > pq_rows:
+                    pick = np.sort(rng.choice(len(train), pq_rows, replace=False))
+                    pq_train = train[pick]
             start = time.perf_counter()
-            target = train
+            target = pq_train
             if residual:
-                target = train - quantizer.centers[quantizer.assign(train, n_threads)]
+                cells = quantizer.assign(pq_train, n_threads)
+                target = pq_train - quantizer.centers[cells]
             pq = ProductQuantizer.train(
                 target,
                 M,
@@ -648,7 +661,7 @@ class IVFPQCodec:
             )
             log(
                 f"product quantizer of the {'residuals' if residual else 'vectors'}: "
-                f"{M} x {2**nbits} centres trained on {len(train)} rows in "
+                f"{M} x {2**nbits} centres trained on {len(pq_train)} rows in "
                 f"{time.perf_counter() - start:.2f} s"
             )
             codecs.append(cls(quantizer, pq, metric, residual))
@@ -659,8 +672,8 @@ def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) 
     """Train an :class:`IVFPQCodec` on prepared X with ``params`` (see
     ``IVFPQCodec.train``) and encode X: the part of ``IVFPQNeighbors.fit``
     that its ``memory`` caches, so it returns plain arrays. ``"encodings"``
-    lists the codes of each codec trained (two for ``by_residual="auto"``),
-    all in the same ``"cells"``."""
+    holds, for each codec trained (two for ``by_residual="auto"``), its
+    quantizers, and the cell and the code of every row."""
 
     def log(message: str) -> None:
         if verbose:
@@ -671,15 +684,21 @@ def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) 
     )
     start = time.perf_counter()
     cells, codes = codecs[0].encode(X, n_threads)
-    codes = [codes] + [codec.encode_in(X, cells, n_threads) for codec in codecs[1:]]
-    encodings = [
-        {"by_residual": c.by_residual, "pq_codebooks": c.pq.codebooks, "codes": k}
-        for c, k in zip(codecs, codes, strict=True)
-    ]
+    encodings = []
+    for codec in codecs:
+        if codec.quantizer is not codecs[0].quantizer:
+            cells, codes = codec.encode(X, n_threads)
+        elif codec is not codecs[0]:
+            codes = codec.encode_in(X, cells, n_threads)
+        encodings.append(
+            {
+                "by_residual": codec.by_residual,
+                "cluster_centers": codec.quantizer.centers,
+                "cells_lift": codec.quantizer.lift,
+                "cells": cells,
+                "pq_codebooks": codec.pq.codebooks,
+                "codes": codes,
+            }
+        )
     log(f"encoded {len(X)} vectors in {time.perf_counter() - start:.2f} s")
-    return {
-        "cluster_centers": codecs[0].quantizer.centers,
-        "cells_lift": codecs[0].quantizer.lift,
-        "cells": cells,
-        "encodings": encodings,
-    }
+    return {"encodings": encodings}

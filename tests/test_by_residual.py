@@ -116,3 +116,49 @@ def test_by_residual_is_checked_before_anything_changes():
 
 def test_by_residual_unfitted_is_an_attribute_error():
     assert not hasattr(index(), "by_residual_")
+
+
+def _lifted_norms(est):
+    lift = est._ip_lift
+    centres = est.cluster_centers_.astype(np.float64)
+    extra = lift["extra"].astype(np.float64)
+    return np.sqrt((centres**2).sum(axis=1) + extra**2), np.sqrt(lift["max_sqnorm"])
+
+
+def test_inner_product_cells_are_spherical_for_codes_of_the_vectors():
+    X = make_embeddings(4000, 32, n_clusters=16, random_state=0)
+    X[:100] *= 1.5  # unequal norms: the lift is not zero
+    Q = make_embeddings(50, 32, n_clusters=16, random_state=1)
+    vectors = index(metric="inner_product", by_residual=False).fit(X)
+    norms, radius = _lifted_norms(vectors)
+    np.testing.assert_allclose(norms, radius, rtol=1e-5)
+    # Probing then ranks cells by inner product with the query.
+    cells = vectors._codec.probe(Q, 16, 2)[0]
+    by_ip = np.argsort(-(Q @ vectors.cluster_centers_.T), axis=1, kind="stable")
+    np.testing.assert_array_equal(np.sort(cells[:, :4]), np.sort(by_ip[:, :4]))
+    # Codes of the residuals keep the cell means, which are inside the sphere.
+    residuals = index(metric="inner_product", by_residual=True).fit(X)
+    norms, radius = _lifted_norms(residuals)
+    assert np.all(norms < radius * (1 - 1e-3))
+
+
+def test_spherical_kmeans_keeps_centres_on_the_sphere():
+    from annlearn._clustering import train_kmeans
+    from annlearn._quantizers import CoarseQuantizer
+
+    X = make_embeddings(2000, 8, random_state=0)
+    X = np.ascontiguousarray(2.0 * X / np.linalg.norm(X, axis=1, keepdims=True))
+    centres, _, _ = train_kmeans(X, 10, sphere_radius=2.0, random_state=0)
+    np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 2.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="Only inner-product cells are spherical"):
+        CoarseQuantizer.train(
+            X, 4, metric="l2", max_iter=2, random_state=0, n_threads=1, spherical=True
+        )
+
+
+def test_auto_for_the_inner_product_keeps_each_codes_cells():
+    X = patterned(4000, 1)
+    auto = index(metric="inner_product").fit(X)
+    assert auto.by_residual_ is False
+    norms, radius = _lifted_norms(auto)
+    np.testing.assert_allclose(norms, radius, rtol=1e-5)

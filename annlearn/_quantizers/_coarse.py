@@ -10,6 +10,15 @@ probes by its lifted distance to their centres: training, assignment and
 probing use one metric. k-means run directly by inner product has no such
 consistency (the mean of a cell does not maximise its inner products) and
 leaves many cells empty.
+
+Spherical cells (``spherical=True``, for indexes whose codes are of the
+vectors, so that the cells only route queries) keep the lifted centres on the
+sphere of the lifted rows, radius ``sqrt(M2)``, at every k-means step. All
+lifted centres then have one norm, so the nearest lifted centres of a query
+are those of largest inner product ``<q, c>``: FAISS's inner-product cells
+(normalised centres) for unit rows, and more of a query's true neighbours in
+its probed cells on sentence embeddings. With codes of the residuals the
+cell means are kept instead, as they make the residuals smallest.
 """
 
 from __future__ import annotations
@@ -82,14 +91,20 @@ class CoarseQuantizer:
         random_state,
         n_threads: int,
         verbose: bool = False,
+        spherical: bool = False,
     ) -> CoarseQuantizer:
         """k-means on the rows of X (float32, C-contiguous), lifted for
-        ``"inner_product"``."""
-        lift = None
+        ``"inner_product"``, spherical if asked (``"inner_product"`` only; see
+        the module docstring)."""
+        if spherical and metric != "inner_product":
+            raise ValueError("Only inner-product cells are spherical.")
+        lift = radius = None
         if metric == "inner_product":
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
             max_sqnorm = float(sqnorms.max())
             X = np.column_stack([X, _extra_coordinate(sqnorms, max_sqnorm)])
+            if spherical:
+                radius = np.sqrt(max_sqnorm)
         centers, _, _ = train_kmeans(
             X,
             nlist,
@@ -98,6 +113,7 @@ class CoarseQuantizer:
             n_threads=n_threads,
             verbose=verbose,
             name="coarse quantizer",
+            sphere_radius=radius,
         )
         if metric == "inner_product":
             lift = {
