@@ -393,7 +393,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         n_train = _training_rows(len(X), self.nlist, self.nbits, self.max_train_samples)
         n_threads = effective_n_threads(self.n_jobs)
         held_out = None
-        compare = self.by_residual == "auto" and len(X) >= _AUTO_MIN_SAMPLES
+        # "auto" compares on held-out rows when X has rows to spare for them.
+        compare = (
+            self.by_residual == "auto"
+            and len(X) >= _AUTO_MIN_SAMPLES
+            and len(X) - max(self.nlist, 2**self.nbits, self.n_neighbors)
+            >= len(X) // 10
+        )
         if self.target_recall is not None or compare:
             held_out = _calibration.held_out_rows(
                 len(X),

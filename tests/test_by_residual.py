@@ -162,3 +162,12 @@ def test_auto_for_the_inner_product_keeps_each_codes_cells():
     assert auto.by_residual_ is False
     norms, radius = _lifted_norms(auto)
     np.testing.assert_allclose(norms, radius, rtol=1e-5)
+
+
+def test_auto_without_rows_to_spare_codes_the_residuals():
+    # As many cells as rows leave none to hold out: no comparison (and no
+    # error about held-out rows), the residuals' codes.
+    X = make_embeddings(1000, 8, random_state=0)
+    with pytest.warns(UserWarning):
+        est = index(nlist=1000, n_subquantizers=2).fit(X)
+    assert est.by_residual_ is True
