@@ -51,6 +51,18 @@ _MAX_IMBALANCE = 4.0
 # many rows up (100 held-out queries); below it, codes of the residuals.
 _AUTO_MIN_SAMPLES = 1_000
 
+
+def _codec(metric, centers, lift, codebooks, by_residual) -> IVFPQCodec:
+    """The codec of fitted quantizer arrays, searching by ``metric``."""
+    cells_metric = "inner_product" if metric == "inner_product" else "l2"
+    return IVFPQCodec(
+        CoarseQuantizer(centers, cells_metric, lift),
+        ProductQuantizer(codebooks),
+        metric,
+        by_residual,
+    )
+
+
 # Training-size warnings already shown in this process, by (kind, number of
 # centres): a grid search fits clones on every fold, and one warning about a
 # parameter value says all there is to say.
@@ -524,18 +536,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         has the highest recall of the held-out rows (``measure``, see
         ``_held_out_recall``) at this estimator's ``nprobe`` and
         ``refine_factor`` (the residuals' on a tie), and its inverted lists."""
-        metric = self.metric
         recalls, indexes = {}, []
         for encoding in trained["encodings"]:
-            quantizer = CoarseQuantizer(
+            codec = _codec(
+                self.metric,
                 encoding["cluster_centers"],
-                "inner_product" if metric == "inner_product" else "l2",
                 encoding["cells_lift"],
-            )
-            codec = IVFPQCodec(
-                quantizer,
-                ProductQuantizer(encoding["pq_codebooks"]),
-                metric,
+                encoding["pq_codebooks"],
                 encoding["by_residual"],
             )
             lists = InvertedLists.from_cells(
@@ -640,12 +647,11 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         return _normalize_rows(X) if fitted_metric(self) == "cosine" else X
 
     def _make_codec(self) -> IVFPQCodec:
-        metric = fitted_metric(self)
-        cells_metric = "inner_product" if metric == "inner_product" else "l2"
-        return IVFPQCodec(
-            CoarseQuantizer(self.cluster_centers_, cells_metric, self._ip_lift),
-            ProductQuantizer(self.pq_codebooks_),
-            metric,
+        return _codec(
+            fitted_metric(self),
+            self.cluster_centers_,
+            self._ip_lift,
+            self.pq_codebooks_,
             self._by_residual,
         )
 

@@ -683,13 +683,14 @@ def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) 
         X, **params, n_threads=n_threads, verbose=verbose, log=log
     )
     start = time.perf_counter()
-    cells, codes = codecs[0].encode(X, n_threads)
     encodings = []
     for codec in codecs:
-        if codec.quantizer is not codecs[0].quantizer:
-            cells, codes = codec.encode(X, n_threads)
-        elif codec is not codecs[0]:
+        # Codecs that share the first one's cells reuse its assignment.
+        if encodings and codec.quantizer is codecs[0].quantizer:
+            cells = encodings[0]["cells"]
             codes = codec.encode_in(X, cells, n_threads)
+        else:
+            cells, codes = codec.encode(X, n_threads)
         encodings.append(
             {
                 "by_residual": codec.by_residual,
