@@ -29,7 +29,9 @@ Threads split the queries (prange); each owns its heap (a row of the output)
 or buffer, a table image and a sums buffer, so results do not depend on the
 thread count; ties rank by the smaller position either way.
 
-Not yet used by IVFPQNeighbors (issue 12 wires it in).
+``ivf_fastscan_queries``
+    Both in one pass per query: each thread builds a query's tables into its
+    own buffer and scans them at once (what IVFPQNeighbors runs).
 """
 
 import numpy as np
@@ -428,25 +430,10 @@ def ivf_tables(
     bias : ndarray of shape (n_queries, nprobe), float32
         As :func:`quantize_tables` returns them.
     """
-    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t n_queries = Q.shape[0]
     cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
     cdef intp_t nprobe = probe_cells.shape[1], n_tables = term2.shape[0]
-    if codebooks_t.shape[2] != 16 or M * dsub != d or M < 1:
-        raise ValueError(
-            f"Expected codebooks_t of shape (M, dsub, 16) with M * dsub == {d}, "
-            f"got {tuple(codebooks_t.shape)}."
-        )
-    if n_tables and (term2.shape[1] != M or term2.shape[2] != 16):
-        raise ValueError(f"Expected term2 of shape (n_tables, {M}, 16).")
-    if probe_cells.shape[0] != n_queries or probe_base.shape[0] != n_queries \
-            or probe_base.shape[1] != nprobe:
-        raise ValueError(
-            f"Expected probe_cells and probe_base of shape ({n_queries}, nprobe)."
-        )
-    if not ids_within(probe_cells, -1, INT64_MAX):
-        raise ValueError("Expected probe_cells >= -1.")
-    if n_tables > 1 and not ids_within(probe_cells, -1, n_tables):
-        raise ValueError(f"Expected probe_cells < {n_tables} (one term 2 per cell).")
+    _check_table_inputs(Q, codebooks_t, term2, probe_cells, probe_base)
     qtables_arr = np.empty((n_queries, nprobe, M, 16), dtype=np.uint8)
     scale_arr = np.ones(n_queries, dtype=np.float32)
     bias_arr = np.empty((n_queries, nprobe), dtype=np.float32)
@@ -498,6 +485,36 @@ def ivf_tables(
     if bad:
         raise ValueError("Expected finite queries, codebooks and term 2.")
     return qtables_arr, scale_arr, bias_arr
+
+
+def _check_table_inputs(
+    const float32_t[:, ::1] Q,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, :, ::1] term2,
+    const id_t[:, ::1] probe_cells,
+    const float32_t[:, ::1] probe_base,
+):
+    """Raise ValueError unless the inputs of the tables agree (as
+    :func:`ivf_tables` takes them)."""
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
+    cdef intp_t nprobe = probe_cells.shape[1], n_tables = term2.shape[0]
+    if codebooks_t.shape[2] != 16 or M * dsub != d or M < 1:
+        raise ValueError(
+            f"Expected codebooks_t of shape (M, dsub, 16) with M * dsub == {d}, "
+            f"got {tuple(codebooks_t.shape)}."
+        )
+    if n_tables and (term2.shape[1] != M or term2.shape[2] != 16):
+        raise ValueError(f"Expected term2 of shape (n_tables, {M}, 16).")
+    if probe_cells.shape[0] != n_queries or probe_base.shape[0] != n_queries \
+            or probe_base.shape[1] != nprobe:
+        raise ValueError(
+            f"Expected probe_cells and probe_base of shape ({n_queries}, nprobe)."
+        )
+    if not ids_within(probe_cells, -1, INT64_MAX):
+        raise ValueError("Expected probe_cells >= -1.")
+    if n_tables > 1 and not ids_within(probe_cells, -1, n_tables):
+        raise ValueError(f"Expected probe_cells < {n_tables} (one term 2 per cell).")
 
 
 cdef inline int _sum_threshold(
@@ -629,15 +646,8 @@ def ivf_fastscan(
         Row positions in the cell-sorted order (``list_offsets[c] + i``);
         ties rank by the smaller position; -1 where none.
     """
-    cdef int isa_ = _resolve_isa(isa)
-    if collector not in (None, "heap", "buffer"):
-        raise ValueError(f"collector must be 'heap', 'buffer' or None, got {collector!r}.")
-    cdef bint use_heap = collector == "heap" or (collector is None and k < HEAP_MAX_K)
     cdef intp_t n_queries = qtables.shape[0], nprobe = qtables.shape[1]
-    cdef intp_t M = qtables.shape[2], nlist = list_offsets.shape[0] - 1
-    cdef intp_t n_pairs = annlearn_fs_n_pairs(M)
-    cdef intp_t n_blocks = packed.shape[0]
-    if qtables.shape[3] != 16 or M < 1:
+    if qtables.shape[3] != 16 or qtables.shape[2] < 1:
         raise ValueError("Expected qtables of shape (n_queries, nprobe, M, 16), M >= 1.")
     if scale.shape[0] != n_queries or bias.shape[0] != n_queries \
             or bias.shape[1] != nprobe or probe_cells.shape[0] != n_queries \
@@ -648,6 +658,225 @@ def ivf_fastscan(
         )
     if not (positive_finite(scale) and all_finite(bias)):
         raise ValueError("Expected positive finite scale and finite bias.")
+    no_tables = np.empty((0, 0, 0), dtype=np.float32)
+    no_rows = np.empty((0, 0), dtype=np.float32)
+    return _scan_lists(
+        False, qtables, scale, bias, no_rows, no_tables, no_tables, no_rows, False,
+        probe_cells, packed, block_offsets, list_offsets, k, n_threads, isa,
+        collector, allowed,
+    )
+
+
+def ivf_fastscan_queries(
+    const float32_t[:, ::1] Q,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, :, ::1] term2,
+    const id_t[:, ::1] probe_cells,
+    const float32_t[:, ::1] probe_base,
+    bint inner_product,
+    const uint8_t[:, ::1] packed,
+    const id_t[::1] block_offsets,
+    const id_t[::1] list_offsets,
+    intp_t k,
+    int n_threads,
+    isa=None,
+    collector=None,
+    allowed=None,
+):
+    """:func:`ivf_tables` then :func:`ivf_fastscan`, one query at a time.
+
+    Each thread builds a query's quantized tables into its own buffer and
+    scans them at once: the tables (``nprobe * M * 16`` bytes a query) stay
+    in cache and are never held for every query. The tables, and so the
+    results, are those of the two calls. Parameters as :func:`ivf_tables`
+    (``Q`` to ``inner_product``) and :func:`ivf_fastscan` (the rest).
+
+    Returns
+    -------
+    distances, positions : as :func:`ivf_fastscan` returns them.
+    """
+    _check_table_inputs(Q, codebooks_t, term2, probe_cells, probe_base)
+    return _scan_lists(
+        True, np.empty((0, 0, 0, 16), dtype=np.uint8), np.empty(0, np.float32),
+        np.empty((0, 0), np.float32), Q, codebooks_t, term2, probe_base,
+        inner_product, probe_cells, packed, block_offsets, list_offsets, k,
+        n_threads, isa, collector, allowed,
+    )
+
+
+def _scan_lists(
+    bint fused,
+    const uint8_t[:, :, :, ::1] qtables,
+    const float32_t[::1] scale,
+    const float32_t[:, ::1] bias,
+    const float32_t[:, ::1] Q,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, :, ::1] term2,
+    const float32_t[:, ::1] probe_base,
+    bint inner_product,
+    const id_t[:, ::1] probe_cells,
+    const uint8_t[:, ::1] packed,
+    const id_t[::1] block_offsets,
+    const id_t[::1] list_offsets,
+    intp_t k,
+    int n_threads,
+    isa,
+    collector,
+    allowed,
+):
+    """Both scans, inputs checked: with ``fused``, each query's tables built
+    from (Q, codebooks_t, term2, probe_base) into the thread's buffer, else
+    read from (qtables, scale, bias)."""
+    cdef int isa_ = _resolve_isa(isa)
+    cdef bint use_heap = _use_heap(collector, k)
+    cdef intp_t n_queries = probe_cells.shape[0], nprobe = probe_cells.shape[1]
+    cdef intp_t M = codebooks_t.shape[0] if fused else qtables.shape[2]
+    cdef intp_t dsub = codebooks_t.shape[1], n_tables = term2.shape[0]
+    cdef intp_t allow_stride = _check_lists(
+        M, probe_cells, packed, block_offsets, list_offsets, k, allowed
+    )
+    cdef const uint32_t[:, ::1] allow
+    cdef bint filtered = allowed is not None
+    if filtered:
+        allow = allowed
+
+    distances_arr = np.empty((n_queries, k), dtype=np.float32)
+    positions_arr = np.empty((n_queries, k), dtype=np.int64)
+    if n_queries == 0:
+        return distances_arr, positions_arr
+    if nprobe == 0:
+        distances_arr.fill(INFINITY)
+        positions_arr.fill(-1)
+        return distances_arr, positions_arr
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef id_t[:, ::1] positions = positions_arr
+    cdef intp_t n_pairs = annlearn_fs_n_pairs(M), n_blocks = packed.shape[0]
+    cdef intp_t image_bytes = annlearn_fs_image_bytes(M)
+    # Buffer collector: 2k + 32 slots, so that a compaction (O(2k)) keeps k
+    # and frees at least k + 1 slots, and a block's 32 candidates always fit.
+    cdef intp_t capacity = 2 * k + _BLOCK
+    cdef intp_t table_size = M * 16, q, p
+    cdef float32_t vmax = min(255, 65535 // M)
+    cdef float32_t alpha = -1.0 if inner_product else -2.0
+    cdef id_t cell
+    cdef uint8_t* image = NULL
+    cdef uint16_t* sums = NULL
+    cdef float32_t* kept_d = NULL
+    cdef id_t* kept_i = NULL
+    cdef float32_t* tie_d = NULL
+    cdef id_t* tie_i = NULL
+    cdef void* scratch = NULL
+    # The fused scan's buffers: one query's tables and what builds them.
+    cdef float32_t* term3 = NULL
+    cdef float32_t* lo_buf = NULL
+    cdef const float** A = NULL
+    cdef const float** B = NULL
+    cdef uint8_t* qt = NULL
+    cdef float32_t* qbias = NULL
+    cdef float32_t* qscale = NULL
+    cdef const uint8_t* codes = &packed[0, 0] if n_blocks else NULL
+    cdef const uint32_t* allow0 = &allow[0, 0] if filtered and n_blocks else NULL
+    cdef int failed = 0, overflow = 0, bad = 0
+    cdef int* failed_ptr = &failed
+    cdef int* overflow_ptr = &overflow
+    cdef int* bad_ptr = &bad
+
+    with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
+        image = <uint8_t*>malloc(image_bytes)
+        sums = <uint16_t*>malloc(_BLOCK * sizeof(uint16_t))
+        if not use_heap:
+            kept_d = <float32_t*>malloc(capacity * sizeof(float32_t))
+            kept_i = <id_t*>malloc(capacity * sizeof(id_t))
+            tie_d = <float32_t*>malloc(capacity * sizeof(float32_t))
+            tie_i = <id_t*>malloc(capacity * sizeof(id_t))
+            scratch = malloc(capacity * 16)
+        if fused:
+            term3 = <float32_t*>malloc(table_size * sizeof(float32_t))
+            lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+            A = <const float**>malloc(nprobe * sizeof(float*))
+            B = <const float**>malloc(nprobe * sizeof(float*))
+            qt = <uint8_t*>malloc(nprobe * table_size)
+            qbias = <float32_t*>malloc(nprobe * sizeof(float32_t))
+            qscale = <float32_t*>malloc(sizeof(float32_t))
+        for q in prange(n_queries, schedule="dynamic", chunksize=16):
+            if image == NULL or sums == NULL or not use_heap and (
+                    kept_d == NULL or kept_i == NULL or tie_d == NULL
+                    or tie_i == NULL or scratch == NULL) or fused and (
+                    term3 == NULL or lo_buf == NULL or A == NULL or B == NULL
+                    or qt == NULL or qbias == NULL or qscale == NULL):
+                failed_ptr[0] = 1
+                continue
+            if fused:
+                # ivf_tables' tables, for this query only.
+                annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, 16,
+                                   alpha, term3)
+                if n_tables == 1:
+                    annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
+                for p in range(nprobe):
+                    cell = probe_cells[q, p]
+                    A[p] = term3 if cell >= 0 else NULL
+                    B[p] = &term2[cell, 0, 0] if cell >= 0 and n_tables > 1 else NULL
+                qscale[0] = 1.0
+                if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &probe_base[q, 0],
+                                            vmax, lo_buf, qt, qscale, qbias):
+                    bad_ptr[0] = 1
+                    continue
+            if _scan_query(
+                isa_, use_heap, qt if fused else &qtables[q, 0, 0, 0],
+                qscale[0] if fused else scale[q], qbias if fused else &bias[q, 0],
+                &probe_cells[q, 0], nprobe, M, n_pairs, codes, &block_offsets[0],
+                &list_offsets[0], allow0 + q * allow_stride if filtered else NULL,
+                k, capacity, &distances[q, 0], &positions[q, 0], image, sums,
+                kept_d, kept_i, tie_d, tie_i, scratch,
+            ):
+                overflow_ptr[0] = 1
+        free(image)
+        free(sums)
+        free(kept_d)
+        free(kept_i)
+        free(tie_d)
+        free(tie_i)
+        free(scratch)
+        free(term3)
+        free(lo_buf)
+        free(A)
+        free(B)
+        free(qt)
+        free(qbias)
+        free(qscale)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the fast-scan buffers.")
+    if bad:
+        raise ValueError("Expected finite queries, codebooks and term 2.")
+    if overflow:
+        raise ValueError(
+            f"Expected M * qtables.max() <= 65535 (uint16 sums), got M={M} and "
+            "larger entries; use quantize_tables."
+        )
+    return distances_arr, positions_arr
+
+
+def _use_heap(collector, intp_t k):
+    """Whether the scan keeps its candidates in a heap (else a buffer)."""
+    if collector not in (None, "heap", "buffer"):
+        raise ValueError(f"collector must be 'heap', 'buffer' or None, got {collector!r}.")
+    return collector == "heap" or (collector is None and k < HEAP_MAX_K)
+
+
+def _check_lists(
+    intp_t M,
+    const id_t[:, ::1] probe_cells,
+    const uint8_t[:, ::1] packed,
+    const id_t[::1] block_offsets,
+    const id_t[::1] list_offsets,
+    intp_t k,
+    allowed,
+):
+    """Raise ValueError unless the packed lists, the probed cells, k and the
+    filter agree; return the filter's row stride (0: one row for every
+    query)."""
+    cdef intp_t nlist = list_offsets.shape[0] - 1, n_blocks = packed.shape[0]
+    cdef intp_t n_queries = probe_cells.shape[0]
     if packed.shape[1] != annlearn_fs_block_bytes(M):
         raise ValueError(
             f"Expected packed codes with {annlearn_fs_block_bytes(M)} bytes per "
@@ -664,153 +893,121 @@ def ivf_fastscan(
         )
     if not ids_within(probe_cells, -1, nlist):
         raise ValueError(f"Expected probe_cells in [-1, {nlist}).")
-    cdef const uint32_t[:, ::1] allow
-    cdef intp_t allow_stride = 0
-    cdef bint filtered = allowed is not None
-    if filtered:
-        allow = allowed
-        if allow.shape[0] not in (1, n_queries) or allow.shape[1] != n_blocks:
-            raise ValueError(
-                f"Expected allowed of shape (1 or {n_queries}, {n_blocks}), got "
-                f"{np.shape(allowed)}."
-            )
-        # One filter for every query (stride 0), or one row per query.
-        allow_stride = n_blocks if allow.shape[0] > 1 else 0
+    if allowed is None:
+        return 0
+    cdef const uint32_t[:, ::1] allow = allowed
+    if allow.shape[0] not in (1, n_queries) or allow.shape[1] != n_blocks:
+        raise ValueError(
+            f"Expected allowed of shape (1 or {n_queries}, {n_blocks}), got "
+            f"{np.shape(allowed)}."
+        )
+    # One filter for every query (stride 0), or one row per query.
+    return n_blocks if allow.shape[0] > 1 else 0
 
-    distances_arr = np.empty((n_queries, k), dtype=np.float32)
-    positions_arr = np.empty((n_queries, k), dtype=np.int64)
-    if n_queries == 0:
-        return distances_arr, positions_arr
-    cdef float32_t[:, ::1] distances = distances_arr
-    cdef id_t[:, ::1] positions = positions_arr
-    cdef int n_threads_used = <int>min(n_threads, n_queries)
-    cdef intp_t image_bytes = annlearn_fs_image_bytes(M)
-    # Buffer collector: 2k + 32 slots, so that a compaction (O(2k)) keeps k
-    # and frees at least k + 1 slots, and a block's 32 candidates always fit.
-    cdef intp_t capacity = 2 * k + _BLOCK
-    cdef intp_t q, p, r, b, b_first, b_end, n_kept
-    cdef id_t cell, row0, worst_position
-    cdef float32_t bias_qp, scale_q, dist, worst
+
+cdef int _scan_query(
+    int isa_,
+    bint use_heap,
+    const uint8_t* qtables,
+    float32_t scale_q,
+    const float32_t* bias,
+    const id_t* cells,
+    intp_t nprobe,
+    intp_t M,
+    intp_t n_pairs,
+    const uint8_t* codes,
+    const id_t* block_offsets,
+    const id_t* list_offsets,
+    const uint32_t* allowed,
+    intp_t k,
+    intp_t capacity,
+    float32_t* out_d,
+    id_t* out_i,
+    uint8_t* image,
+    uint16_t* sums,
+    float32_t* kept_d,
+    id_t* kept_i,
+    float32_t* tie_d,
+    id_t* tie_i,
+    void* scratch,
+) noexcept nogil:
+    """One query's k best over its probed lists into ``out_d``/``out_i``
+    (its tables ``qtables``, nprobe x M x 16; its bias per probe), with the
+    thread's buffers; 1 if a table can overflow the uint16 sums, else 0."""
+    cdef intp_t p, r, b, b_first, b_end, n_kept = 0, rows_last
+    cdef id_t cell, row0, worst_position = INT64_MAX
+    cdef float32_t bias_qp, dist, worst = INFINITY
     cdef uint32_t mask, last_mask
-    cdef intp_t rows_last
-    cdef int threshold, lane, largest, changed
-    cdef uint8_t* image = NULL
-    cdef uint16_t* sums = NULL
-    cdef float32_t* kept_d = NULL
-    cdef id_t* kept_i = NULL
-    cdef float32_t* tie_d = NULL
-    cdef id_t* tie_i = NULL
-    cdef void* scratch = NULL
-    cdef const uint8_t* codes = &packed[0, 0] if n_blocks else NULL
-    cdef int failed = 0, overflow = 0
-    cdef int* failed_ptr = &failed
-    cdef int* overflow_ptr = &overflow
-
-    with nogil, parallel(num_threads=n_threads_used):
-        image = <uint8_t*>malloc(image_bytes)
-        sums = <uint16_t*>malloc(_BLOCK * sizeof(uint16_t))
-        if not use_heap:
-            kept_d = <float32_t*>malloc(capacity * sizeof(float32_t))
-            kept_i = <id_t*>malloc(capacity * sizeof(id_t))
-            tie_d = <float32_t*>malloc(capacity * sizeof(float32_t))
-            tie_i = <id_t*>malloc(capacity * sizeof(id_t))
-            scratch = malloc(capacity * 16)
-        for q in prange(n_queries, schedule="dynamic", chunksize=16):
-            if image == NULL or sums == NULL or not use_heap and (
-                    kept_d == NULL or kept_i == NULL or tie_d == NULL
-                    or tie_i == NULL or scratch == NULL):
-                failed_ptr[0] = 1
-                continue
+    cdef int threshold, lane, largest, changed, overflow = 0
+    if use_heap:
+        heap_init(out_d, out_i, k)
+    for p in range(nprobe):
+        cell = cells[p]
+        if cell < 0:
+            continue
+        b = block_offsets[cell]
+        b_end = block_offsets[cell + 1]
+        if b == b_end:
+            continue
+        b_first = b
+        row0 = list_offsets[cell]
+        # Padding rows of the last block must never be candidates.
+        rows_last = list_offsets[cell + 1] - row0 - (b_end - 1 - b) * _BLOCK
+        last_mask = 0xFFFFFFFF if rows_last == _BLOCK else \
+            ((<uint32_t>1 << rows_last) - 1)
+        largest = annlearn_fs_image(qtables + p * M * 16, M, image)
+        if largest * M > 65535:
+            overflow = 1
+        bias_qp = bias[p]
+        if use_heap:
+            worst = out_d[0]
+        threshold = _sum_threshold(worst, bias_qp, scale_q)
+        while threshold >= 0 and b < b_end:
+            b = annlearn_fs_scan(isa_, codes, b, b_end, n_pairs, image,
+                                 <uint16_t>threshold, sums, &mask, allowed)
+            if b == b_end:
+                break
+            if b == b_end - 1:
+                mask = mask & last_mask
+            # dist is never -0.0 (sum / scale >= +0.0 and -0.0 + +0.0 ==
+            # +0.0), as the radix keys require.
             if use_heap:
-                heap_init(&distances[q, 0], &positions[q, 0], k)
-            n_kept = 0
-            worst = INFINITY
-            worst_position = INT64_MAX
-            scale_q = scale[q]
-            for p in range(nprobe):
-                cell = probe_cells[q, p]
-                if cell < 0:
-                    continue
-                b = block_offsets[cell]
-                b_end = block_offsets[cell + 1]
-                if b == b_end:
-                    continue
-                b_first = b
-                row0 = list_offsets[cell]
-                # Padding rows of the last block must never be candidates.
-                rows_last = list_offsets[cell + 1] - row0 - (b_end - 1 - b) * _BLOCK
-                last_mask = 0xFFFFFFFF if rows_last == _BLOCK else \
-                    ((<uint32_t>1 << rows_last) - 1)
-                largest = annlearn_fs_image(&qtables[q, p, 0, 0], M, image)
-                if largest * M > 65535:
-                    overflow_ptr[0] = 1
-                bias_qp = bias[q, p]
-                if use_heap:
-                    worst = distances[q, 0]
-                threshold = _sum_threshold(worst, bias_qp, scale_q)
-                while threshold >= 0 and b < b_end:
-                    b = annlearn_fs_scan(isa_, codes, b, b_end, n_pairs, image,
-                                         <uint16_t>threshold, sums, &mask,
-                                         &allow[0, 0] + q * allow_stride
-                                         if filtered else NULL)
-                    if b == b_end:
-                        break
-                    if b == b_end - 1:
-                        mask = mask & last_mask
-                    # dist is never -0.0 (sum / scale >= +0.0 and
-                    # -0.0 + +0.0 == +0.0), as the radix keys require.
-                    if use_heap:
-                        changed = 0
-                        while mask:
-                            lane = annlearn_fs_ctz(mask)
-                            mask = mask & (mask - 1)
-                            dist = bias_qp + (<float32_t>sums[lane]) / scale_q
-                            changed = changed | heap_push(
-                                &distances[q, 0], &positions[q, 0], k, dist,
-                                <id_t>(row0 + (b - b_first) * _BLOCK + lane))
-                        if changed:
-                            worst = distances[q, 0]
-                            threshold = _sum_threshold(worst, bias_qp, scale_q)
-                    else:
-                        if n_kept + _BLOCK > capacity:
-                            annlearn_fs_compact(kept_d, kept_i, n_kept, k, tie_d,
-                                                tie_i, &worst, &worst_position)
-                            n_kept = k
-                            threshold = _sum_threshold(worst, bias_qp, scale_q)
-                        while mask:
-                            lane = annlearn_fs_ctz(mask)
-                            mask = mask & (mask - 1)
-                            kept_d[n_kept] = bias_qp + (<float32_t>sums[lane]) / scale_q
-                            kept_i[n_kept] = row0 + (b - b_first) * _BLOCK + lane
-                            n_kept = n_kept + 1
-                    b = b + 1
-            if use_heap:
-                heap_sort(&distances[q, 0], &positions[q, 0], k)
-                for r in range(k):
-                    if positions[q, r] == INT64_MAX:
-                        positions[q, r] = -1
+                changed = 0
+                while mask:
+                    lane = annlearn_fs_ctz(mask)
+                    mask = mask & (mask - 1)
+                    dist = bias_qp + (<float32_t>sums[lane]) / scale_q
+                    changed = changed | heap_push(
+                        out_d, out_i, k, dist,
+                        <id_t>(row0 + (b - b_first) * _BLOCK + lane))
+                if changed:
+                    worst = out_d[0]
+                    threshold = _sum_threshold(worst, bias_qp, scale_q)
             else:
-                if n_kept > k:
+                if n_kept + _BLOCK > capacity:
                     annlearn_fs_compact(kept_d, kept_i, n_kept, k, tie_d, tie_i,
                                         &worst, &worst_position)
                     n_kept = k
-                annlearn_fs_sort(kept_d, kept_i, n_kept, &distances[q, 0],
-                                 &positions[q, 0], scratch)
-                for r in range(n_kept, k):
-                    distances[q, r] = INFINITY
-                    positions[q, r] = -1
-        free(image)
-        free(sums)
-        free(kept_d)
-        free(kept_i)
-        free(tie_d)
-        free(tie_i)
-        free(scratch)
-    if failed:
-        raise MemoryError("annlearn: could not allocate the fast-scan buffers.")
-    if overflow:
-        raise ValueError(
-            f"Expected M * qtables.max() <= 65535 (uint16 sums), got M={M} and "
-            "larger entries; use quantize_tables."
-        )
-    return distances_arr, positions_arr
+                    threshold = _sum_threshold(worst, bias_qp, scale_q)
+                while mask:
+                    lane = annlearn_fs_ctz(mask)
+                    mask = mask & (mask - 1)
+                    kept_d[n_kept] = bias_qp + (<float32_t>sums[lane]) / scale_q
+                    kept_i[n_kept] = row0 + (b - b_first) * _BLOCK + lane
+                    n_kept = n_kept + 1
+            b = b + 1
+    if use_heap:
+        heap_sort(out_d, out_i, k)
+        for r in range(k):
+            if out_i[r] == INT64_MAX:
+                out_i[r] = -1
+    else:
+        if n_kept > k:
+            annlearn_fs_compact(kept_d, kept_i, n_kept, k, tie_d, tie_i, &worst,
+                                &worst_position)
+            n_kept = k
+        annlearn_fs_sort(kept_d, kept_i, n_kept, out_d, out_i, scratch)
+        for r in range(n_kept, k):
+            out_d[r] = INFINITY
+            out_i[r] = -1
+    return overflow

@@ -24,13 +24,11 @@ from annlearn._persistence import check_array_state
 from annlearn._quantizers import CoarseQuantizer, ProductQuantizer
 from annlearn._utils import format_bytes
 
-__all__ = ["IVFPQCodec", "train_and_encode"]
+__all__ = ["IVFPQCodec", "scan_to_metric", "train_and_encode"]
 
 # Rows encoded at once: bounds the residual buffer (ENCODE_BLOCK x n_features).
 _ENCODE_BLOCK = 65_536
 
-# Lookup tables of the 4-bit scan held at once (nprobe * M * 16 bytes a query).
-_FASTSCAN_TABLE_BYTES = 32 << 20
 
 # Filtered search (``allowed``). A query allowing a fraction s of the rows
 # probes ceil(nprobe * max(s ** -1/4, s ** -1/2 / 10 ** 1/4)) cells (at most
@@ -329,7 +327,7 @@ class IVFPQCodec:
                     Xe, vectors, indptr, rows, n_neighbors, metric, n_threads
                 )
             positions[queries] = pos if kept is None else kept[pos]
-            distances[queries] = self._to_metric(dist)
+            distances[queries] = self.to_metric(dist)
         # The others by groups of equal probes (one group for a shared filter).
         for value in np.unique(probes[~exact]):
             queries = np.flatnonzero(~exact & (probes == value))
@@ -360,7 +358,7 @@ class IVFPQCodec:
                 X, positions, n_neighbors, self.inner_product, n_threads
             )
         distances = np.ascontiguousarray(distances[:, :n_neighbors])
-        return self._to_metric(distances), positions[:, :n_neighbors]
+        return self.to_metric(distances), positions[:, :n_neighbors]
 
     def radius_search(
         self,
@@ -391,7 +389,7 @@ class IVFPQCodec:
             n_threads,
             **stored,
         )
-        return indptr, positions, self._to_metric(distances)
+        return indptr, positions, self.to_metric(distances)
 
     def probe(
         self,
@@ -482,19 +480,7 @@ class IVFPQCodec:
 
     def to_metric(self, distances: np.ndarray) -> np.ndarray:
         """Scan units -> the metric's distance, in place."""
-        return self._to_metric(distances)
-
-    def _to_metric(self, distances: np.ndarray) -> np.ndarray:
-        """Scan units (||x - y||^2 or -<x, y>) -> the metric's distance."""
-        if self.metric == "cosine":
-            # -<x, y> on normalised rows (zero rows stay zero): 1 - cosine.
-            distances += 1.0
-            np.clip(distances, 0.0, 2.0, out=distances)
-        elif not self.inner_product:
-            np.maximum(distances, 0, out=distances)
-            if self.metric == "euclidean":
-                np.sqrt(distances, out=distances)
-        return distances
+        return scan_to_metric(distances, self.metric)
 
     def _scan(
         self,
@@ -520,39 +506,24 @@ class IVFPQCodec:
         n_threads,
         allowed=None,
     ):
-        """The 4-bit scan (``annlearn/_fastscan.h``): tables quantized to
-        uint8 per query, codes read 32 rows at a time. Queries go by chunks
-        whose tables take at most ``_FASTSCAN_TABLE_BYTES``."""
+        """The 4-bit scan (``annlearn/_fastscan.h``): each query's tables
+        quantized to uint8 and scanned at once, codes read 32 rows at a
+        time."""
         packed, block_offsets = lists.packed_codes()
-        table_bytes = cells.shape[1] * self.pq.M * 16
-        chunk = max(1, _FASTSCAN_TABLE_BYTES // max(table_bytes, 1))
-        distances = np.empty((len(X), n_scan), dtype=np.float32)
-        positions = np.empty((len(X), n_scan), dtype=np.int64)
-        for start in range(0, len(X), chunk):
-            rows = slice(start, start + chunk)
-            tables = _fastscan.ivf_tables(
-                X[rows],
-                codebooks_t,
-                term2,
-                cells[rows],
-                base[rows],
-                self.inner_product,
-                n_threads,
-            )
-            chunk_allowed = allowed
-            if allowed is not None and len(allowed) > 1:
-                chunk_allowed = allowed[rows]
-            distances[rows], positions[rows] = _fastscan.ivf_fastscan(
-                *tables,
-                cells[rows],
-                packed,
-                block_offsets,
-                lists.offsets,
-                n_scan,
-                n_threads,
-                allowed=chunk_allowed,
-            )
-        return distances, positions
+        return _fastscan.ivf_fastscan_queries(
+            X,
+            codebooks_t,
+            term2,
+            cells,
+            base,
+            self.inner_product,
+            packed,
+            block_offsets,
+            lists.offsets,
+            n_scan,
+            n_threads,
+            allowed=allowed,
+        )
 
     def _scan_inputs(self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_threads):
         """The arrays the ``_ivf`` scans take first: the queries, the
@@ -703,3 +674,17 @@ def train_and_encode(X: np.ndarray, params: dict, n_threads: int, verbose: int) 
         )
     log(f"encoded {len(X)} vectors in {time.perf_counter() - start:.2f} s")
     return {"encodings": encodings}
+
+
+def scan_to_metric(distances: np.ndarray, metric: str) -> np.ndarray:
+    """Scan units (||x - y||^2, or -<x, y> for ``"inner_product"`` and
+    ``"cosine"``) -> the distance of ``metric``, in place."""
+    if metric == "cosine":
+        # -<x, y> on normalised rows (zero rows stay zero): 1 - cosine.
+        distances += 1.0
+        np.clip(distances, 0.0, 2.0, out=distances)
+    elif metric != "inner_product":
+        np.maximum(distances, 0, out=distances)
+        if metric == "euclidean":
+            np.sqrt(distances, out=distances)
+    return distances

@@ -131,6 +131,32 @@ def test_ivfpq_equals_ivfpq_with_the_same_quantizers(
     assert_array_equal(index.cluster_centers_, local.cluster_centers_)
 
 
+def test_blocks_routed_in_pieces_and_shards_stay_put(client, data):
+    """Blocks of 1,200 queries are routed in a piece per worker (the pieces
+    of a block concatenate to the probes of one index) and searched where
+    the shards live: the answers are one index's, and after the search every
+    shard is still on its one worker, not copied to where the queries were
+    (the scheduler knows a shard's size: held_bytes)."""
+    from annlearn.dask._cluster import held_bytes
+    from annlearn.dask._shards import MIN_ROUTE_ROWS, route_pieces
+
+    X, _ = data
+    Q = make_embeddings(2500, 32, n_clusters=30, random_state=5)
+    local = ivfpq(n_neighbors=10, nbits=4, refine_factor=4).fit(X)
+    index = dask_ivfpq(local, query_block_size=1200).fit(X, quantizers=local)
+    shards = list(index._index.shards)
+    before = client.who_has(shards)
+    assert_same(index.kneighbors(Q), local.kneighbors(Q))
+    after = client.who_has(shards)
+    assert after == before and all(len(w) == 1 for w in after.values())
+    assert route_pieces(1200, 2) == [(0, 600), (600, 1200)]
+    assert route_pieces(2 * MIN_ROUTE_ROWS - 1, 2) == [(0, 2 * MIN_ROUTE_ROWS - 1)]
+    assert route_pieces(5, 3) == [(0, 5)]
+    sizes = client.gather([client.submit(held_bytes, s) for s in shards])
+    stored = sum(a.nbytes for a in (local._store.codes, local._store.ids))
+    assert sum(sizes) >= stored
+
+
 def test_ivfpq_ties_are_ranked_as_one_index_ranks_them(client):
     rng = np.random.default_rng(0)
     # Small integers: distinct rows at equal exact distances, in different

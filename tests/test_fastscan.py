@@ -15,6 +15,7 @@ from annlearn._fastscan import (
     _block_sums,
     fastscan_isa,
     ivf_fastscan,
+    ivf_fastscan_queries,
     pack_codes,
     pack_lists,
     quantize_tables,
@@ -509,17 +510,138 @@ def test_quantized_ranking_recall_on_clustered_data(rng):
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
 
-def test_ivf_fastscan_releases_the_gil(rng):
+def _fused_problem(rng, n_tables, n_queries=40, M=6, dsub=3, nlist=5, nprobe=3):
+    """Queries, codebooks, term 2 and lists for ``ivf_fastscan_queries``:
+    lists of 0 to 70 rows (empty lists, partial last blocks), repeated
+    codes (ties), some skipped probes."""
+    Q = rng.standard_normal((n_queries, M * dsub)).astype(np.float32)
+    codebooks_t = rng.standard_normal((M, dsub, 16)).astype(np.float32)
+    term2 = rng.standard_normal((n_tables, M, 16)).astype(np.float32)
+    sizes = rng.integers(0, 70, nlist)
+    sizes[1] = 0
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    codes = rng.integers(0, 4, (offsets[-1], M)).astype(np.uint8)
+    packed, blocks = pack_lists(codes, offsets)
+    cells = np.stack([rng.permutation(nlist)[:nprobe] for _ in range(n_queries)])
+    cells[::7, 0] = -1
+    base = rng.standard_normal((n_queries, nprobe)).astype(np.float32)
+    tables = (Q, codebooks_t, term2, cells, base)
+    return tables, (packed, blocks, offsets), codes
+
+
+@pytest.mark.parametrize("n_tables", [0, 1, 5])
+@pytest.mark.parametrize("inner_product", [False, True])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("collector", ["heap", "buffer"])
+@pytest.mark.parametrize("k", [1, 10, 60])
+def test_ivf_fastscan_queries_equal_tables_then_scan(
+    rng, n_tables, inner_product, isa, collector, k
+):
+    """The fused scan builds each query's tables as ivf_tables does and
+    scans them as ivf_fastscan does: the same distances and positions, bit
+    for bit, on 1 and 2 threads."""
+    tables, lists, _ = _fused_problem(rng, n_tables)
+    qtables = _fastscan.ivf_tables(*tables, inner_product, 1, isa)
+    expected = ivf_fastscan(*qtables, tables[3], *lists, k, 1, isa, collector)
+    for n_threads in (1, 2):
+        got = ivf_fastscan_queries(
+            *tables, inner_product, *lists, k, n_threads, isa, collector
+        )
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+    assert (expected[1] >= 0).mean() > 0.5
+    if k == 60:  # some queries probe fewer rows: padding
+        assert (expected[1] == -1).any()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_ivf_fastscan_queries_filter(rng, shared):
+    from annlearn._filter import FilterBlock
+    from annlearn._invlists import InvertedLists
+
+    tables, lists, codes = _fused_problem(rng, 5)
+    n_queries, n_rows = len(tables[0]), len(codes)
+    mask = rng.random((1 if shared else n_queries, n_rows)) < 0.3
+    inv = InvertedLists(lists[2], codes, np.arange(n_rows))
+    words = FilterBlock(mask, mask.sum(1)).slot_bitmap(
+        inv.fastscan_slots(), 32 * len(lists[0])
+    )
+    qtables = _fastscan.ivf_tables(*tables, False, 1)
+    expected = ivf_fastscan(*qtables, tables[3], *lists, 7, 1, allowed=words)
+    got = ivf_fastscan_queries(*tables, False, *lists, 7, 2, allowed=words)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert np.isin(got[1][got[1] >= 0], np.flatnonzero(mask.any(0))).all()
+
+
+def test_ivf_fastscan_queries_edges_and_validation(rng):
+    tables, lists, _ = _fused_problem(rng, 5)
+    Q, codebooks_t, term2, cells, base = tables
+    # No query, no probe.
+    d, p = ivf_fastscan_queries(
+        Q[:0], codebooks_t, term2, cells[:0], base[:0], False, *lists, 3, 1
+    )
+    assert d.shape == p.shape == (0, 3)
+    d, p = ivf_fastscan_queries(
+        Q,
+        codebooks_t,
+        term2,
+        np.ascontiguousarray(cells[:, :0]),
+        np.ascontiguousarray(base[:, :0]),
+        False,
+        *lists,
+        3,
+        1,
+    )
+    assert np.isinf(d).all() and (p == -1).all()
+    with pytest.raises(ValueError, match="finite queries"):
+        ivf_fastscan_queries(
+            Q + np.nan, codebooks_t, term2, cells, base, False, *lists, 3, 1
+        )
+    with pytest.raises(ValueError, match="one term 2 per cell"):
+        ivf_fastscan_queries(
+            Q, codebooks_t, term2[:2], cells, base, False, *lists, 3, 1
+        )
+    with pytest.raises(ValueError, match="Expected k >= 1"):
+        ivf_fastscan_queries(*tables, False, *lists, 0, 1)
+    with pytest.raises(ValueError, match="Expected probe_cells in"):
+        ivf_fastscan_queries(
+            Q,
+            codebooks_t,
+            np.zeros((9, 6, 16), np.float32),
+            cells + 4,
+            base,
+            False,
+            *lists,
+            3,
+            1,
+        )
+    with pytest.raises(ValueError, match="collector must be"):
+        ivf_fastscan_queries(*tables, False, *lists, 3, 1, collector="sort")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_ivf_fastscan_releases_the_gil(rng, fused):
     # A long scan (the portable kernel, ~0.3 s) in a thread must let the main
     # thread run meanwhile: with the GIL held, the main thread would stall
     # for the whole call.
     pb = _ivf_problem(rng, n_queries=200, M=32, sizes=(20000,) * 4, nprobe=4)
     pb["cells"][:] = np.arange(4)
+    Q = rng.standard_normal((200, 64)).astype(np.float32)
+    codebooks_t = rng.standard_normal((32, 2, 16)).astype(np.float32)
+    term2 = np.zeros((0, 32, 16), np.float32)
+    base = np.zeros((200, 4), np.float32)
+    lists = (pb["packed"], pb["blocks"], pb["offsets"])
     window = []
 
     def work():
         window.append(time.perf_counter())
-        _scan(pb, 10, isa="none")
+        if fused:
+            ivf_fastscan_queries(
+                Q, codebooks_t, term2, pb["cells"], base, False, *lists, 10, 1, "none"
+            )
+        else:
+            _scan(pb, 10, isa="none")
         window.append(time.perf_counter())
 
     thread = threading.Thread(target=work)
@@ -555,6 +677,7 @@ def test_module_docstring_names_every_entry_point():
         "pack_lists",
         "quantize_tables",
         "ivf_fastscan",
+        "ivf_fastscan_queries",
     ):
         assert name in _fastscan.__doc__
         assert getattr(_fastscan, name).__doc__

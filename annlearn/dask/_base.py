@@ -51,6 +51,7 @@ from annlearn.dask._cluster import (
     ShardLostError,
     even_sizes,
     gather,
+    holders,
     resolve_client,
     route_new_rows,
     share,
@@ -93,18 +94,18 @@ class ShardedIndex:
 class SearchPlan:
     """How a block of prepared queries is searched on the shards.
 
-    ``search(shard, piece, *search_args)`` runs on each shard's worker and
-    ``merge(*merge_head, parts, *merge_args)`` -> (distances, ids) merges a
-    block's answers (``parts`` in shard order). Without ``router`` the piece
-    of every shard is the whole block; with one, ``router(template, block)``
-    gives one piece per shard, None for a shard that has nothing to search
-    (whose task is then not run, or returns None in a lazy graph).
+    ``search(shard, block, *search_args)`` runs on each shard's worker and
+    ``merge(parts, *merge_args)`` -> (distances, ids) merges a
+    block's answers (``parts`` in shard order). With a ``router``, the block
+    is first routed, in pieces by tasks on the shards' workers,
+    ``_shards.route(router, shard, block, start, stop)`` -> probes of rows
+    ``start:stop``, and each shard's search is ``search(shard, block,
+    probes, shard_number, *search_args)`` with the list of the pieces'.
     """
 
     search: Callable
     search_args: tuple
     merge: Callable
-    merge_head: tuple = ()
     merge_args: tuple = ()
     router: Callable | None = None
 
@@ -512,76 +513,101 @@ default=None
     def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
         """The merge futures of every query block (see ``SearchPlan``).
 
-        With a router, each block is routed on the client and each shard's
-        piece sent straight to the worker holding the shard; the client
-        routes the next block while the shards search this one.
+        The blocks are scattered over the workers, or with a router to every
+        worker holding a shard: each of these routes a piece of every block,
+        so that the client only schedules and the workers route, search and
+        merge side by side, each doing its share of the routing.
         """
         client = index.client
         size = self.query_block_size
-        starts = range(0, len(Xq), size)
-        if plan.router is None:
-            blocks = client.scatter([Xq[s : s + size] for s in starts], hash=False)
-            pieces = ([block] * len(shards) for block in blocks)
-        else:
-            where = client.who_has(list(shards))
-            pieces = (
-                [
-                    None
-                    if piece is None
-                    else client.scatter(
-                        [piece],
-                        workers=list(where.get(shard.key, ())) or None,
-                        hash=False,
-                    )[0]
-                    for shard, piece in zip(
-                        shards,
-                        plan.router(index.template, Xq[s : s + size]),
-                        strict=True,
+        router = self._router(index, plan)
+        pieces = [Xq[s : s + size] for s in range(0, len(Xq), size)]
+        placed = holders(client, shards)
+        # A shard on each worker holding one: the pieces of a block are
+        # routed there, by the shard's own quantizers.
+        on = dict(zip(placed, shards, strict=True))
+        on.pop(None, None)
+        workers = list(on)
+        blocks = client.scatter(pieces, hash=False)
+        merged = []
+        for block, rows in zip(blocks, pieces, strict=True):
+            if router is None:
+                heads = [(shard, block) for shard in shards]
+            else:
+                probes = [
+                    client.submit(
+                        _shards.route,
+                        router,
+                        on[workers[n]] if workers else index.template_future,
+                        block,
+                        start,
+                        stop,
+                        pure=False,
+                        **_near(workers[n] if workers else None),
+                    )
+                    for n, (start, stop) in enumerate(
+                        _shards.route_pieces(len(rows), len(workers) or 1)
                     )
                 ]
-                for s in starts
-            )
-        merged = []
-        for block_pieces in pieces:
-            searched = zip(shards, block_pieces, index.sizes, strict=True)
+                heads = [
+                    (shard, block, probes, number)
+                    for number, shard in enumerate(shards)
+                ]
             parts = [
-                client.submit(plan.search, shard, piece, *plan.search_args, pure=False)
-                for shard, piece, n in searched
-                if n and piece is not None
+                client.submit(
+                    plan.search,
+                    *head,
+                    *plan.search_args,
+                    pure=False,
+                    **_near(worker),
+                )
+                for head, n, worker in zip(heads, index.sizes, placed, strict=True)
+                if n
             ]
             merged.append(
-                client.submit(
-                    plan.merge, *plan.merge_head, parts, *plan.merge_args, pure=False
-                )
+                client.submit(plan.merge, parts, *plan.merge_args, pure=False)
             )
         return merged
 
-    def _block_graph(self, index: ShardedIndex, plan, queries, router):
-        """The lazy search of one block of prepared queries (a delayed
-        object): route (if the plan routes), search each shard, merge."""
+    def _block_graph(self, index: ShardedIndex, plan, queries, n_rows: int, router):
+        """The lazy search of one block of ``n_rows`` prepared queries (a
+        delayed object): route (if the plan routes: in a piece per shard
+        holding rows, by that shard, so that the scheduler spreads them),
+        search each shard, merge."""
         import dask
 
         if router is None:
-            pieces = [queries] * len(index.shards)
+            heads = [(shard, queries) for shard in index.shards]
         else:
-            routed = dask.delayed(_shards.route, nout=len(index.shards))(
-                router, index.template_future, queries
-            )
-            pieces = [routed[i] for i in range(len(index.shards))]
+            route = dask.delayed(_shards.route)
+            full = [s for s, n in zip(index.shards, index.sizes, strict=True) if n]
+            full = full or [index.template_future]
+            pieces = _shards.route_pieces(n_rows, len(full))
+            probes = [
+                route(router, shard, queries, start, stop)
+                for shard, (start, stop) in zip(full, pieces, strict=False)
+            ]
+            heads = [
+                (shard, queries, probes, number)
+                for number, shard in enumerate(index.shards)
+            ]
         parts = [
-            dask.delayed(plan.search)(shard, piece, *plan.search_args)
-            for shard, piece, n in zip(index.shards, pieces, index.sizes, strict=True)
+            dask.delayed(plan.search)(*head, *plan.search_args)
+            for head, n in zip(heads, index.sizes, strict=True)
             if n
         ]
-        return dask.delayed(plan.merge, nout=2)(
-            *plan.merge_head, parts, *plan.merge_args
-        )
+        return dask.delayed(plan.merge, nout=2)(parts, *plan.merge_args)
 
-    def _lazy_router(self, index: ShardedIndex, plan):
-        """The plan's router on every worker (a future), or None."""
+    def _router(self, index: ShardedIndex, plan):
+        """The plan's router on every worker (a future, made once per index
+        and routing parameters), or None."""
         if plan.router is None:
             return None
-        return share(index.client, plan.router)
+        router = plan.router
+        key = ("router", router.nprobe, router.n_neighbors, router.n_jobs)
+        if key not in index.derived:
+            index.derived[key] = share(index.client, plan.router)
+        return index.derived[key]
 
     def _kneighbors_lazy(self, index: ShardedIndex, X, k: int):
         """Search a dask array of queries: a lazy graph per chunk of rows.
@@ -597,13 +623,13 @@ default=None
         import dask.array as da
 
         plan = self._search_plan(index, k)
-        router = self._lazy_router(index, plan)
+        router = self._router(index, plan)
         X = X.rechunk({1: -1})
         dist, ids = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0], strict=True):
             prepare = dask.delayed(_shards.prepare_queries)
             queries = prepare(index.template_future, block)
-            merged = self._block_graph(index, plan, queries, router)
+            merged = self._block_graph(index, plan, queries, n_rows, router)
             dist.append(da.from_delayed(merged[0], (n_rows, k), dtype=np.float32))
             ids.append(da.from_delayed(merged[1], (n_rows, k), dtype=np.int64))
         return da.concatenate(dist), da.concatenate(ids)
@@ -621,7 +647,7 @@ default=None
 
         client = index.client
         plan = self._search_plan(index, k + 1)
-        router = self._lazy_router(index, plan)
+        router = self._router(index, plan)
         size = self.query_block_size
 
         def submit():
@@ -632,7 +658,8 @@ default=None
                     block = dask.delayed(_shards.indexed_queries, nout=2)(
                         shard, order, start, start + size
                     )
-                    merged = self._block_graph(index, plan, block[1], router)
+                    n_rows = min(size, int(n) - start)
+                    merged = self._block_graph(index, plan, block[1], n_rows, router)
                     tasks.append(dask.delayed(_shards.drop_self)(merged, block[0]))
             return client.compute(tasks)
 
@@ -814,6 +841,14 @@ def _send_rows(client, workers, X, ids, sent: list) -> tuple:
         )
         for future in scattered
     )
+
+
+def _near(worker) -> dict:
+    """``client.submit`` arguments asking for ``worker`` (any other if it
+    is gone), or none for None."""
+    if worker is None:
+        return {}
+    return {"workers": [worker], "allow_other_workers": True}
 
 
 def _run_on(client, worker, function, *args):

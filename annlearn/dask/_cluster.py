@@ -9,6 +9,9 @@ from __future__ import annotations
 from concurrent.futures import CancelledError
 
 import numpy as np
+from dask.sizeof import sizeof
+
+from annlearn._base import NeighborsBase
 
 __all__ = [
     "LOST_SHARD",
@@ -16,6 +19,8 @@ __all__ = [
     "assign_cells",
     "even_sizes",
     "gather",
+    "held_bytes",
+    "holders",
     "resolve_client",
     "share",
     "route_new_rows",
@@ -38,6 +43,34 @@ LOST_SHARD = (
     "dies; shards fitted from a numpy array are not: fit the index again, or "
     "load it again from the files of annlearn.dask.save."
 )
+
+
+def held_bytes(obj, seen: set | None = None) -> int:
+    """The bytes of the numpy arrays an annlearn object holds, through its
+    attributes (``__dict__`` and ``__slots__``), lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(item, seen) for item in obj)
+    if isinstance(obj, dict):
+        return sum(held_bytes(item, seen) for item in obj.values())
+    if not type(obj).__module__.startswith("annlearn"):
+        return 0
+    names = list(getattr(obj, "__dict__", ()))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return sum(held_bytes(getattr(obj, name, None), seen) for name in names)
+
+
+# The scheduler places a task by the bytes its inputs would cost to move, as
+# sizeof reports them; for an estimator its default is a few dozen bytes, and
+# a search task would then copy a whole shard to where its queries are.
+sizeof.register(NeighborsBase)(held_bytes)
 
 
 def resolve_client(client):
@@ -87,6 +120,13 @@ def worker_addresses(client) -> list[str]:
             "loading a sharded index."
         )
     return workers
+
+
+def holders(client, futures) -> list:
+    """The worker holding each of ``futures`` (the first if several), None
+    for one not computed yet."""
+    held = client.who_has(list(futures))
+    return [next(iter(held.get(future.key, ())), None) for future in futures]
 
 
 def even_sizes(n: int, n_parts: int) -> np.ndarray:

@@ -29,9 +29,10 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     trained once, on the client, on a sample of the rows (the FAISS and
     autofaiss pattern), then sent to every worker; each worker encodes the
     rows of its shard into its own inverted lists and keeps them; each shard
-    holds a group of neighbouring cells. The client probes a query block
-    once and sends each shard only the queries that probe its cells, with
-    those cells; the candidates are merged on a worker, ranked as
+    holds a group of neighbouring cells. A query block is probed once, by a
+    task on a worker, and each shard scans its own cells for the queries
+    that probe them; a query whose probed cells one shard holds is answered
+    there, the candidates of the others are merged on a worker, ranked as
     :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
     quantizers, ``nprobe`` and ``refine_factor``, the answer is the one of
     one index holding every row.
@@ -93,12 +94,14 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     (code and id), plus ``4 * n_features`` with ``refine_factor``, plus the
     quantizers and their tables (as :class:`~annlearn.IVFPQNeighbors`).
 
-    Per query, each shard it reaches returns its ``n_neighbors *
-    (refine_factor or 1)`` best candidates with their ids and code distances (and, with
-    ``refine_factor``, exact distances): 12 or 16 bytes each. The merge
-    keeps the best candidates of the whole index by code distance before
-    re-ranking them exactly, which is what makes the answer that of one
-    index.
+    Per query, the shard holding all its probed cells returns its
+    ``n_neighbors`` best (12 bytes each); when its probed cells are on
+    several shards, each of them returns its ``n_neighbors *
+    (refine_factor or 1)`` best candidates with their ids, cells and code
+    distances (and, with ``refine_factor``, exact distances): 16 or 20
+    bytes each. The merge keeps the best candidates of the whole index by
+    code distance before re-ranking them exactly, which is what makes the
+    answer that of one index.
 
     ``score`` needs the vectors: it is available with ``refine_factor``
     set (the shards keep them).
@@ -322,15 +325,13 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             n_neighbors=n_neighbors,
             cell_sizes=index.cell_sizes,
             cell_owner=index.cell_owner,
-            n_shards=len(index.shards),
             n_jobs=self.n_jobs,
         )
         return SearchPlan(
             search=_shards.search_ivfpq,
-            search_args=(n_candidates, refine, self.n_jobs),
+            search_args=(n_neighbors, n_candidates, refine, self.n_jobs),
             merge=_shards.merge_ivfpq,
-            merge_head=(index.template_future,),
-            merge_args=(n_neighbors, n_candidates),
+            merge_args=(n_neighbors, n_candidates, index.template._codec.metric),
             router=router,
         )
 

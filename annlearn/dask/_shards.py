@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from annlearn import _ivf
 from annlearn._base import _drop_self
 from annlearn._filter import check_allowed
+from annlearn._ivfpq_codec import scan_to_metric
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
@@ -54,6 +54,7 @@ __all__ = [
     "search_flat",
     "search_ivfpq",
     "route",
+    "route_pieces",
     "shard_info",
 ]
 
@@ -179,72 +180,57 @@ def indexed_queries(shard, order: np.ndarray, start: int, stop: int):
 
 @dataclass(frozen=True, eq=False)
 class CellRouter:
-    """What each IVF-PQ shard scans for a block of prepared queries.
+    """Where each query of a block is scanned, for IVF-PQ shards cut by
+    cells.
 
-    The coarse search runs once per block (``IVFPQCodec.probe``, widened on
-    the whole index's ``cell_sizes``), and shard ``s`` receives only the
-    queries that probe one of its cells (``cell_owner``), with those cells
-    only: each (query, cell) pair is scanned once, on the shard holding the
-    cell, and a query reaches at most ``nprobe`` shards. With 4-bit codes a
-    query's probed cells all go with it, for the quantization scale of its
-    tables spans them all (``annlearn/_fastscan.h``); the scan still skips
-    the cells the shard does not hold.
+    The coarse search runs once per block, on one worker
+    (``IVFPQCodec.probe``, widened on the whole index's ``cell_sizes``); every
+    shard then scans, for the queries that probe one of its cells
+    (``cell_owner``), those cells only: each (query, cell) pair is scanned
+    once, on the shard holding the cell, and a query reaches at most
+    ``nprobe`` shards.
     """
 
     nprobe: int
     n_neighbors: int
     cell_sizes: np.ndarray
     cell_owner: np.ndarray
-    n_shards: int
     n_jobs: object
 
-    def __call__(self, template, X: np.ndarray) -> list:
-        """One piece per shard, ``(rows, queries, cells, base)`` with
-        ``rows`` a boolean mask over X, or None if no query needs the shard
-        (one shard gets a piece, even empty, so that the merge knows
-        ``len(X)``)."""
-        codec = template._codec
-        cells, base = codec.probe(
+    def __call__(self, template, X: np.ndarray) -> tuple:
+        """``(cells, base, holder)``: the probed cells of each query of X
+        (-1: none), their term 1, and the shard holding each (-1: none)."""
+        cells, base = template._codec.probe(
             X,
             self.nprobe,
             effective_n_threads(self.n_jobs),
             n_neighbors=self.n_neighbors,
             cell_sizes=self.cell_sizes,
         )
-        holder = np.where(cells >= 0, self.cell_owner[cells], -1)
-        every_cell = codec.pq.ksub == 16
-        pieces = []
-        for shard in range(self.n_shards):
-            mine = holder == shard
-            rows = mine.any(axis=1)
-            if not rows.any():
-                pieces.append(None)
-                continue
-            probed, terms, mine = cells[rows], base[rows], mine[rows]
-            if not every_cell:
-                # This shard's cells first (in probe order), then cut.
-                width = int(mine.sum(axis=1).max(initial=0))
-                order = np.argsort(~mine, axis=1, kind="stable")[:, :width]
-                mine = np.take_along_axis(mine, order, 1)
-                probed = np.where(mine, np.take_along_axis(probed, order, 1), -1)
-                terms = np.take_along_axis(terms, order, 1)
-            pieces.append(
-                (
-                    rows,
-                    np.ascontiguousarray(X[rows]),
-                    probed.astype(np.int32),
-                    np.ascontiguousarray(terms),
-                )
-            )
-        if all(piece is None for piece in pieces):
-            # No query (an empty block): the merge still learns len(X).
-            pieces[0] = (np.zeros(len(X), bool), X[:0], cells[:0, :0], base[:0, :0])
-        return pieces
+        holder = np.where(cells >= 0, self.cell_owner[cells], -1).astype(np.int32)
+        return cells, base, holder
 
 
-def route(router: CellRouter, template, X: np.ndarray) -> list:
-    """``router(template, X)`` as a task (a lazy block's routing)."""
-    return router(template, X)
+def route(router: CellRouter, shard, X: np.ndarray, start: int, stop: int):
+    """``router(shard, X[start:stop])`` as a task: a piece of a block's
+    probes, computed on a worker (the client only schedules; the pieces of
+    a block are routed on several workers at once). Any shard of the index
+    routes as the template would (it holds the same quantizers), and one on
+    the worker routing costs no transfer."""
+    return router(shard, X[start:stop])
+
+
+def route_pieces(n_rows: int, n_pieces: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the pieces a block of ``n_rows`` queries is
+    routed in: ``n_pieces`` at most, none under ``MIN_ROUTE_ROWS`` rows
+    unless the block is (below that, the coarse search's GEMM loses more
+    than the split gains)."""
+    n_pieces = max(1, min(n_pieces, n_rows // MIN_ROUTE_ROWS))
+    bounds = np.linspace(0, n_rows, n_pieces + 1).round().astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+MIN_ROUTE_ROWS = 512
 
 
 def _empty(n_queries: int, width: int = 0):
@@ -273,51 +259,112 @@ def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs, prepared=True):
     return dist, shard._store.ids[positions]
 
 
-def search_ivfpq(shard, piece, n_candidates: int, refine: bool, n_jobs):
-    """An IVF-PQ shard's candidates for its piece of a query block.
+def search_ivfpq(
+    shard,
+    X: np.ndarray,
+    probes: tuple,
+    shard_no: int,
+    n_neighbors: int,
+    n_candidates: int,
+    refine: bool,
+    n_jobs,
+):
+    """IVF-PQ shard ``shard_no``'s answers for a block of prepared queries X
+    with their ``probes`` (``CellRouter``'s, as one tuple or a list of the
+    pieces of X routed apart, in row order).
 
-    ``piece`` is ``CellRouter``'s: (rows of the block, prepared queries,
-    probed cells, their term 1). Returns the rows and, for each of these
-    queries, the ``n_candidates`` best rows of the probed cells the shard
-    holds, with their code distances in scan units and, when ``refine``,
-    their exact distances (the stored vectors), so that the merge can rank
-    the candidates of every shard exactly as one index ranks its own: by
-    code distance to keep ``n_candidates``, then by exact distance:
-    (rows, code distances, exact distances or None, ids, cells).
+    The shard scans, for each query probing one of its cells, its probed
+    cells (with 4-bit codes all of the query's probed cells go to the scan,
+    for the quantization scale of its tables spans them all; the scan finds
+    the others empty). A query whose probed cells are all this shard's
+    (*own*) is answered here, as one index answers it: its
+    ``n_candidates`` best rows by code distance, re-ranked by exact distance
+    when ``refine``. For the other queries (*shared*) the shard returns its
+    ``n_candidates`` best with their code distances and, when ``refine``,
+    their exact distances, so that the merge ranks the candidates of every
+    shard as one index ranks its own.
 
     One index ranks equal distances by row of its lists, i.e. by cell, then
-    by insertion order within the cell; the cells (int32) come back too, so
-    that the merge ranks ties by (cell, id), the same order for ids that
-    increase with insertion (the default ids).
+    by insertion order within the cell; a shard's lists keep that order, and
+    shared candidates come back with their cells (int32) so that the merge
+    ranks ties by (cell, id), the same order for ids that increase with
+    insertion (the default ids).
+
+    Returns
+    -------
+    (n_queries, own, shared), with ``own = (rows, distances, ids)`` of shape
+    (r, n_neighbors) and ``shared = (rows, code distances, exact distances
+    or None, ids, cells)`` of shape (s, n_candidates), distances in scan
+    units and ``rows`` indices into X.
     """
-    if piece is None:
-        return None
-    rows, X, cells, base = piece
+    if isinstance(probes, list):
+        probes = tuple(np.concatenate(column) for column in zip(*probes, strict=True))
+    cells, base, holder = probes
+    mine = holder == shard_no
+    reached = mine.any(axis=1)
+    own = reached & (mine | (holder < 0)).all(axis=1)
+    # This shard's queries, its own ones first: one copy of X, and views of
+    # it and of the scan's answers for each part.
+    rows = np.concatenate([np.flatnonzero(own), np.flatnonzero(reached & ~own)])
+    n_own = int(np.count_nonzero(own))
+    cells, base, mine = cells[rows], base[rows], mine[rows]
     lists, codec = shard._store, shard._codec
+    if codec.pq.ksub != 16:
+        # This shard's cells first (in probe order), then cut.
+        width = int(mine.sum(axis=1).max(initial=0))
+        order = np.argsort(~mine, axis=1, kind="stable")[:, :width]
+        mine = np.take_along_axis(mine, order, 1)
+        cells = np.where(mine, np.take_along_axis(cells, order, 1), -1)
+        base = np.ascontiguousarray(np.take_along_axis(base, order, 1))
+    X = X[rows]
     n_threads = effective_n_threads(n_jobs)
     width = min(n_candidates, len(lists))
-    if width == 0:
-        dist, ids = _empty(len(X))
-        return rows, dist, (dist if refine else None), ids, ids.astype(np.int32)
-    dist, pos = codec.scan_probed(
-        lists, X, cells.astype(np.int64), base, width, n_threads
-    )
+    if width:
+        dist, pos = codec.scan_probed(lists, X, cells, base, width, n_threads)
+    else:
+        dist, pos = _empty(len(X))
+    # Own queries: answered here, as one index answers them.
+    d, p, Xp = dist[:n_own], pos[:n_own], X[:n_own]
+    if refine and width and n_own:
+        d, p = lists.refine(
+            Xp, p, min(n_neighbors, width), codec.inner_product, n_threads
+        )
+    d, p = _widen(d[:, :n_neighbors], p[:, :n_neighbors], n_neighbors)
+    answers = [(rows[:n_own], d, _ids_at(lists, p))]
+    # Shared queries: candidates with their code and exact distances.
+    d, p, Xp = dist[n_own:], pos[n_own:], X[n_own:]
     exact = None
     if refine:
-        ref_dist, ref_pos = _ivf.refine(
-            X, lists.vectors, pos, width, codec.inner_product, n_threads
-        )
-        # refine returns each row's candidates sorted by exact distance; put
-        # every exact distance back in its candidate's slot (a row holds each
-        # position once, and as many -1 slots in both).
-        by_pos = np.argsort(pos, axis=1, kind="stable")
-        by_ref = np.argsort(ref_pos, axis=1, kind="stable")
-        exact = np.empty_like(ref_dist)
-        np.put_along_axis(exact, by_pos, np.take_along_axis(ref_dist, by_ref, 1), 1)
-    filled = pos >= 0
-    ids = np.where(filled, lists.ids[np.maximum(pos, 0)], -1)
-    cells = np.where(filled, lists.cells_of(pos), -1).astype(np.int32)
-    return rows, dist, exact, ids, cells
+        exact = np.full_like(d, np.inf)
+        if width and len(Xp):
+            ref_dist, ref_pos = lists.refine(
+                Xp, p, width, codec.inner_product, n_threads
+            )
+            # refine returns each row's candidates sorted by exact distance;
+            # put every exact distance back in its candidate's slot (a row
+            # holds each position once, and as many -1 slots in both).
+            by_pos = np.argsort(p, axis=1, kind="stable")
+            by_ref = np.argsort(ref_pos, axis=1, kind="stable")
+            np.put_along_axis(exact, by_pos, np.take_along_axis(ref_dist, by_ref, 1), 1)
+    found_cells = np.where(p >= 0, lists.cells_of(p), -1).astype(np.int32)
+    answers.append((rows[n_own:], d, exact, _ids_at(lists, p), found_cells))
+    return len(holder), answers[0], answers[1]
+
+
+def _ids_at(lists, positions: np.ndarray) -> np.ndarray:
+    """The ids of the rows at ``positions``, -1 for empty slots."""
+    return np.where(positions >= 0, lists.ids[np.maximum(positions, 0)], -1)
+
+
+def _widen(dist: np.ndarray, pos: np.ndarray, width: int):
+    """(dist, pos) with empty slots (+inf, -1) up to ``width`` columns."""
+    if dist.shape[1] >= width:
+        return dist, pos
+    more = width - dist.shape[1]
+    return (
+        np.pad(dist, ((0, 0), (0, more)), constant_values=np.inf),
+        np.pad(pos, ((0, 0), (0, more)), constant_values=-1),
+    )
 
 
 def count_allowed(shard, allowed, n_columns: int, n_queries: int) -> np.ndarray:
@@ -408,38 +455,49 @@ def merge_flat(parts, n_neighbors: int):
     return np.ascontiguousarray(np.take_along_axis(dist, best, 1)), ids
 
 
-def merge_ivfpq(template, parts, n_neighbors: int, n_candidates: int):
-    """The ``n_neighbors`` best of every shard's IVF-PQ candidates, ranked as
-    ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
-    code distance, then (when refining) these by exact distance. A query
-    has no candidates from the shards it did not reach (empty slots)."""
-    parts = [part for part in parts if part is not None]
-    n_queries = len(parts[0][0])
-    columns = []
-    for rows, *arrays in parts:
-        placed = []
-        for array, empty in zip(arrays, (np.inf, np.inf, -1, -1), strict=True):
-            if array is not None:
-                whole = np.full((n_queries, array.shape[1]), empty, array.dtype)
-                whole[rows] = array
-                array = whole
-            placed.append(array)
-        columns.append(placed)
-    dist, exact, ids, cells = (
-        None if column[0] is None else np.concatenate(column, axis=1)
-        for column in zip(*columns, strict=True)
-    )
-    keep = _best(dist, ids, n_candidates, cells)
-    dist, ids = np.take_along_axis(dist, keep, 1), np.take_along_axis(ids, keep, 1)
-    if exact is not None:
-        cells = np.take_along_axis(cells, keep, 1)
-        dist = np.take_along_axis(exact, keep, 1)
-        best = _best(dist, ids, n_neighbors, cells)
-        dist, ids = np.take_along_axis(dist, best, 1), np.take_along_axis(ids, best, 1)
-    ids = np.ascontiguousarray(ids[:, :n_neighbors])
+def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
+    """The ``n_neighbors`` best for a block, from every shard's
+    ``search_ivfpq`` answers: a query one shard answered alone takes its
+    answer; the candidates of a query shared by several shards are ranked
+    as ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
+    code distance, then (when refining) these by exact distance."""
+    n_queries = parts[0][0]
+    dist = np.full((n_queries, n_neighbors), np.inf, dtype=np.float32)
+    ids = np.full((n_queries, n_neighbors), -1, dtype=np.int64)
+    for _, (rows, d, i), _ in parts:
+        dist[rows], ids[rows] = d, i
+    shared = [part[2] for part in parts if len(part[2][0])]
+    if shared:
+        rows = np.unique(np.concatenate([piece[0] for piece in shared]))
+        columns = []
+        for piece_rows, *arrays in shared:
+            at = np.searchsorted(rows, piece_rows)
+            placed = []
+            for array, empty in zip(arrays, (np.inf, np.inf, -1, -1), strict=True):
+                if array is not None:
+                    whole = np.full((len(rows), array.shape[1]), empty, array.dtype)
+                    whole[at] = array
+                    array = whole
+                placed.append(array)
+            columns.append(placed)
+        code, exact, found, cells = (
+            None if column[0] is None else np.concatenate(column, axis=1)
+            for column in zip(*columns, strict=True)
+        )
+        keep = _best(code, found, n_candidates, cells)
+        found = np.take_along_axis(found, keep, 1)
+        best = np.take_along_axis(code, keep, 1)
+        if exact is not None:
+            cells = np.take_along_axis(cells, keep, 1)
+            best = np.take_along_axis(exact, keep, 1)
+            order = _best(best, found, n_neighbors, cells)
+            best = np.take_along_axis(best, order, 1)
+            found = np.take_along_axis(found, order, 1)
+        dist[rows], ids[rows] = _widen(
+            best[:, :n_neighbors], found[:, :n_neighbors], n_neighbors
+        )
     _check_complete(ids, n_neighbors)
-    dist = np.ascontiguousarray(dist[:, :n_neighbors])
-    return template._codec.to_metric(dist), ids
+    return scan_to_metric(dist, metric), ids
 
 
 def drop_self(merged, self_ids: np.ndarray):
