@@ -572,20 +572,21 @@ default=None
     def _block_graph(self, index: ShardedIndex, plan, queries, n_rows: int, router):
         """The lazy search of one block of ``n_rows`` prepared queries (a
         delayed object): route (if the plan routes: in a piece per shard
-        holding rows, by that shard, so that the scheduler spreads them),
-        search each shard, merge."""
+        holding rows, which the scheduler spreads), search each shard,
+        merge."""
         import dask
 
         if router is None:
             heads = [(shard, queries) for shard in index.shards]
         else:
+            # Routed by the template, not by a shard: routed by a shard, a
+            # lazy graph whose shard is lost for good was at times cancelled
+            # instead of failing with ShardLostError (test_dask's kill test).
             route = dask.delayed(_shards.route)
-            full = [s for s, n in zip(index.shards, index.sizes, strict=True) if n]
-            full = full or [index.template_future]
-            pieces = _shards.route_pieces(n_rows, len(full))
+            pieces = _shards.route_pieces(n_rows, int(np.count_nonzero(index.sizes)))
             probes = [
-                route(router, shard, queries, start, stop)
-                for shard, (start, stop) in zip(full, pieces, strict=False)
+                route(router, index.template_future, queries, start, stop)
+                for start, stop in pieces
             ]
             heads = [
                 (shard, queries, probes, number)
