@@ -21,8 +21,8 @@ batches of that size, one kneighbors call per batch), their ratio (sharded /
 one process; the goal on a 2-core machine is at least 0.67 for batches of
 10,000, i.e. sharded within 1.5x; the sharded estimators keep their
 query_block_size of 4096 unless --query-block-size says otherwise, so a
-batch of 10,000 is three blocks, which the client routes while the shards
-search the previous one), and the scheduler's overhead per batch
+batch of 10,000 is three blocks, routed and searched side by side on the
+workers), and the scheduler's overhead per batch
 in milliseconds (the sharded time minus the local time, per call). A last
 line per cluster gives the round trip of a one-query call. The sharded
 answers are checked to be equal to the local ones (IVF-PQ: sharded over

@@ -17,8 +17,10 @@ and codes scanned per second (probed rows are the same for every code), the
 speed-up over the first row, the time of ``_fastscan.ivf_tables`` (the 4-bit
 tables, which ivfpq_scan builds inside its scan time), the scan plus tables
 and its speed-up, and recall@10 after exact re-ranking of the k candidates
-(``_ivf.refine``), so that speed is read next to candidate quality. Times are
-the best of --repeats runs in this process.
+(``_ivf.refine``), so that speed is read next to candidate quality. A last
+row per M times ``_fastscan.ivf_fastscan_queries``, tables and scan fused one
+query at a time (what IVFPQNeighbors runs; its scan time includes the
+tables). Times are the best of --repeats runs in this process.
 """
 
 from __future__ import annotations
@@ -160,18 +162,10 @@ def main(argv=None):
         # same codes.
         add_row(f"{M}x4", M / 2, "ivfpq_scan", "-", scan8(pq4, codes4))
         packed, blocks = _fastscan.pack_lists(codes4, offsets)
+        term2 = pq4.term2_tables(coarse.centers)
+        table_args = (Q, pq4.codebooks_t, term2, cells, base, False)
         tables_s, (qt, scale, bias) = best_time(
-            partial(
-                _fastscan.ivf_tables,
-                Q,
-                pq4.codebooks_t,
-                pq4.term2_tables(coarse.centers),
-                cells,
-                base,
-                False,
-                threads,
-            ),
-            args.repeats,
+            partial(_fastscan.ivf_tables, *table_args, threads), args.repeats
         )
         scan_args = (qt, scale, bias, cells, packed, blocks, offsets, k, threads)
         for isa in [None] + (narrower[_fastscan.fastscan_isa()] if i == 0 else []):
@@ -183,6 +177,23 @@ def main(argv=None):
                 partial(_fastscan.ivf_fastscan, *scan_args, isa),
                 tables_ms=1e3 * tables_s,
             )
+        # Tables and scan fused, one query at a time (what IVFPQNeighbors
+        # runs): its scan_ms includes the tables.
+        add_row(
+            f"{M}x4",
+            M / 2,
+            "ivf_fastscan_queries",
+            _fastscan.fastscan_isa(),
+            partial(
+                _fastscan.ivf_fastscan_queries,
+                *table_args,
+                packed,
+                blocks,
+                offsets,
+                k,
+                threads,
+            ),
+        )
     for row in rows:
         row["speedup"] = rows[0]["scan_ms"] / row["scan_ms"]
         row["with_tables_ms"] = row["scan_ms"] + row.get("tables_ms", 0)
