@@ -513,10 +513,10 @@ default=None
     def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
         """The merge futures of every query block (see ``SearchPlan``).
 
-        The blocks are scattered over the workers, or with a router to every
-        worker holding a shard: each of these routes a piece of every block,
-        so that the client only schedules and the workers route, search and
-        merge side by side, each doing its share of the routing.
+        The blocks are scattered over the workers. With a router, every
+        worker holding a shard routes a piece of every block, so that the
+        client only schedules and the workers route, search and merge side
+        by side. Each search asks for the worker holding its shard.
         """
         client = index.client
         size = self.query_block_size
