@@ -183,12 +183,12 @@ class CellRouter:
     """Where each query of a block is scanned, for IVF-PQ shards cut by
     cells.
 
-    The coarse search runs once per block, on one worker
-    (``IVFPQCodec.probe``, widened on the whole index's ``cell_sizes``); every
-    shard then scans, for the queries that probe one of its cells
-    (``cell_owner``), those cells only: each (query, cell) pair is scanned
-    once, on the shard holding the cell, and a query reaches at most
-    ``nprobe`` shards.
+    The coarse search runs once per query (``IVFPQCodec.probe``, widened on
+    the whole index's ``cell_sizes``; a block is routed in pieces on the
+    shards' workers, see ``route``); every shard then scans, for the
+    queries that probe one of its cells (``cell_owner``), those cells only:
+    each (query, cell) pair is scanned once, on the shard holding the cell,
+    and a query reaches at most ``nprobe`` shards.
     """
 
     nprobe: int
@@ -330,7 +330,7 @@ def search_ivfpq(
             Xp, p, min(n_neighbors, width), codec.inner_product, n_threads
         )
     d, p = _widen(d[:, :n_neighbors], p[:, :n_neighbors], n_neighbors)
-    answers = [(rows[:n_own], d, _ids_at(lists, p))]
+    answers = [(rows[:n_own], d, _ids_or_empty(lists, p))]
     # Shared queries: candidates with their code and exact distances.
     d, p, Xp = dist[n_own:], pos[n_own:], X[n_own:]
     exact = None
@@ -347,12 +347,14 @@ def search_ivfpq(
             by_ref = np.argsort(ref_pos, axis=1, kind="stable")
             np.put_along_axis(exact, by_pos, np.take_along_axis(ref_dist, by_ref, 1), 1)
     found_cells = np.where(p >= 0, lists.cells_of(p), -1).astype(np.int32)
-    answers.append((rows[n_own:], d, exact, _ids_at(lists, p), found_cells))
+    answers.append((rows[n_own:], d, exact, _ids_or_empty(lists, p), found_cells))
     return len(holder), answers[0], answers[1]
 
 
-def _ids_at(lists, positions: np.ndarray) -> np.ndarray:
-    """The ids of the rows at ``positions``, -1 for empty slots."""
+def _ids_or_empty(lists, positions: np.ndarray) -> np.ndarray:
+    """The ids of the rows at ``positions``, -1 for empty slots (which a
+    shard may leave: the other shards fill them; ``annlearn._base._ids_at``
+    is the one-index twin that refuses them)."""
     return np.where(positions >= 0, lists.ids[np.maximum(positions, 0)], -1)
 
 
