@@ -29,9 +29,9 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
     trained once, on the client, on a sample of the rows (the FAISS and
     autofaiss pattern), then sent to every worker; each worker encodes the
     rows of its shard into its own inverted lists and keeps them; each shard
-    holds a group of neighbouring cells. A query block is probed once, by a
-    task on a worker, and each shard scans its own cells for the queries
-    that probe them; a query whose probed cells one shard holds is answered
+    holds a group of neighbouring cells. A query block is probed once, in
+    a piece per shard worker, and each shard scans its own cells for the
+    queries that probe them; a query whose probed cells one shard holds is answered
     there, the candidates of the others are merged on a worker, ranked as
     :class:`~annlearn.IVFPQNeighbors` ranks them: with the same
     quantizers, ``nprobe`` and ``refine_factor``, the answer is the one of
