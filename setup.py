@@ -41,6 +41,7 @@ EXTENSIONS = [
     "annlearn._kmeans",
     "annlearn._ivf",
     "annlearn._fastscan",
+    "annlearn._merge",
 ]
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(

@@ -390,82 +390,81 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
 }
 
 /* ------------------------------------------------------------------------
- * Table quantization, one query at a time (quantize_tables, ivf_tables)
+ * Table quantization, one probed cell at a time (quantize_tables,
+ * ivf_tables, the fused scan)
  *
- * Table (p, m) of the query is A[p][m] + B[p][m] (16 floats each; A[p] and
- * B[p] point to M x 16 floats; B[p] == NULL: no second term; A[p] == NULL:
- * a zero table, for a skipped probe). Giving the tables as a sum lets
- * ivf_tables pass term 3 and each probed cell's term 2 without writing the
- * float tables out. Then
+ * Table m of a probe is A[m] + B[m] (16 floats each; A and B point to M x 16
+ * floats; B == NULL: no second term). Giving the tables as a sum lets
+ * ivf_tables pass term 3 of the query and the probed cell's term 2 without
+ * writing the float tables out. Then
  *
- *     lo(p, m)  = min of table (p, m)
- *     bias[p]   = base[p] + sum_m lo(p, m)          (double, m ascending)
- *     scale     = vmax / (largest max - min over p, m), 1 if that is ~0
- *     out       = rint(min((table - lo) * scale, vmax))     float32
+ *     lo(m)  = min of table m
+ *     bias   = base + sum_m lo(m)                        (double, m ascending)
+ *     scale  = vmax / (largest max - min over m), 1 if that is ~0
+ *     out    = rint(min((table - lo) * scale, vmax))    float32
  *
- * with rint rounding half to even (the default rounding mode of cvtps2dq and
- * lrintf). Not floor(x + 0.5): the compiler may contract a multiply and an
- * add into one FMA on some paths and not others, which changes a result at
- * ties; a subtract then a multiply cannot be contracted, so every path gives
- * the same bytes. Two passes over the tables (the scale needs all of them);
- * lo is kept in `lo_buf` (nprobe * M floats) between them. Returns 1 if an
- * entry is not finite, else 0.
+ * One scale per probe, not per query: a probe's tables depend on that cell
+ * alone (the scan turns the heap's worst distance into each probe's units),
+ * so a cell's step is not coarsened by another cell's wider tables, and an
+ * index cut into shards by cells (annlearn.dask) builds the tables of its
+ * own cells only and ranks exactly as one index. rint rounds half to even
+ * (the default rounding mode of cvtps2dq and lrintf). Not floor(x + 0.5):
+ * the compiler may contract a multiply and an add into one FMA on some paths
+ * and not others, which changes a result at ties; a subtract then a multiply
+ * cannot be contracted, so every path gives the same bytes. Two passes over
+ * the probe's tables (the scale needs all of them); lo is kept in `lo_buf`
+ * (M floats) between them. Returns 1 if an entry is not finite, else 0.
  * ------------------------------------------------------------------------ */
 
 /* SSE2 (the x86-64 baseline) or plain C. */
-static inline int annlearn_fs_tables_query_base(
-    const float** A, const float** B, ptrdiff_t nprobe,
-    ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
-    float* scale, float* bias) {
-    ptrdiff_t p, m;
+static inline int annlearn_fs_table_probe_base(
+    const float* A, const float* B, ptrdiff_t M, float base, float vmax,
+    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+    ptrdiff_t m;
     float span = 0.0f, s;
+    double total = base;
 #if defined(__SSE2__)
     __m128 check = _mm_setzero_ps();
-#define ANNLEARN_FS_LOAD(dst, off)                                             \
-    dst = A[p] == NULL ? _mm_setzero_ps() : _mm_loadu_ps(A[p] + m * 16 + off); \
-    if (B[p] != NULL) dst = _mm_add_ps(dst, _mm_loadu_ps(B[p] + m * 16 + off));
+#define ANNLEARN_FS_LOAD(dst, off)                   \
+    dst = _mm_loadu_ps(A + m * 16 + off);            \
+    if (B != NULL) dst = _mm_add_ps(dst, _mm_loadu_ps(B + m * 16 + off));
 #else
     float check = 0.0f;
 #endif
-    for (p = 0; p < nprobe; p++) {
-        double total = base[p];
-        for (m = 0; m < M; m++) {
-            float lo, hi;
+    for (m = 0; m < M; m++) {
+        float lo, hi;
 #if defined(__SSE2__)
-            __m128 a, b, c, d, vlo, vhi;
-            ANNLEARN_FS_LOAD(a, 0)
-            ANNLEARN_FS_LOAD(b, 4)
-            ANNLEARN_FS_LOAD(c, 8)
-            ANNLEARN_FS_LOAD(d, 12)
-            vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
-            vhi = _mm_max_ps(_mm_max_ps(a, b), _mm_max_ps(c, d));
-            /* x * 0 is 0 unless x is NaN or infinite. */
-            check = _mm_add_ps(check, _mm_mul_ps(_mm_add_ps(_mm_add_ps(a, b),
-                                                            _mm_add_ps(c, d)),
-                                                 _mm_setzero_ps()));
-            vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
-            vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
-            vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(1, 0, 3, 2)));
-            vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(2, 3, 0, 1)));
-            lo = _mm_cvtss_f32(vlo);
-            hi = _mm_cvtss_f32(vhi);
+        __m128 a, b, c, d, vlo, vhi;
+        ANNLEARN_FS_LOAD(a, 0)
+        ANNLEARN_FS_LOAD(b, 4)
+        ANNLEARN_FS_LOAD(c, 8)
+        ANNLEARN_FS_LOAD(d, 12)
+        vlo = _mm_min_ps(_mm_min_ps(a, b), _mm_min_ps(c, d));
+        vhi = _mm_max_ps(_mm_max_ps(a, b), _mm_max_ps(c, d));
+        /* x * 0 is 0 unless x is NaN or infinite. */
+        check = _mm_add_ps(check, _mm_mul_ps(_mm_add_ps(_mm_add_ps(a, b),
+                                                        _mm_add_ps(c, d)),
+                                             _mm_setzero_ps()));
+        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(1, 0, 3, 2)));
+        vlo = _mm_min_ps(vlo, _mm_shuffle_ps(vlo, vlo, _MM_SHUFFLE(2, 3, 0, 1)));
+        vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(1, 0, 3, 2)));
+        vhi = _mm_max_ps(vhi, _mm_shuffle_ps(vhi, vhi, _MM_SHUFFLE(2, 3, 0, 1)));
+        lo = _mm_cvtss_f32(vlo);
+        hi = _mm_cvtss_f32(vhi);
 #else
-            int j;
-            lo = INFINITY;
-            hi = -INFINITY;
-            for (j = 0; j < 16; j++) {
-                float x = (A[p] == NULL ? 0.0f : A[p][m * 16 + j]) +
-                          (B[p] == NULL ? 0.0f : B[p][m * 16 + j]);
-                lo = x < lo ? x : lo;
-                hi = x > hi ? x : hi;
-                check += x * 0.0f;
-            }
-#endif
-            lo_buf[p * M + m] = lo;
-            total += lo;
-            if (hi - lo > span) span = hi - lo;
+        int j;
+        lo = INFINITY;
+        hi = -INFINITY;
+        for (j = 0; j < 16; j++) {
+            float x = A[m * 16 + j] + (B == NULL ? 0.0f : B[m * 16 + j]);
+            lo = x < lo ? x : lo;
+            hi = x > hi ? x : hi;
+            check += x * 0.0f;
         }
-        bias[p] = (float)total;
+#endif
+        lo_buf[m] = lo;
+        total += lo;
+        if (hi - lo > span) span = hi - lo;
     }
 #if defined(__SSE2__)
     {
@@ -480,35 +479,33 @@ static inline int annlearn_fs_tables_query_base(
     if (!(span <= 3.4e38f)) return 1;
     s = span > 1e-30f ? vmax / span : 1.0f;
     *scale = s;
-    for (p = 0; p < nprobe; p++) {
-        for (m = 0; m < M; m++) {
-            uint8_t* o = out + (p * M + m) * 16;
+    *bias = (float)total;
+    for (m = 0; m < M; m++) {
+        uint8_t* o = out + m * 16;
 #if defined(__SSE2__)
-            const __m128 vlo = _mm_set1_ps(lo_buf[p * M + m]);
-            const __m128 vs = _mm_set1_ps(s), top = _mm_set1_ps(vmax);
-            __m128 a, b, c, d;
-            ANNLEARN_FS_LOAD(a, 0)
-            ANNLEARN_FS_LOAD(b, 4)
-            ANNLEARN_FS_LOAD(c, 8)
-            ANNLEARN_FS_LOAD(d, 12)
+        const __m128 vlo = _mm_set1_ps(lo_buf[m]);
+        const __m128 vs = _mm_set1_ps(s), top = _mm_set1_ps(vmax);
+        __m128 a, b, c, d;
+        ANNLEARN_FS_LOAD(a, 0)
+        ANNLEARN_FS_LOAD(b, 4)
+        ANNLEARN_FS_LOAD(c, 8)
+        ANNLEARN_FS_LOAD(d, 12)
 #define ANNLEARN_FS_Q(v) \
     _mm_cvtps_epi32(_mm_min_ps(_mm_mul_ps(_mm_sub_ps(v, vlo), vs), top))
-            _mm_storeu_si128(
-                (__m128i*)o,
-                _mm_packus_epi16(_mm_packs_epi32(ANNLEARN_FS_Q(a), ANNLEARN_FS_Q(b)),
-                                 _mm_packs_epi32(ANNLEARN_FS_Q(c), ANNLEARN_FS_Q(d))));
+        _mm_storeu_si128(
+            (__m128i*)o,
+            _mm_packus_epi16(_mm_packs_epi32(ANNLEARN_FS_Q(a), ANNLEARN_FS_Q(b)),
+                             _mm_packs_epi32(ANNLEARN_FS_Q(c), ANNLEARN_FS_Q(d))));
 #undef ANNLEARN_FS_Q
 #else
-            const float lo = lo_buf[p * M + m];
-            int j;
-            for (j = 0; j < 16; j++) {
-                float x = (A[p] == NULL ? 0.0f : A[p][m * 16 + j]) +
-                          (B[p] == NULL ? 0.0f : B[p][m * 16 + j]);
-                x = (x - lo) * s;
-                o[j] = (uint8_t)lrintf(x < vmax ? x : vmax);
-            }
-#endif
+        const float lo = lo_buf[m];
+        int j;
+        for (j = 0; j < 16; j++) {
+            float x = A[m * 16 + j] + (B == NULL ? 0.0f : B[m * 16 + j]);
+            x = (x - lo) * s;
+            o[j] = (uint8_t)lrintf(x < vmax ? x : vmax);
         }
+#endif
     }
 #if defined(__SSE2__)
 #undef ANNLEARN_FS_LOAD
@@ -520,48 +517,42 @@ static inline int annlearn_fs_tables_query_base(
 
 /* The same with one table per zmm register. */
 __attribute__((target("avx512f")))
-static inline int annlearn_fs_tables_query_avx512(
-    const float** A, const float** B, ptrdiff_t nprobe,
-    ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
-    float* scale, float* bias) {
-    ptrdiff_t p, m;
+static inline int annlearn_fs_table_probe_avx512(
+    const float* A, const float* B, ptrdiff_t M, float base, float vmax,
+    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+    ptrdiff_t m;
     __m512 check = _mm512_setzero_ps(), vspan = _mm512_setzero_ps();
     float span, s;
-#define ANNLEARN_FS_LOAD512(dst)                                              \
-    dst = A[p] == NULL ? _mm512_setzero_ps() : _mm512_loadu_ps(A[p] + m * 16); \
-    if (B[p] != NULL) dst = _mm512_add_ps(dst, _mm512_loadu_ps(B[p] + m * 16));
-    for (p = 0; p < nprobe; p++) {
-        double total = base[p];
-        for (m = 0; m < M; m++) {
-            __m512 t;
-            float lo, hi;
-            ANNLEARN_FS_LOAD512(t)
-            check = _mm512_add_ps(check, _mm512_mul_ps(t, _mm512_setzero_ps()));
-            lo = _mm512_reduce_min_ps(t);
-            hi = _mm512_reduce_max_ps(t);
-            lo_buf[p * M + m] = lo;
-            total += lo;
-            vspan = _mm512_max_ps(vspan, _mm512_set1_ps(hi - lo));
-        }
-        bias[p] = (float)total;
+    double total = base;
+#define ANNLEARN_FS_LOAD512(dst)           \
+    dst = _mm512_loadu_ps(A + m * 16);     \
+    if (B != NULL) dst = _mm512_add_ps(dst, _mm512_loadu_ps(B + m * 16));
+    for (m = 0; m < M; m++) {
+        __m512 t;
+        float lo, hi;
+        ANNLEARN_FS_LOAD512(t)
+        check = _mm512_add_ps(check, _mm512_mul_ps(t, _mm512_setzero_ps()));
+        lo = _mm512_reduce_min_ps(t);
+        hi = _mm512_reduce_max_ps(t);
+        lo_buf[m] = lo;
+        total += lo;
+        vspan = _mm512_max_ps(vspan, _mm512_set1_ps(hi - lo));
     }
     if (_mm512_cmpneq_ps_mask(check, _mm512_setzero_ps())) return 1;
     span = _mm512_cvtss_f32(vspan);
     if (!(span <= 3.4e38f)) return 1;
     s = span > 1e-30f ? vmax / span : 1.0f;
     *scale = s;
+    *bias = (float)total;
     {
         const __m512 vs = _mm512_set1_ps(s), top = _mm512_set1_ps(vmax);
-        for (p = 0; p < nprobe; p++) {
-            for (m = 0; m < M; m++) {
-                __m512 t;
-                ANNLEARN_FS_LOAD512(t)
-                t = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_set1_ps(lo_buf[p * M + m])),
-                                  vs);
-                _mm_storeu_si128((__m128i*)(out + (p * M + m) * 16),
-                                 _mm512_cvtusepi32_epi8(
-                                     _mm512_cvtps_epi32(_mm512_min_ps(t, top))));
-            }
+        for (m = 0; m < M; m++) {
+            __m512 t;
+            ANNLEARN_FS_LOAD512(t)
+            t = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_set1_ps(lo_buf[m])), vs);
+            _mm_storeu_si128((__m128i*)(out + m * 16),
+                             _mm512_cvtusepi32_epi8(
+                                 _mm512_cvtps_epi32(_mm512_min_ps(t, top))));
         }
     }
 #undef ANNLEARN_FS_LOAD512
@@ -570,18 +561,40 @@ static inline int annlearn_fs_tables_query_avx512(
 
 #endif
 
+static inline int annlearn_fs_table_probe(
+    int isa, const float* A, const float* B, ptrdiff_t M, float base, float vmax,
+    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+#if ANNLEARN_HAVE_X86_DISPATCH
+    if (isa == ANNLEARN_ISA_AVX512)
+        return annlearn_fs_table_probe_avx512(A, B, M, base, vmax, lo_buf, out,
+                                              scale, bias);
+#endif
+    (void)isa;
+    return annlearn_fs_table_probe_base(A, B, M, base, vmax, lo_buf, out, scale,
+                                        bias);
+}
+
+/* Every probe of a query: probe p from A[p] and B[p] (A[p] == NULL: a
+ * skipped probe, given a zero table, scale 1 and bias base[p]) into
+ * out + p * M * 16, scale[p] and bias[p]. Returns 1 if an entry is not
+ * finite, else 0. */
 static inline int annlearn_fs_tables_query(
     int isa, const float** A, const float** B, ptrdiff_t nprobe,
     ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
     float* scale, float* bias) {
-#if ANNLEARN_HAVE_X86_DISPATCH
-    if (isa == ANNLEARN_ISA_AVX512)
-        return annlearn_fs_tables_query_avx512(A, B, nprobe, M, base, vmax, lo_buf,
-                                               out, scale, bias);
-#endif
-    (void)isa;
-    return annlearn_fs_tables_query_base(A, B, nprobe, M, base, vmax, lo_buf, out,
-                                         scale, bias);
+    ptrdiff_t p;
+    for (p = 0; p < nprobe; p++) {
+        uint8_t* o = out + p * M * 16;
+        if (A[p] == NULL) {
+            memset(o, 0, (size_t)(M * 16));
+            scale[p] = 1.0f;
+            bias[p] = base[p];
+        } else if (annlearn_fs_table_probe(isa, A[p], B[p], M, base[p], vmax,
+                                           lo_buf, o, scale + p, bias + p)) {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* The reference: plain loops over the same layout and image. */

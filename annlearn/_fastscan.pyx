@@ -10,9 +10,9 @@ the scan sums M table entries for 32 vectors at a time in uint16 lanes
     byte; an inverted file packs each list on its own, so every list starts
     on a block boundary.
 ``quantize_tables``
-    float32 tables (n_queries, nprobe, M, 16) -> uint8 tables, one scale per
-    query (shared by its probed cells, so that sums from different cells
-    compare in one heap) and one float bias per (query, probed cell).
+    float32 tables (n_queries, nprobe, M, 16) -> uint8 tables, one scale and
+    one float bias per (query, probed cell): a cell's tables depend on that
+    cell alone.
 ``ivf_tables``
     The same quantized tables computed from the queries, the codebooks and
     term 2 of _ivf.pyx's decomposition, without the float array.
@@ -24,7 +24,8 @@ the scan sums M table entries for 32 vectors at a time in uint16 lanes
     select for large k (HEAP_MAX_K).
 
 The approximate distance of row i of probed cell p is
-``bias[q, p] + sum_m qtables[q, p, m, code_m(i)] / scale[q]``, in float32.
+``bias[q, p] + sum_m qtables[q, p, m, code_m(i)] / scale[q, p]``, in float32;
+the scan turns the heap's worst distance into each probe's units.
 Threads split the queries (prange); each owns its heap (a row of the output)
 or buffer, a table image and a sums buffer, so results do not depend on the
 thread count; ties rank by the smaller position either way.
@@ -261,11 +262,11 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
 
     Per table (query q, probed cell p, sub-quantizer m), the minimum
     ``min_j tables[q, p, m, j]`` is subtracted and moved into the bias. Each
-    query then has one scale for all its probes,
-    ``scale[q] = vmax / span[q]`` with ``span[q]`` the largest range
-    (max - min) of its tables and ``vmax = min(255, 65535 // M)``, so that
-    M entries sum to at most 65535 (no uint16 overflow) and sums from
-    different cells rank in one heap:
+    probe then has one scale for its M tables,
+    ``scale[q, p] = vmax / span[q, p]`` with ``span[q, p]`` the largest
+    range (max - min) of its tables and ``vmax = min(255, 65535 // M)``, so
+    that M entries sum to at most 65535 (no uint16 overflow); distances
+    ``bias + sum / scale`` from different cells rank in one heap:
 
         qtables = rint(min((tables - min) * scale, vmax))
                   (float32 operations, rounding half to even)
@@ -286,24 +287,25 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
     Returns
     -------
     qtables : ndarray of shape (n_queries, nprobe, M, 16), uint8
-    scale : ndarray of shape (n_queries,), float32
-        Quantization steps per distance unit (1 when all tables are flat).
+    scale : ndarray of shape (n_queries, nprobe), float32
+        Quantization steps per distance unit (1 when a probe's tables are
+        all flat).
     bias : ndarray of shape (n_queries, nprobe), float32
 
     Notes
     -----
     Error bound. Every entry is rounded to the nearest step (a step is
-    ``1 / scale[q] = span[q] / vmax`` distance units), so it is off by at
-    most half a step, and an approximate distance
+    ``1 / scale[q, p] = span[q, p] / vmax`` distance units), so it is off
+    by at most half a step, and an approximate distance
     ``bias + sum / scale`` differs from the exact ``base + sum_m tables`` by
-    at most ``M / 2`` steps, i.e. ``M * span[q] / (2 * vmax)``, plus float32
+    at most ``M / 2`` steps, i.e. ``M * span[q, p] / (2 * vmax)``, plus float32
     rounding of the bias and of the final division and addition (relative
     ~1e-7). Padding to an even M adds no error (zero tables). That bound is
     reached only when all M roundings go the same way; independent roundings
     give a typical error of ``sqrt(M / 12)`` steps. The step is set by the
-    widest table of the query over all its probes, so one table with a
-    large range coarsens all the others. Two rows whose exact distances
-    differ by more than ``M`` steps are never swapped.
+    widest table of the probe, so one table with a large range coarsens the
+    probe's others (not other cells'). Two rows whose exact distances
+    differ by more than ``M`` steps of either's probe are never swapped.
     """
     tables = np.ascontiguousarray(tables, dtype=np.float32)
     if tables.ndim != 4 or tables.shape[3] != 16:
@@ -322,15 +324,14 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
             f"Expected base of shape {(n_queries, nprobe)}, got {base.shape}."
         )
     qtables_arr = np.empty(tables.shape, dtype=np.uint8)
-    scale_arr = np.empty(n_queries, dtype=np.float32)
+    scale_arr = np.ones((n_queries, nprobe), dtype=np.float32)
     bias_arr = np.empty((n_queries, nprobe), dtype=np.float32)
     if n_queries == 0 or nprobe == 0:
-        scale_arr[:] = 1
         return qtables_arr, scale_arr, bias_arr
     cdef const float32_t[:, :, :, ::1] T = tables
     cdef const float32_t[:, ::1] B_ = base
     cdef uint8_t[:, :, :, ::1] out = qtables_arr
-    cdef float32_t[::1] scale = scale_arr
+    cdef float32_t[:, ::1] scale = scale_arr
     cdef float32_t[:, ::1] bias = bias_arr
     cdef float32_t vmax = min(255, 65535 // M)
     cdef int isa_ = _resolve_isa(isa)
@@ -344,7 +345,7 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
     with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
         A = <const float**>malloc(nprobe * sizeof(float*))
         B = <const float**>malloc(nprobe * sizeof(float*))
-        lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+        lo_buf = <float32_t*>malloc(M * sizeof(float32_t))
         for q in prange(n_queries, schedule="static"):
             if A == NULL or B == NULL or lo_buf == NULL:
                 failed_ptr[0] = 1
@@ -353,7 +354,7 @@ def quantize_tables(tables, base=None, int n_threads=1, isa=None):
                 A[p] = &T[q, p, 0, 0]
                 B[p] = NULL
             if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &B_[q, 0], vmax,
-                                        lo_buf, &out[q, 0, 0, 0], &scale[q],
+                                        lo_buf, &out[q, 0, 0, 0], &scale[q, 0],
                                         &bias[q, 0]):
                 bad_ptr[0] = 1
         free(A)
@@ -426,21 +427,22 @@ def ivf_tables(
     Returns
     -------
     qtables : ndarray of shape (n_queries, nprobe, M, 16), uint8
-    scale : ndarray of shape (n_queries,), float32
+    scale : ndarray of shape (n_queries, nprobe), float32
     bias : ndarray of shape (n_queries, nprobe), float32
-        As :func:`quantize_tables` returns them.
+        As :func:`quantize_tables` returns them (a skipped probe: a zero
+        table, scale 1, bias ``probe_base``).
     """
     cdef intp_t n_queries = Q.shape[0]
     cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
     cdef intp_t nprobe = probe_cells.shape[1], n_tables = term2.shape[0]
     _check_table_inputs(Q, codebooks_t, term2, probe_cells, probe_base)
     qtables_arr = np.empty((n_queries, nprobe, M, 16), dtype=np.uint8)
-    scale_arr = np.ones(n_queries, dtype=np.float32)
+    scale_arr = np.ones((n_queries, nprobe), dtype=np.float32)
     bias_arr = np.empty((n_queries, nprobe), dtype=np.float32)
     if n_queries == 0 or nprobe == 0:
         return qtables_arr, scale_arr, bias_arr
     cdef uint8_t[:, :, :, ::1] out = qtables_arr
-    cdef float32_t[::1] scale = scale_arr
+    cdef float32_t[:, ::1] scale = scale_arr
     cdef float32_t[:, ::1] bias = bias_arr
     cdef float32_t vmax = min(255, 65535 // M)
     cdef float32_t alpha = -1.0 if inner_product else -2.0
@@ -456,7 +458,7 @@ def ivf_tables(
     cdef int* bad_ptr = &bad
     with nogil, parallel(num_threads=<int>min(n_threads, n_queries)):
         term3 = <float32_t*>malloc(table_size * sizeof(float32_t))
-        lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+        lo_buf = <float32_t*>malloc(M * sizeof(float32_t))
         A = <const float**>malloc(nprobe * sizeof(float*))
         B = <const float**>malloc(nprobe * sizeof(float*))
         for q in prange(n_queries, schedule="static"):
@@ -473,7 +475,7 @@ def ivf_tables(
                 A[p] = term3 if cell >= 0 else NULL
                 B[p] = &term2[cell, 0, 0] if cell >= 0 and n_tables > 1 else NULL
             if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &probe_base[q, 0], vmax,
-                                        lo_buf, &out[q, 0, 0, 0], &scale[q],
+                                        lo_buf, &out[q, 0, 0, 0], &scale[q, 0],
                                         &bias[q, 0]):
                 bad_ptr[0] = 1
         free(term3)
@@ -587,7 +589,7 @@ def _block_sums(packed, const uint8_t[:, ::1] table, isa=None):
 
 def ivf_fastscan(
     const uint8_t[:, :, :, ::1] qtables,
-    const float32_t[::1] scale,
+    const float32_t[:, ::1] scale,
     const float32_t[:, ::1] bias,
     const id_t[:, ::1] probe_cells,
     const uint8_t[:, ::1] packed,
@@ -606,8 +608,8 @@ def ivf_fastscan(
     qtables : ndarray of shape (n_queries, nprobe, M, 16), uint8
         Quantized lookup tables (:func:`quantize_tables`), one set per query
         and probed cell; ``M * qtables.max() <= 65535``.
-    scale : ndarray of shape (n_queries,), float32
-        Quantization steps per distance unit, positive.
+    scale : ndarray of shape (n_queries, nprobe), float32
+        Quantization steps per distance unit of each probed cell, positive.
     bias : ndarray of shape (n_queries, nprobe), float32
         Distance offset of each probed cell (finite).
     probe_cells : ndarray of shape (n_queries, nprobe), int64
@@ -640,7 +642,7 @@ def ivf_fastscan(
     Returns
     -------
     distances : ndarray of shape (n_queries, k), float32
-        ``bias[q, p] + sum / scale[q]`` (float32 operations), ascending;
+        ``bias[q, p] + sum / scale[q, p]`` (float32 operations), ascending;
         +inf where fewer than k rows were probed.
     positions : ndarray of shape (n_queries, k), int64
         Row positions in the cell-sorted order (``list_offsets[c] + i``);
@@ -649,12 +651,11 @@ def ivf_fastscan(
     cdef intp_t n_queries = qtables.shape[0], nprobe = qtables.shape[1]
     if qtables.shape[3] != 16 or qtables.shape[2] < 1:
         raise ValueError("Expected qtables of shape (n_queries, nprobe, M, 16), M >= 1.")
-    if scale.shape[0] != n_queries or bias.shape[0] != n_queries \
-            or bias.shape[1] != nprobe or probe_cells.shape[0] != n_queries \
-            or probe_cells.shape[1] != nprobe:
+    if scale.shape[0] != n_queries or scale.shape[1] != nprobe \
+            or bias.shape[0] != n_queries or bias.shape[1] != nprobe \
+            or probe_cells.shape[0] != n_queries or probe_cells.shape[1] != nprobe:
         raise ValueError(
-            f"Expected scale ({n_queries},), bias and probe_cells "
-            f"({n_queries}, {nprobe})."
+            f"Expected scale, bias and probe_cells of shape ({n_queries}, {nprobe})."
         )
     if not (positive_finite(scale) and all_finite(bias)):
         raise ValueError("Expected positive finite scale and finite bias.")
@@ -697,7 +698,7 @@ def ivf_fastscan_queries(
     """
     _check_table_inputs(Q, codebooks_t, term2, probe_cells, probe_base)
     return _scan_lists(
-        True, np.empty((0, 0, 0, 16), dtype=np.uint8), np.empty(0, np.float32),
+        True, np.empty((0, 0, 0, 16), dtype=np.uint8), np.empty((0, 0), np.float32),
         np.empty((0, 0), np.float32), Q, codebooks_t, term2, probe_base,
         inner_product, probe_cells, packed, block_offsets, list_offsets, k,
         n_threads, isa, collector, allowed,
@@ -707,7 +708,7 @@ def ivf_fastscan_queries(
 def _scan_lists(
     bint fused,
     const uint8_t[:, :, :, ::1] qtables,
-    const float32_t[::1] scale,
+    const float32_t[:, ::1] scale,
     const float32_t[:, ::1] bias,
     const float32_t[:, ::1] Q,
     const float32_t[:, :, ::1] codebooks_t,
@@ -792,12 +793,12 @@ def _scan_lists(
             scratch = malloc(capacity * 16)
         if fused:
             term3 = <float32_t*>malloc(table_size * sizeof(float32_t))
-            lo_buf = <float32_t*>malloc(nprobe * M * sizeof(float32_t))
+            lo_buf = <float32_t*>malloc(M * sizeof(float32_t))
             A = <const float**>malloc(nprobe * sizeof(float*))
             B = <const float**>malloc(nprobe * sizeof(float*))
             qt = <uint8_t*>malloc(nprobe * table_size)
             qbias = <float32_t*>malloc(nprobe * sizeof(float32_t))
-            qscale = <float32_t*>malloc(sizeof(float32_t))
+            qscale = <float32_t*>malloc(nprobe * sizeof(float32_t))
         for q in prange(n_queries, schedule="dynamic", chunksize=16):
             if image == NULL or sums == NULL or not use_heap and (
                     kept_d == NULL or kept_i == NULL or tie_d == NULL
@@ -807,23 +808,26 @@ def _scan_lists(
                 failed_ptr[0] = 1
                 continue
             if fused:
-                # ivf_tables' tables, for this query only.
+                # ivf_tables' tables, for this query only, and only for the
+                # cells the scan reads (an empty list's probe is skipped:
+                # an index cut by cells builds its own cells' tables only).
                 annlearn_pq_tables(&Q[q, 0], &codebooks_t[0, 0, 0], M, dsub, 16,
                                    alpha, term3)
                 if n_tables == 1:
                     annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
                 for p in range(nprobe):
                     cell = probe_cells[q, p]
+                    if cell >= 0 and block_offsets[cell] == block_offsets[cell + 1]:
+                        cell = -1
                     A[p] = term3 if cell >= 0 else NULL
                     B[p] = &term2[cell, 0, 0] if cell >= 0 and n_tables > 1 else NULL
-                qscale[0] = 1.0
                 if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &probe_base[q, 0],
                                             vmax, lo_buf, qt, qscale, qbias):
                     bad_ptr[0] = 1
                     continue
             if _scan_query(
                 isa_, use_heap, qt if fused else &qtables[q, 0, 0, 0],
-                qscale[0] if fused else scale[q], qbias if fused else &bias[q, 0],
+                qscale if fused else &scale[q, 0], qbias if fused else &bias[q, 0],
                 &probe_cells[q, 0], nprobe, M, n_pairs, codes, &block_offsets[0],
                 &list_offsets[0], allow0 + q * allow_stride if filtered else NULL,
                 k, capacity, &distances[q, 0], &positions[q, 0], image, sums,
@@ -909,7 +913,7 @@ cdef int _scan_query(
     int isa_,
     bint use_heap,
     const uint8_t* qtables,
-    float32_t scale_q,
+    const float32_t* scale,
     const float32_t* bias,
     const id_t* cells,
     intp_t nprobe,
@@ -932,11 +936,12 @@ cdef int _scan_query(
     void* scratch,
 ) noexcept nogil:
     """One query's k best over its probed lists into ``out_d``/``out_i``
-    (its tables ``qtables``, nprobe x M x 16; its bias per probe), with the
+    (its tables ``qtables``, nprobe x M x 16; its scale and bias per
+    probe), with the
     thread's buffers; 1 if a table can overflow the uint16 sums, else 0."""
     cdef intp_t p, r, b, b_first, b_end, n_kept = 0, rows_last
     cdef id_t cell, row0, worst_position = INT64_MAX
-    cdef float32_t bias_qp, dist, worst = INFINITY
+    cdef float32_t bias_qp, scale_qp, dist, worst = INFINITY
     cdef uint32_t mask, last_mask
     cdef int threshold, lane, largest, changed, overflow = 0
     if use_heap:
@@ -959,9 +964,10 @@ cdef int _scan_query(
         if largest * M > 65535:
             overflow = 1
         bias_qp = bias[p]
+        scale_qp = scale[p]
         if use_heap:
             worst = out_d[0]
-        threshold = _sum_threshold(worst, bias_qp, scale_q)
+        threshold = _sum_threshold(worst, bias_qp, scale_qp)
         while threshold >= 0 and b < b_end:
             b = annlearn_fs_scan(isa_, codes, b, b_end, n_pairs, image,
                                  <uint16_t>threshold, sums, &mask, allowed)
@@ -976,23 +982,23 @@ cdef int _scan_query(
                 while mask:
                     lane = annlearn_fs_ctz(mask)
                     mask = mask & (mask - 1)
-                    dist = bias_qp + (<float32_t>sums[lane]) / scale_q
+                    dist = bias_qp + (<float32_t>sums[lane]) / scale_qp
                     changed = changed | heap_push(
                         out_d, out_i, k, dist,
                         <id_t>(row0 + (b - b_first) * _BLOCK + lane))
                 if changed:
                     worst = out_d[0]
-                    threshold = _sum_threshold(worst, bias_qp, scale_q)
+                    threshold = _sum_threshold(worst, bias_qp, scale_qp)
             else:
                 if n_kept + _BLOCK > capacity:
                     annlearn_fs_compact(kept_d, kept_i, n_kept, k, tie_d, tie_i,
                                         &worst, &worst_position)
                     n_kept = k
-                    threshold = _sum_threshold(worst, bias_qp, scale_q)
+                    threshold = _sum_threshold(worst, bias_qp, scale_qp)
                 while mask:
                     lane = annlearn_fs_ctz(mask)
                     mask = mask & (mask - 1)
-                    kept_d[n_kept] = bias_qp + (<float32_t>sums[lane]) / scale_q
+                    kept_d[n_kept] = bias_qp + (<float32_t>sums[lane]) / scale_qp
                     kept_i[n_kept] = row0 + (b - b_first) * _BLOCK + lane
                     n_kept = n_kept + 1
             b = b + 1

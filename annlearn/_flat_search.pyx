@@ -90,6 +90,8 @@ from annlearn._utils._typedefs cimport float32_t, float64_t, id_t, intp_t
 cdef extern from "_simd.h" nogil:
     float annlearn_inner_product(const float* x, const float* y, Py_ssize_t d)
     float annlearn_l2sqr(const float* x, const float* y, Py_ssize_t d)
+    double annlearn_l2sqr_f64(const float* x, const float* y, Py_ssize_t d)
+    double annlearn_inner_product_f64(const float* x, const float* y, Py_ssize_t d)
 
 # Metric codes understood by the kernel (the Python side maps names to these).
 cpdef enum:
@@ -306,9 +308,7 @@ cdef void _finalize_row(
     intp_t k, float32_t* values, id_t* ids, int metric,
 ) noexcept nogil:
     """Turn one query's heap into sorted distances (see module docstring)."""
-    cdef intp_t r, s, f
-    cdef const float32_t* y
-    cdef float64_t acc, diff
+    cdef intp_t r, s
     cdef float32_t value
     cdef id_t value_id
     heap_sort(values, ids, k)
@@ -319,12 +319,8 @@ cdef void _finalize_row(
         k = k - 1
     if metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN:
         for r in range(k):
-            y = Y + ids[r] * n_features
-            acc = 0.0
-            for f in range(n_features):
-                diff = <float64_t>x[f] - <float64_t>y[f]
-                acc = acc + diff * diff
-            values[r] = <float32_t>acc
+            values[r] = <float32_t>annlearn_l2sqr_f64(x, Y + ids[r] * n_features,
+                                                      n_features)
         # Insertion sort on the exact values (k is small, the order is
         # almost right already).
         for r in range(1, k):
@@ -769,15 +765,10 @@ cdef inline float64_t _distance64(
 ) noexcept nogil:
     """The exact distance of (x, y) in the metric's units, in float64 (for
     Euclidean, its square: the caller compares squares)."""
-    cdef intp_t f
-    cdef float64_t acc = 0.0, diff
+    cdef float64_t acc
     if metric == METRIC_SQEUCLIDEAN or metric == METRIC_EUCLIDEAN:
-        for f in range(n_features):
-            diff = <float64_t>x[f] - <float64_t>y[f]
-            acc = acc + diff * diff
-        return acc
-    for f in range(n_features):
-        acc = acc + <float64_t>x[f] * <float64_t>y[f]
+        return annlearn_l2sqr_f64(x, y, n_features)
+    acc = annlearn_inner_product_f64(x, y, n_features)
     if metric == METRIC_COSINE:
         acc = 1.0 - acc
         return 0.0 if acc < 0.0 else (2.0 if acc > 2.0 else acc)

@@ -76,6 +76,13 @@ class InvertedLists:
         query by exact distance to the stored vectors: ``_ivf.refine``."""
         return self.sq.refine(X, self.vectors, candidates, k, inner_product, n_threads)
 
+    def exact_scores(self, X, candidates, inner_product: bool, n_threads: int):
+        """The exact distance of every candidate (row, -1 for none; +inf
+        there) of each prepared query, in place: ``_ivf.exact_scores``."""
+        return self.sq.exact_scores(
+            X, self.vectors, candidates, inner_product, n_threads
+        )
+
     def decoded_vectors(self, positions=None) -> np.ndarray:
         """The float32 vectors stored at ``positions`` (all rows if None)."""
         stored = self.vectors if positions is None else self.vectors[positions]
@@ -130,7 +137,11 @@ class InvertedLists:
         return np.repeat(np.arange(self.nlist, dtype=np.int64), self.sizes())
 
     def cells_of(self, positions: np.ndarray) -> np.ndarray:
-        """The cells of the rows at ``positions``."""
+        """The cells of the rows at ``positions`` (each in ``[0, len(self))``)."""
+        if len(self) <= 4 * np.size(positions):
+            # Many positions for few rows: a row -> cell table and a gather
+            # cost less than a binary search per position.
+            return self.cells()[positions]
         return np.searchsorted(self.offsets, positions, side="right") - 1
 
     def add(

@@ -51,6 +51,7 @@ import numpy as np
 
 cimport cython
 from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
@@ -448,6 +449,42 @@ def ivfpq_scan(
     return distances_arr, positions_arr
 
 
+cdef inline void _score_candidates(
+    const Rows* rows, const float32_t* x, const id_t* candidates, intp_t n,
+    float32_t* out
+) noexcept nogil:
+    """``out[c]``: the exact score of candidate row ``candidates[c]`` for
+    query ``x`` (+inf for -1), the next rows prefetched while one is
+    scored."""
+    cdef intp_t c
+    cdef id_t row
+    for c in range(_imin(PREFETCH_ROWS, n)):
+        _prefetch_row(rows, candidates[c])
+    for c in range(n):
+        if c + PREFETCH_ROWS < n:
+            _prefetch_row(rows, candidates[c + PREFETCH_ROWS])
+        row = candidates[c]
+        out[c] = INFINITY if row < 0 else _row_score(rows, x, row)
+
+
+cdef _check_candidates(const float32_t[:, ::1] Q, vectors,
+                       const id_t[:, ::1] candidates, Rows* rows, offset, scale,
+                       bint inner_product):
+    """Point ``rows`` at ``vectors``; raise ValueError unless ``candidates``
+    has one row per query, of rows of ``vectors`` or -1."""
+    _fill_rows(rows, vectors, offset, scale, Q.shape[1], inner_product)
+    if candidates.shape[0] != Q.shape[0]:
+        raise ValueError("candidates must have one row per query.")
+    if not ids_within(candidates, -1, vectors.shape[0]):
+        raise ValueError(f"candidates must lie in [-1, {vectors.shape[0]}).")
+
+
+cdef inline int _rerank_threads(int n_threads, intp_t work) noexcept nogil:
+    # One thread per 2**18 multiply-adds at most: the candidates of a single
+    # query never wait for a second thread to be scheduled.
+    return <int>max(1, min(n_threads, work // (1 << 18)))
+
+
 def refine(
     const float32_t[:, ::1] Q,
     vectors,
@@ -487,44 +524,84 @@ def refine(
         Rows of ``vectors``; -1 where fewer than k candidates.
     """
     cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
-    cdef intp_t n_candidates = candidates.shape[1], n_vectors = vectors.shape[0]
+    cdef intp_t n_candidates = candidates.shape[1]
     cdef Rows rows
-    _fill_rows(&rows, vectors, offset, scale, d, inner_product)
-    if candidates.shape[0] != n_queries:
-        raise ValueError("candidates must have one row per query.")
+    _check_candidates(Q, vectors, candidates, &rows, offset, scale, inner_product)
     if not 1 <= k <= n_candidates:
         raise ValueError(f"Expected 1 <= k <= {n_candidates}, got k={k}.")
-    if not ids_within(candidates, -1, n_vectors):
-        raise ValueError(f"candidates must lie in [-1, {n_vectors}).")
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
     cdef float32_t[:, ::1] distances = distances_arr
     cdef id_t[:, ::1] positions = positions_arr
     cdef intp_t q, c, r
-    cdef id_t row
-    cdef float32_t dist
-    # One thread per 2**18 multiply-adds at most: the candidates of a single
-    # query never wait for a second thread to be scheduled.
-    cdef int n_threads_used = <int>max(
-        1, min(n_threads, n_queries * n_candidates * d // (1 << 18)))
-    with nogil:
-        for q in prange(n_queries, num_threads=n_threads_used, schedule="static"):
+    cdef float32_t* scores = NULL
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    with nogil, parallel(num_threads=_rerank_threads(
+            n_threads, n_queries * n_candidates * d)):
+        scores = <float32_t*>malloc(n_candidates * sizeof(float32_t))
+        for q in prange(n_queries, schedule="static"):
+            if scores == NULL:
+                failed_ptr[0] = 1
+                continue
+            _score_candidates(&rows, &Q[q, 0], &candidates[q, 0], n_candidates,
+                              scores)
             heap_init(&distances[q, 0], &positions[q, 0], k)
-            for c in range(_imin(PREFETCH_ROWS, n_candidates)):
-                _prefetch_row(&rows, candidates[q, c])
             for c in range(n_candidates):
-                if c + PREFETCH_ROWS < n_candidates:
-                    _prefetch_row(&rows, candidates[q, c + PREFETCH_ROWS])
-                row = candidates[q, c]
-                if row < 0:
-                    continue
-                dist = _row_score(&rows, &Q[q, 0], row)
-                heap_push(&distances[q, 0], &positions[q, 0], k, dist, row)
+                if candidates[q, c] >= 0:
+                    heap_push(&distances[q, 0], &positions[q, 0], k, scores[c],
+                              candidates[q, c])
             heap_sort(&distances[q, 0], &positions[q, 0], k)
             for r in range(k):
                 if positions[q, r] == INT64_MAX:
                     positions[q, r] = -1
+        free(scores)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the re-ranking buffers.")
     return distances_arr, positions_arr
+
+
+def exact_scores(
+    const float32_t[:, ::1] Q,
+    vectors,
+    const id_t[:, ::1] candidates,
+    bint inner_product,
+    int n_threads,
+    offset=None,
+    scale=None,
+):
+    """The exact distance of every candidate, in place (``refine`` without
+    the selection; a sharded index merges them with other shards').
+
+    Parameters
+    ----------
+    Q, vectors, candidates, inner_product, n_threads, offset, scale
+        As :func:`refine`'s.
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, n_candidates), float32
+        Exact squared distance (or -<x, y>) of ``candidates[q, c]``; +inf
+        where it is -1.
+    """
+    cdef intp_t n_queries = Q.shape[0], d = Q.shape[1]
+    cdef intp_t n_candidates = candidates.shape[1]
+    cdef Rows rows
+    _check_candidates(Q, vectors, candidates, &rows, offset, scale, inner_product)
+    distances_arr = np.empty((n_queries, n_candidates), dtype=np.float32)
+    if n_candidates == 0:
+        return distances_arr
+    cdef float32_t[:, ::1] distances = distances_arr
+    cdef intp_t q
+    with nogil:
+        for q in prange(
+            n_queries,
+            num_threads=_rerank_threads(n_threads, n_queries * n_candidates * d),
+            schedule="static",
+        ):
+            _score_candidates(&rows, &Q[q, 0], &candidates[q, 0], n_candidates,
+                              &distances[q, 0])
+    return distances_arr
 
 
 cdef void _radius_list(

@@ -123,6 +123,34 @@ def test_refine_on_8bit_rows_is_float32_bit_for_bit(d, inner_product):
     np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+@pytest.mark.parametrize("inner_product", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_exact_scores_are_refines_distances_in_place(dtype, inner_product, n_threads):
+    """exact_scores gives every candidate's exact distance where it stands
+    (+inf for -1): sorted by (distance, row), they are refine's answer."""
+    rng = np.random.default_rng(3)
+    d = 37
+    X = _pixels(300, d, 1) if dtype == "uint8" else rng.standard_normal((300, d))
+    sq = ScalarQuantizer.train(X.astype(np.float32), dtype)
+    stored = sq.encode(X.astype(np.float32))[0]
+    Q = rng.standard_normal((2000, d)).astype(np.float32)
+    candidates = np.stack([rng.permutation(300)[:12] for _ in range(len(Q))])
+    candidates[rng.random(candidates.shape) < 0.2] = -1
+    scores = sq.exact_scores(Q, stored, candidates, inner_product, n_threads)
+    assert scores.shape == candidates.shape and scores.dtype == np.float32
+    assert np.isinf(scores[candidates < 0]).all()
+    assert np.isfinite(scores[candidates >= 0]).all()
+    dist, pos = sq.refine(Q, stored, candidates, 12, inner_product, n_threads)
+    order = np.lexsort((np.where(candidates < 0, 2**62, candidates), scores), axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(candidates, order, 1), pos)
+    np.testing.assert_array_equal(np.take_along_axis(scores, order, 1), dist)
+    with pytest.raises(ValueError, match="one row per query"):
+        sq.exact_scores(Q[:3], stored, candidates, inner_product, 1)
+    with pytest.raises(ValueError, match="candidates must lie"):
+        sq.exact_scores(Q, stored, candidates + 300, inner_product, 1)
+
+
 def test_refine_rejects_inconsistent_rows():
     Q = np.zeros((2, 4), np.float32)
     cand = np.zeros((2, 3), np.int64)

@@ -142,10 +142,11 @@ def _quantize_reference(tables, base):
     M = tables.shape[2]
     vmax = min(255, 65535 // M)
     lo = tables.min(axis=3, keepdims=True)
-    span = (tables.max(axis=3) - tables.min(axis=3)).max(axis=(1, 2))
+    # One scale per (query, probe): its widest table's range.
+    span = (tables.max(axis=3) - tables.min(axis=3)).max(axis=2)
     scale = np.ones_like(span)
     np.divide(np.float32(vmax), span, out=scale, where=span > 0)
-    x = (tables - lo) * scale[:, None, None, None]
+    x = (tables - lo) * scale[:, :, None, None]
     q = np.rint(np.minimum(x, np.float32(vmax))).astype(np.uint8)
     bias = base.astype(np.float64) + lo[..., 0].astype(np.float64).sum(axis=2)
     return q, scale, bias.astype(np.float32)
@@ -165,8 +166,12 @@ def test_quantize_tables_reference_and_error_bound(rng, M, n_threads, isa):
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_allclose(bias, bias_ref, rtol=1e-6)
     vmax = min(255, 65535 // M)
-    assert q.max() <= vmax and q.max(axis=(1, 2, 3))[:4].min() == vmax
-    assert scale[4] == 1
+    flat = np.zeros((5, 3), dtype=bool)
+    flat[1, 2] = flat[4] = True
+    # Every probe's widest table spans the whole uint8 range; flat ones get
+    # scale 1 and zero tables.
+    assert q.max() <= vmax and (q.max(axis=(2, 3))[~flat] == vmax).all()
+    assert (scale[flat] == 1).all() and not q[flat].any()
     # Error bound: each sum is off by at most M / 2 steps of 1 / scale.
     codes = rng.integers(0, 16, (50, M))
     exact = base[..., None] + tables[:, :, np.arange(M), codes].astype(np.float64).sum(
@@ -175,13 +180,13 @@ def test_quantize_tables_reference_and_error_bound(rng, M, n_threads, isa):
     approx = (
         bias[..., None]
         + q[:, :, np.arange(M), codes].astype(np.float64).sum(axis=-1)
-        / scale[:, None, None]
+        / scale[:, :, None]
     )
-    bound = M / (2 * scale[:, None, None]) + 1e-6 * np.abs(exact) + 1e-4
+    bound = M / (2 * scale[:, :, None]) + 1e-6 * np.abs(exact) + 1e-4
     assert np.all(np.abs(approx - exact) <= bound)
     # ... and the bound is not loose by orders of magnitude: the typical
     # error is ~sqrt(M / 12) steps.
-    steps = (np.abs(approx - exact) * scale[:, None, None])[:4]
+    steps = (np.abs(approx - exact) * scale[:, :, None])[:4]
     assert steps.max() > 0.1 * np.sqrt(M / 12)
 
 
@@ -236,6 +241,36 @@ def test_ivf_tables_equal_quantized_float_tables(rng, n_tables, inner_product, i
     np.testing.assert_allclose(bias, bias_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_probes_tables_depend_on_its_cell_alone(rng):
+    """One scale per probe: a cell's quantized tables, scale and bias are the
+    same whichever other cells the query probes (what lets an index cut by
+    cells build only its own cells' tables and rank as one index)."""
+    n_queries, M, dsub, nlist = 6, 8, 4, 9
+    Q = rng.standard_normal((n_queries, M * dsub)).astype(np.float32)
+    codebooks_t = rng.standard_normal((M, dsub, 16)).astype(np.float32)
+    term2 = rng.standard_normal((nlist, M, 16)).astype(np.float32)
+    term2[3] *= 50  # a cell with much wider tables than the others
+    others = np.delete(np.arange(nlist), 3)
+    cells = np.stack([rng.permutation(others)[:4] for _ in range(n_queries)])
+    cells[:, 0] = 3
+    base = rng.standard_normal(cells.shape).astype(np.float32)
+    whole = _fastscan.ivf_tables(Q, codebooks_t, term2, cells, base, False, 1)
+    for p in range(1, 4):
+        alone = _fastscan.ivf_tables(
+            Q,
+            codebooks_t,
+            term2,
+            cells[:, p : p + 1].copy(),
+            base[:, p : p + 1].copy(),
+            False,
+            1,
+        )
+        for a, b in zip(alone, whole, strict=True):
+            np.testing.assert_array_equal(a[:, 0], b[:, p])
+    # The wide cell did not coarsen the others' steps.
+    assert (whole[1][:, 1:] > 5 * whole[1][:, :1]).all()
+
+
 def test_quantize_tables_validation():
     Q = np.zeros((2, 6), dtype=np.float32)
     cb = np.zeros((3, 2, 16), dtype=np.float32)
@@ -274,7 +309,7 @@ def _ivf_problem(
     qtables = rng.integers(0, table_max + 1, (n_queries, nprobe, M, 16)).astype(
         np.uint8
     )
-    scale = rng.uniform(0.5, 4, n_queries).astype(np.float32)
+    scale = rng.uniform(0.5, 4, (n_queries, nprobe)).astype(np.float32)
     bias = rng.integers(0, 4, (n_queries, nprobe)).astype(np.float32)
     cells = np.stack([rng.permutation(nlist)[:nprobe] for _ in range(n_queries)])
     cells[rng.random(cells.shape) < 0.2] = -1
@@ -308,7 +343,7 @@ def _scan_reference(pb, k, allowed=None):
                 rows = rows[allowed[q, rows]]
             sums = pb["qtables"][q, p, np.arange(M), codes[rows]].astype(np.int64)
             sums = sums.sum(axis=1).astype(np.float32)
-            dists.append(pb["bias"][q, p] + sums / pb["scale"][q])
+            dists.append(pb["bias"][q, p] + sums / pb["scale"][q, p])
             positions.append(rows)
         if not dists:
             continue
@@ -504,9 +539,9 @@ def test_quantized_ranking_recall_on_clustered_data(rng):
         recalls.append(len(np.intersect1d(truth, ids[q])) / k)
         # The returned distances are within the error bound of the float ones.
         probe_of = dict(zip(rows, where, strict=True))
-        got = tables[q, [[probe_of[i]] for i in ids[q]], np.arange(M), codes[ids[q]]]
-        got = got.sum(1)
-        assert np.all(np.abs(dist[q] - got) <= M / (2 * scale[q]) + 1e-3)
+        probes = [probe_of[i] for i in ids[q]]
+        got = tables[q, [[p] for p in probes], np.arange(M), codes[ids[q]]].sum(1)
+        assert np.all(np.abs(dist[q] - got) <= M / (2 * scale[q, probes]) + 1e-3)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
 

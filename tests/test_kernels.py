@@ -162,6 +162,37 @@ def test_k_equals_n_database_and_ties(gemm):
     np.testing.assert_array_equal(d, 0.0)
 
 
+@pytest.mark.parametrize("d", [1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100])
+@pytest.mark.parametrize(
+    "metric", ["sqeuclidean", "euclidean", "inner_product", "cosine"]
+)
+def test_returned_distances_are_float64_sums_rounded(d, metric):
+    """The k winners' distances are recomputed in float64 (every SIMD tail
+    of the kernels): within an ulp or so of float32 of numpy's float64."""
+    rng = np.random.default_rng(d)
+    Y = (rng.standard_normal((300, d)) * 40 + 100).astype(np.float32)
+    X = (rng.standard_normal((60, d)) * 40 + 100).astype(np.float32)
+    code = getattr(_flat_search, f"METRIC_{metric.upper()}")
+    if metric == "cosine":
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        Y /= np.linalg.norm(Y, axis=1, keepdims=True)
+    with blas_single_thread():
+        dist, ind = _flat_search.flat_kneighbors(
+            X, Y, _flat_search.row_sqnorms(Y, 1), 7, code, 2
+        )
+    x, y = X.astype(np.float64)[:, None], Y.astype(np.float64)[ind]
+    want = {
+        "sqeuclidean": ((x - y) ** 2).sum(-1),
+        "euclidean": np.sqrt(((x - y) ** 2).sum(-1)),
+        "inner_product": -(x * y).sum(-1),
+        "cosine": np.clip(1 - (x * y).sum(-1), 0, 2),
+    }[metric]
+    if metric in ("sqeuclidean", "euclidean"):
+        np.testing.assert_allclose(dist, want, rtol=2e-7, atol=0)
+    else:  # the inner products are the GEMM's (float32)
+        np.testing.assert_allclose(dist, want, rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_argument_errors(problem):
     X, Y, sq = problem
     with pytest.raises(ValueError, match="Expected 1 <= k <= 531"):
@@ -261,7 +292,7 @@ def test_avx2_kernels_on_an_avx512_cpu():
             "no:cacheprovider",
             __file__,
             "-k",
-            "wrapper or invariance or ties",
+            "wrapper or invariance or ties or float64_sums",
         ],
         env=env,
         capture_output=True,

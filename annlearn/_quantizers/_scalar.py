@@ -178,6 +178,12 @@ class ScalarQuantizer:
             Q, stored, candidates, k, inner_product, n_threads, **self.kernel_args()
         )
 
+    def exact_scores(self, Q, stored, candidates, inner_product: bool, n_threads):
+        """``_ivf.exact_scores`` over these stored rows."""
+        return _ivf.exact_scores(
+            Q, stored, candidates, inner_product, n_threads, **self.kernel_args()
+        )
+
     @staticmethod
     def check_state(owner: str, vectors, offset, scale, *, d: int) -> None:
         """Raise ValueError unless loaded stored vectors (or None) and the

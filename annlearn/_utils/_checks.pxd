@@ -25,9 +25,10 @@ cdef inline bint all_finite(const float32_t[:, ::1] a) noexcept nogil:
     return True
 
 
-cdef inline bint positive_finite(const float32_t[::1] a) noexcept nogil:
-    cdef intp_t i
+cdef inline bint positive_finite(const float32_t[:, ::1] a) noexcept nogil:
+    cdef intp_t i, j
     for i in range(a.shape[0]):
-        if not (a[i] > 0 and isfinite(a[i])):
-            return False
+        for j in range(a.shape[1]):
+            if not (a[i, j] > 0 and isfinite(a[i, j])):
+                return False
     return True

@@ -8,6 +8,13 @@
  *     The portable versions keep 8 independent partial sums so that the
  *     compiler can vectorise them without -ffast-math.
  *
+ * annlearn_l2sqr_f64 / annlearn_inner_product_f64
+ *     The same in float64 (each float32 widened, products and sums in
+ *     double): the exact distances of the flat search's results. Eight
+ *     partial sums (lanes) on every path; the order of the final additions
+ *     differs between paths, which moves the double by an ulp or so, far
+ *     below the float32 it is rounded to.
+ *
  * annlearn_pq_tables
  *     The per-query lookup tables of ADC (term 3 in _ivf.pyx):
  *         table[m * ksub + j] = alpha * <x_m, codebook_m[j]>
@@ -50,6 +57,35 @@ static inline float annlearn_inner_product_portable(const float* x,
     for (i = 0; i < d8; i += 8)
         for (j = 0; j < 8; j++) acc[j] += x[i + j] * y[i + j];
     for (i = d8; i < d; i++) total += x[i] * y[i];
+    for (j = 0; j < 8; j++) total += acc[j];
+    return total;
+}
+
+static inline double annlearn_l2sqr_f64_portable(const float* x, const float* y,
+                                                 ptrdiff_t d) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, total = 0.0;
+    ptrdiff_t i, j, d8 = d / 8 * 8;
+    for (i = 0; i < d8; i += 8)
+        for (j = 0; j < 8; j++) {
+            double diff = (double)x[i + j] - (double)y[i + j];
+            acc[j] += diff * diff;
+        }
+    for (i = d8; i < d; i++) {
+        double diff = (double)x[i] - (double)y[i];
+        total += diff * diff;
+    }
+    for (j = 0; j < 8; j++) total += acc[j];
+    return total;
+}
+
+static inline double annlearn_inner_product_f64_portable(const float* x,
+                                                        const float* y,
+                                                        ptrdiff_t d) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, total = 0.0;
+    ptrdiff_t i, j, d8 = d / 8 * 8;
+    for (i = 0; i < d8; i += 8)
+        for (j = 0; j < 8; j++) acc[j] += (double)x[i + j] * (double)y[i + j];
+    for (i = d8; i < d; i++) total += (double)x[i] * (double)y[i];
     for (j = 0; j < 8; j++) total += acc[j];
     return total;
 }
@@ -139,6 +175,52 @@ static inline float annlearn_inner_product_avx512(const float* x,
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+/* Eight float32 of x and y widened to double (masked: the first n). */
+#define ANNLEARN_F64_LOAD512(p, i, n)                                      \
+    _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(          \
+        (__mmask16)((n) >= 8 ? 0xFF : ((1u << (n)) - 1u)), (p) + (i))))
+
+__attribute__((target("avx512f")))
+static inline double annlearn_l2sqr_f64_avx512(const float* x, const float* y,
+                                               ptrdiff_t d) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        __m512d d0 = _mm512_sub_pd(ANNLEARN_F64_LOAD512(x, i, 8),
+                                   ANNLEARN_F64_LOAD512(y, i, 8));
+        __m512d d1 = _mm512_sub_pd(ANNLEARN_F64_LOAD512(x, i + 8, 8),
+                                   ANNLEARN_F64_LOAD512(y, i + 8, 8));
+        a0 = _mm512_fmadd_pd(d0, d0, a0);
+        a1 = _mm512_fmadd_pd(d1, d1, a1);
+    }
+    for (; i < d; i += 8) {
+        __m512d d0 = _mm512_sub_pd(ANNLEARN_F64_LOAD512(x, i, d - i),
+                                   ANNLEARN_F64_LOAD512(y, i, d - i));
+        a0 = _mm512_fmadd_pd(d0, d0, a0);
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+}
+
+__attribute__((target("avx512f")))
+static inline double annlearn_inner_product_f64_avx512(const float* x,
+                                                       const float* y,
+                                                       ptrdiff_t d) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        a0 = _mm512_fmadd_pd(ANNLEARN_F64_LOAD512(x, i, 8),
+                             ANNLEARN_F64_LOAD512(y, i, 8), a0);
+        a1 = _mm512_fmadd_pd(ANNLEARN_F64_LOAD512(x, i + 8, 8),
+                             ANNLEARN_F64_LOAD512(y, i + 8, 8), a1);
+    }
+    for (; i < d; i += 8)
+        a0 = _mm512_fmadd_pd(ANNLEARN_F64_LOAD512(x, i, d - i),
+                             ANNLEARN_F64_LOAD512(y, i, d - i), a0);
+    return _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+}
+
+#undef ANNLEARN_F64_LOAD512
+
 __attribute__((target("avx512f")))
 static inline void annlearn_pq_tables_avx512(
     const float* x, const float* codebooks_t, ptrdiff_t M, ptrdiff_t dsub,
@@ -204,6 +286,56 @@ static inline float annlearn_inner_product_avx2(const float* x, const float* y,
     return total;
 }
 
+/* Four float32 widened to double. */
+#define ANNLEARN_F64_LOAD256(p, i) _mm256_cvtps_pd(_mm_loadu_ps((p) + (i)))
+
+__attribute__((target("avx2,fma")))
+static inline double annlearn_hsum_pd_avx2(__m256d a, __m256d b) {
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(a, b));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+__attribute__((target("avx2,fma")))
+static inline double annlearn_l2sqr_f64_avx2(const float* x, const float* y,
+                                             ptrdiff_t d) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    double total = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        __m256d d0 = _mm256_sub_pd(ANNLEARN_F64_LOAD256(x, i),
+                                   ANNLEARN_F64_LOAD256(y, i));
+        __m256d d1 = _mm256_sub_pd(ANNLEARN_F64_LOAD256(x, i + 4),
+                                   ANNLEARN_F64_LOAD256(y, i + 4));
+        a0 = _mm256_fmadd_pd(d0, d0, a0);
+        a1 = _mm256_fmadd_pd(d1, d1, a1);
+    }
+    for (; i < d; i++) {
+        double diff = (double)x[i] - (double)y[i];
+        total += diff * diff;
+    }
+    return annlearn_hsum_pd_avx2(a0, a1) + total;
+}
+
+__attribute__((target("avx2,fma")))
+static inline double annlearn_inner_product_f64_avx2(const float* x,
+                                                     const float* y,
+                                                     ptrdiff_t d) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    double total = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        a0 = _mm256_fmadd_pd(ANNLEARN_F64_LOAD256(x, i), ANNLEARN_F64_LOAD256(y, i),
+                             a0);
+        a1 = _mm256_fmadd_pd(ANNLEARN_F64_LOAD256(x, i + 4),
+                             ANNLEARN_F64_LOAD256(y, i + 4), a1);
+    }
+    for (; i < d; i++) total += (double)x[i] * (double)y[i];
+    return annlearn_hsum_pd_avx2(a0, a1) + total;
+}
+
+#undef ANNLEARN_F64_LOAD256
+
 __attribute__((target("avx2,fma")))
 static inline void annlearn_pq_tables_avx2(
     const float* x, const float* codebooks_t, ptrdiff_t M, ptrdiff_t dsub,
@@ -256,6 +388,16 @@ static inline float annlearn_l2sqr(const float* x, const float* y, ptrdiff_t d) 
 static inline float annlearn_inner_product(const float* x, const float* y,
                                            ptrdiff_t d) {
     return ANNLEARN_DISPATCH(annlearn_inner_product, (x, y, d));
+}
+
+static inline double annlearn_l2sqr_f64(const float* x, const float* y,
+                                         ptrdiff_t d) {
+    return ANNLEARN_DISPATCH(annlearn_l2sqr_f64, (x, y, d));
+}
+
+static inline double annlearn_inner_product_f64(const float* x, const float* y,
+                                                ptrdiff_t d) {
+    return ANNLEARN_DISPATCH(annlearn_inner_product_f64, (x, y, d));
 }
 
 /* out[i] = x[i] + y[i] (out may be x): term 2 into the lookup table. */

@@ -26,6 +26,7 @@ import numpy as np
 from annlearn._base import _drop_self
 from annlearn._filter import check_allowed
 from annlearn._ivfpq_codec import scan_to_metric
+from annlearn._merge import best_columns
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
 from annlearn._validation import validate_query_data
@@ -57,10 +58,6 @@ __all__ = [
     "route_pieces",
     "shard_info",
 ]
-
-# Sorts after every real id: empty slots (id -1) rank last among equal
-# distances (+inf), as the kernels' heaps rank them.
-_NO_ID = np.iinfo(np.int64).max
 
 
 def take_sent(key):
@@ -275,8 +272,9 @@ def search_ivfpq(
 
     The shard scans, for each query probing one of its cells, its probed
     cells (with 4-bit codes all of the query's probed cells go to the scan,
-    for the quantization scale of its tables spans them all; the scan finds
-    the others empty). A query whose probed cells are all this shard's
+    which skips the other shards' cells, empty here, tables included: a
+    cell's quantized tables depend on that cell alone). A query whose
+    probed cells are all this shard's
     (*own*) is answered here, as one index answers it: its
     ``n_candidates`` best rows by code distance, re-ranked by exact distance
     when ``refine``. For the other queries (*shared*) the shard returns its
@@ -335,18 +333,10 @@ def search_ivfpq(
     d, p, Xp = dist[n_own:], pos[n_own:], X[n_own:]
     exact = None
     if refine:
-        exact = np.full_like(d, np.inf)
-        if width and len(Xp):
-            ref_dist, ref_pos = lists.refine(
-                Xp, p, width, codec.inner_product, n_threads
-            )
-            # refine returns each row's candidates sorted by exact distance;
-            # put every exact distance back in its candidate's slot (a row
-            # holds each position once, and as many -1 slots in both).
-            by_pos = np.argsort(p, axis=1, kind="stable")
-            by_ref = np.argsort(ref_pos, axis=1, kind="stable")
-            np.put_along_axis(exact, by_pos, np.take_along_axis(ref_dist, by_ref, 1), 1)
-    found_cells = np.where(p >= 0, lists.cells_of(p), -1).astype(np.int32)
+        exact = lists.exact_scores(Xp, p, codec.inner_product, n_threads)
+    found_cells = np.full(p.shape, -1, dtype=np.int32)
+    if len(lists):
+        np.copyto(found_cells, lists.cells_of(np.maximum(p, 0)), where=p >= 0)
     answers.append((rows[n_own:], d, exact, _ids_or_empty(lists, p), found_cells))
     return len(holder), answers[0], answers[1]
 
@@ -411,32 +401,6 @@ def search_flat_allowed(
     return dist, found
 
 
-def _best(keys, ids, width: int, cells=None) -> np.ndarray:
-    """Per row, the columns of the ``width`` best candidates, in order: the
-    heap's rule (smaller distance, then smaller cell if given, then smaller
-    id), empty slots (id -1) last.
-
-    Rows are sorted by distance alone, and only the rows where two of the
-    ``width + 1`` nearest are at equal distances (ties, which the rule's
-    other keys decide) sorted again by every key: the full sort costs
-    several times more and is rarely needed.
-    """
-    width = min(width, keys.shape[1])
-    empty = ids < 0
-    dist = np.where(empty, np.inf, keys)
-    order = np.argsort(dist, axis=1)[:, : width + 1]
-    head = np.take_along_axis(dist, order, 1)
-    tied = np.flatnonzero((head[:, 1:] == head[:, :-1]).any(axis=1))
-    order = order[:, :width]
-    if len(tied):
-        rule = [np.where(empty[tied], _NO_ID, ids[tied])]
-        if cells is not None:
-            rule.append(cells[tied])
-        rule.append(dist[tied])
-        order[tied] = np.lexsort(rule, axis=1)[:, :width]
-    return order
-
-
 def _check_complete(ids: np.ndarray, n_neighbors: int) -> None:
     missing = np.count_nonzero((ids[:, :n_neighbors] < 0).any(axis=1))
     if missing:
@@ -451,7 +415,7 @@ def merge_flat(parts, n_neighbors: int):
     """The ``n_neighbors`` best of every shard's (distances, ids)."""
     dist = np.concatenate([d for d, _ in parts], axis=1)
     ids = np.concatenate([i for _, i in parts], axis=1)
-    best = _best(dist, ids, n_neighbors)
+    best = best_columns(dist, ids, None, n_neighbors)
     ids = np.take_along_axis(ids, best, 1)
     _check_complete(ids, n_neighbors)
     return np.ascontiguousarray(np.take_along_axis(dist, best, 1)), ids
@@ -471,28 +435,35 @@ def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
     shared = [part[2] for part in parts if len(part[2][0])]
     if shared:
         rows = np.unique(np.concatenate([piece[0] for piece in shared]))
-        columns = []
-        for piece_rows, *arrays in shared:
-            at = np.searchsorted(rows, piece_rows)
-            placed = []
-            for array, empty in zip(arrays, (np.inf, np.inf, -1, -1), strict=True):
-                if array is not None:
-                    whole = np.full((len(rows), array.shape[1]), empty, array.dtype)
-                    whole[at] = array
-                    array = whole
-                placed.append(array)
-            columns.append(placed)
-        code, exact, found, cells = (
-            None if column[0] is None else np.concatenate(column, axis=1)
-            for column in zip(*columns, strict=True)
-        )
-        keep = _best(code, found, n_candidates, cells)
+        # Every shard's candidates side by side, a column range per shard
+        # (empty slots where a shard has no candidates for a query).
+        bounds = np.cumsum([0] + [piece[1].shape[1] for piece in shared])
+        refined = shared[0][2] is not None
+        shape = (len(rows), bounds[-1])
+        code = np.full(shape, np.inf, dtype=np.float32)
+        exact = np.full(shape, np.inf, dtype=np.float32) if refined else None
+        found = np.full(shape, -1, dtype=np.int64)
+        cells = np.full(shape, -1, dtype=np.int32)
+        for (piece_rows, *arrays), start, stop in zip(
+            shared, bounds[:-1], bounds[1:], strict=True
+        ):
+            # Rows of the merge: all of them (a slice) when every query is
+            # shared by this shard, as on data whose probes spread widely.
+            at = (
+                slice(None)
+                if len(piece_rows) == len(rows)
+                else np.searchsorted(rows, piece_rows)
+            )
+            for whole, array in zip((code, exact, found, cells), arrays, strict=True):
+                if whole is not None:
+                    whole[at, start:stop] = array
+        keep = best_columns(code, found, cells, n_candidates)
         found = np.take_along_axis(found, keep, 1)
         best = np.take_along_axis(code, keep, 1)
         if exact is not None:
             cells = np.take_along_axis(cells, keep, 1)
             best = np.take_along_axis(exact, keep, 1)
-            order = _best(best, found, n_neighbors, cells)
+            order = best_columns(best, found, cells, n_neighbors)
             best = np.take_along_axis(best, order, 1)
             found = np.take_along_axis(found, order, 1)
         dist[rows], ids[rows] = _widen(
