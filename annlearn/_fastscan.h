@@ -399,7 +399,8 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
  * writing the float tables out. Then
  *
  *     lo(m)  = min of table m
- *     bias   = base + sum_m lo(m)                        (double, m ascending)
+ *     lo_sum = sum_m lo(m)                               (double, m ascending)
+ *     bias   = float(base + lo_sum)                      (double)
  *     scale  = vmax / (largest max - min over m), 1 if that is ~0
  *     out    = rint(min((table - lo) * scale, vmax))    float32
  *
@@ -407,7 +408,10 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
  * alone (the scan turns the heap's worst distance into each probe's units),
  * so a cell's step is not coarsened by another cell's wider tables, and an
  * index cut into shards by cells (annlearn.dask) builds the tables of its
- * own cells only and ranks exactly as one index. rint rounds half to even
+ * own cells only and ranks exactly as one index. Codes of the vectors (no
+ * term 2 per cell) give every probe the same tables, scale and lo_sum: one
+ * quantization serves all the probes of a query, each with its own bias.
+ * rint rounds half to even
  * (the default rounding mode of cvtps2dq and lrintf). Not floor(x + 0.5):
  * the compiler may contract a multiply and an add into one FMA on some paths
  * and not others, which changes a result at ties; a subtract then a multiply
@@ -418,11 +422,11 @@ static inline int annlearn_fs_image(const uint8_t* tables, ptrdiff_t M,
 
 /* SSE2 (the x86-64 baseline) or plain C. */
 static inline int annlearn_fs_table_probe_base(
-    const float* A, const float* B, ptrdiff_t M, float base, float vmax,
-    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+    const float* A, const float* B, ptrdiff_t M, float vmax, float* lo_buf,
+    uint8_t* out, float* scale, double* lo_sum) {
     ptrdiff_t m;
     float span = 0.0f, s;
-    double total = base;
+    double total = 0.0;
 #if defined(__SSE2__)
     __m128 check = _mm_setzero_ps();
 #define ANNLEARN_FS_LOAD(dst, off)                   \
@@ -479,7 +483,7 @@ static inline int annlearn_fs_table_probe_base(
     if (!(span <= 3.4e38f)) return 1;
     s = span > 1e-30f ? vmax / span : 1.0f;
     *scale = s;
-    *bias = (float)total;
+    *lo_sum = total;
     for (m = 0; m < M; m++) {
         uint8_t* o = out + m * 16;
 #if defined(__SSE2__)
@@ -518,12 +522,12 @@ static inline int annlearn_fs_table_probe_base(
 /* The same with one table per zmm register. */
 __attribute__((target("avx512f")))
 static inline int annlearn_fs_table_probe_avx512(
-    const float* A, const float* B, ptrdiff_t M, float base, float vmax,
-    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+    const float* A, const float* B, ptrdiff_t M, float vmax, float* lo_buf,
+    uint8_t* out, float* scale, double* lo_sum) {
     ptrdiff_t m;
     __m512 check = _mm512_setzero_ps(), vspan = _mm512_setzero_ps();
     float span, s;
-    double total = base;
+    double total = 0.0;
 #define ANNLEARN_FS_LOAD512(dst)           \
     dst = _mm512_loadu_ps(A + m * 16);     \
     if (B != NULL) dst = _mm512_add_ps(dst, _mm512_loadu_ps(B + m * 16));
@@ -543,7 +547,7 @@ static inline int annlearn_fs_table_probe_avx512(
     if (!(span <= 3.4e38f)) return 1;
     s = span > 1e-30f ? vmax / span : 1.0f;
     *scale = s;
-    *bias = (float)total;
+    *lo_sum = total;
     {
         const __m512 vs = _mm512_set1_ps(s), top = _mm512_set1_ps(vmax);
         for (m = 0; m < M; m++) {
@@ -562,16 +566,15 @@ static inline int annlearn_fs_table_probe_avx512(
 #endif
 
 static inline int annlearn_fs_table_probe(
-    int isa, const float* A, const float* B, ptrdiff_t M, float base, float vmax,
-    float* lo_buf, uint8_t* out, float* scale, float* bias) {
+    int isa, const float* A, const float* B, ptrdiff_t M, float vmax,
+    float* lo_buf, uint8_t* out, float* scale, double* lo_sum) {
 #if ANNLEARN_HAVE_X86_DISPATCH
     if (isa == ANNLEARN_ISA_AVX512)
-        return annlearn_fs_table_probe_avx512(A, B, M, base, vmax, lo_buf, out,
-                                              scale, bias);
+        return annlearn_fs_table_probe_avx512(A, B, M, vmax, lo_buf, out, scale,
+                                              lo_sum);
 #endif
     (void)isa;
-    return annlearn_fs_table_probe_base(A, B, M, base, vmax, lo_buf, out, scale,
-                                        bias);
+    return annlearn_fs_table_probe_base(A, B, M, vmax, lo_buf, out, scale, lo_sum);
 }
 
 /* Every probe of a query: probe p from A[p] and B[p] (A[p] == NULL: a
@@ -583,15 +586,18 @@ static inline int annlearn_fs_tables_query(
     ptrdiff_t M, const float* base, float vmax, float* lo_buf, uint8_t* out,
     float* scale, float* bias) {
     ptrdiff_t p;
+    double lo_sum;
     for (p = 0; p < nprobe; p++) {
         uint8_t* o = out + p * M * 16;
         if (A[p] == NULL) {
             memset(o, 0, (size_t)(M * 16));
             scale[p] = 1.0f;
             bias[p] = base[p];
-        } else if (annlearn_fs_table_probe(isa, A[p], B[p], M, base[p], vmax,
-                                           lo_buf, o, scale + p, bias + p)) {
+        } else if (annlearn_fs_table_probe(isa, A[p], B[p], M, vmax, lo_buf, o,
+                                           scale + p, &lo_sum)) {
             return 1;
+        } else {
+            bias[p] = (float)((double)base[p] + lo_sum);
         }
     }
     return 0;

@@ -64,6 +64,9 @@ cdef extern from "_fastscan.h" nogil:
                                  intp_t nprobe, intp_t M, const float* base,
                                  float vmax, float* lo_buf, uint8_t* out,
                                  float* scale, float* bias)
+    int annlearn_fs_table_probe(int isa, const float* A, const float* B, intp_t M,
+                                float vmax, float* lo_buf, uint8_t* out,
+                                float* scale, float64_t* lo_sum)
     intp_t annlearn_fs_scan(int isa, const uint8_t* codes, intp_t b, intp_t end,
                             intp_t n_pairs, const uint8_t* image,
                             uint16_t threshold, uint16_t* sums, uint32_t* mask,
@@ -775,6 +778,10 @@ def _scan_lists(
     cdef uint8_t* qt = NULL
     cdef float32_t* qbias = NULL
     cdef float32_t* qscale = NULL
+    cdef float64_t* lo_sum = NULL
+    # Codes of the vectors: one table serves every probe (a stride of 0).
+    cdef bint one_table = fused and n_tables <= 1
+    cdef intp_t table_stride = 0 if one_table else M * 16
     cdef const uint8_t* codes = &packed[0, 0] if n_blocks else NULL
     cdef const uint32_t* allow0 = &allow[0, 0] if filtered and n_blocks else NULL
     cdef int failed = 0, overflow = 0, bad = 0
@@ -796,15 +803,17 @@ def _scan_lists(
             lo_buf = <float32_t*>malloc(M * sizeof(float32_t))
             A = <const float**>malloc(nprobe * sizeof(float*))
             B = <const float**>malloc(nprobe * sizeof(float*))
-            qt = <uint8_t*>malloc(nprobe * table_size)
+            qt = <uint8_t*>malloc((1 if one_table else nprobe) * table_size)
             qbias = <float32_t*>malloc(nprobe * sizeof(float32_t))
             qscale = <float32_t*>malloc(nprobe * sizeof(float32_t))
+            lo_sum = <float64_t*>malloc(sizeof(float64_t))
         for q in prange(n_queries, schedule="dynamic", chunksize=16):
             if image == NULL or sums == NULL or not use_heap and (
                     kept_d == NULL or kept_i == NULL or tie_d == NULL
                     or tie_i == NULL or scratch == NULL) or fused and (
                     term3 == NULL or lo_buf == NULL or A == NULL or B == NULL
-                    or qt == NULL or qbias == NULL or qscale == NULL):
+                    or qt == NULL or qbias == NULL or qscale == NULL
+                    or lo_sum == NULL):
                 failed_ptr[0] = 1
                 continue
             if fused:
@@ -815,19 +824,32 @@ def _scan_lists(
                                    alpha, term3)
                 if n_tables == 1:
                     annlearn_add(term3, &term2[0, 0, 0], table_size, term3)
-                for p in range(nprobe):
-                    cell = probe_cells[q, p]
-                    if cell >= 0 and block_offsets[cell] == block_offsets[cell + 1]:
-                        cell = -1
-                    A[p] = term3 if cell >= 0 else NULL
-                    B[p] = &term2[cell, 0, 0] if cell >= 0 and n_tables > 1 else NULL
-                if annlearn_fs_tables_query(isa_, A, B, nprobe, M, &probe_base[q, 0],
-                                            vmax, lo_buf, qt, qscale, qbias):
-                    bad_ptr[0] = 1
-                    continue
+                if one_table:
+                    # The tables, scale and lo sum ivf_tables gives every
+                    # probe; each probe's bias as it computes it.
+                    if annlearn_fs_table_probe(isa_, term3, NULL, M, vmax, lo_buf, qt,
+                                               qscale, lo_sum):
+                        bad_ptr[0] = 1
+                        continue
+                    for p in range(nprobe):
+                        qscale[p] = qscale[0]
+                        qbias[p] = <float32_t>(<float64_t>probe_base[q, p] + lo_sum[0])
+                else:
+                    for p in range(nprobe):
+                        cell = probe_cells[q, p]
+                        if cell >= 0 and block_offsets[cell] == block_offsets[cell + 1]:
+                            cell = -1
+                        A[p] = term3 if cell >= 0 else NULL
+                        B[p] = &term2[cell, 0, 0] if cell >= 0 else NULL
+                    if annlearn_fs_tables_query(isa_, A, B, nprobe, M,
+                                                &probe_base[q, 0], vmax, lo_buf, qt,
+                                                qscale, qbias):
+                        bad_ptr[0] = 1
+                        continue
             if _scan_query(
                 isa_, use_heap, qt if fused else &qtables[q, 0, 0, 0],
-                qscale if fused else &scale[q, 0], qbias if fused else &bias[q, 0],
+                table_stride, qscale if fused else &scale[q, 0],
+                qbias if fused else &bias[q, 0],
                 &probe_cells[q, 0], nprobe, M, n_pairs, codes, &block_offsets[0],
                 &list_offsets[0], allow0 + q * allow_stride if filtered else NULL,
                 k, capacity, &distances[q, 0], &positions[q, 0], image, sums,
@@ -848,6 +870,7 @@ def _scan_lists(
         free(qt)
         free(qbias)
         free(qscale)
+        free(lo_sum)
     if failed:
         raise MemoryError("annlearn: could not allocate the fast-scan buffers.")
     if bad:
@@ -913,6 +936,7 @@ cdef int _scan_query(
     int isa_,
     bint use_heap,
     const uint8_t* qtables,
+    intp_t table_stride,
     const float32_t* scale,
     const float32_t* bias,
     const id_t* cells,
@@ -936,14 +960,16 @@ cdef int _scan_query(
     void* scratch,
 ) noexcept nogil:
     """One query's k best over its probed lists into ``out_d``/``out_i``
-    (its tables ``qtables``, nprobe x M x 16; its scale and bias per
-    probe), with the
+    (probe p's tables at ``qtables + p * table_stride``, M x 16: a stride
+    of 0 when every probe has the same; its scale and bias per probe), with
+    the
     thread's buffers; 1 if a table can overflow the uint16 sums, else 0."""
     cdef intp_t p, r, b, b_first, b_end, n_kept = 0, rows_last
     cdef id_t cell, row0, worst_position = INT64_MAX
     cdef float32_t bias_qp, scale_qp, dist, worst = INFINITY
     cdef uint32_t mask, last_mask
     cdef int threshold, lane, largest, changed, overflow = 0
+    cdef intp_t imaged = -1  # offset of the table the image holds
     if use_heap:
         heap_init(out_d, out_i, k)
     for p in range(nprobe):
@@ -960,9 +986,12 @@ cdef int _scan_query(
         rows_last = list_offsets[cell + 1] - row0 - (b_end - 1 - b) * _BLOCK
         last_mask = 0xFFFFFFFF if rows_last == _BLOCK else \
             ((<uint32_t>1 << rows_last) - 1)
-        largest = annlearn_fs_image(qtables + p * M * 16, M, image)
-        if largest * M > 65535:
-            overflow = 1
+        if p * table_stride != imaged:
+            # The image of a shared table is built once.
+            largest = annlearn_fs_image(qtables + p * table_stride, M, image)
+            imaged = p * table_stride
+            if largest * M > 65535:
+                overflow = 1
         bias_qp = bias[p]
         scale_qp = scale[p]
         if use_heap:
