@@ -280,6 +280,100 @@ cdef void _scan_list_allowed(
         w = w + 1
 
 
+def pq_encode(
+    const float32_t[:, ::1] X,
+    const float32_t[:, :, ::1] codebooks_t,
+    const float32_t[:, ::1] sqnorms,
+    centers=None,
+    cells=None,
+    int n_threads=1,
+):
+    """PQ codes of the rows of X, or of their residuals to their cells.
+
+    Each row (less its cell's centre with ``centers``) is coded sub-vector
+    by sub-vector by the nearest centre: the argmin over j of
+    ``||b_mj||^2 - 2 <r_m, b_mj>`` (ties to the smaller j), from one
+    lookup-table pass per row (the kernel of term 3, ``annlearn_pq_tables``)
+    in a thread-local buffer, without a residual or sub-vector copy of X.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, M * dsub), float32
+    codebooks_t : ndarray of shape (M, dsub, ksub), float32
+        The codebooks transposed (``ProductQuantizer.codebooks_t``).
+    sqnorms : ndarray of shape (M, ksub), float32
+        Squared norms of the centres.
+    centers : ndarray of shape (nlist, M * dsub), float32, default=None
+        Cell centres: code ``X[i] - centers[cells[i]]``.
+    cells : ndarray of shape (n,), int64, default=None
+        The cell of every row (with ``centers``).
+    n_threads : int, default=1
+        OpenMP threads (over rows).
+
+    Returns
+    -------
+    codes : ndarray of shape (n, M), uint8
+    """
+    cdef intp_t n = X.shape[0], d = X.shape[1]
+    cdef intp_t M = codebooks_t.shape[0], dsub = codebooks_t.shape[1]
+    cdef intp_t ksub = codebooks_t.shape[2]
+    if M * dsub != d or sqnorms.shape[0] != M or sqnorms.shape[1] != ksub:
+        raise ValueError(
+            f"Expected codebooks_t of shape (M, {d} / M, ksub) and sqnorms "
+            "of shape (M, ksub)."
+        )
+    if not 1 <= ksub <= 256:
+        raise ValueError(f"Expected 1 <= ksub <= 256, got {ksub}.")
+    if (centers is None) != (cells is None):
+        raise ValueError("centers and cells are given together.")
+    cdef const float32_t[:, ::1] C
+    cdef const id_t[::1] cell_of
+    cdef bint residual = centers is not None
+    if residual:
+        C = centers
+        cell_of = cells
+        if C.shape[1] != d or cell_of.shape[0] != n:
+            raise ValueError("Expected centers with n_features columns, a cell per row.")
+        if not ids_within(np.asarray(cells).reshape(1, -1), 0, C.shape[0]):
+            raise ValueError(f"Expected cells in [0, {C.shape[0]}).")
+    codes_arr = np.empty((n, M), dtype=np.uint8)
+    if n == 0:
+        return codes_arr
+    cdef uint8_t[:, ::1] codes = codes_arr
+    cdef intp_t i, m, j, best
+    cdef float32_t* table = NULL
+    cdef float32_t* r = NULL
+    cdef float32_t score, low
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed
+    with nogil, parallel(num_threads=<int>max(1, min(n_threads, n // 64))):
+        table = <float32_t*>malloc(M * ksub * sizeof(float32_t))
+        r = <float32_t*>malloc(d * sizeof(float32_t))
+        for i in prange(n, schedule="static"):
+            if table == NULL or r == NULL:
+                failed_ptr[0] = 1
+                continue
+            if residual:
+                for j in range(d):
+                    r[j] = X[i, j] - C[cell_of[i], j]
+            annlearn_pq_tables(r if residual else &X[i, 0], &codebooks_t[0, 0, 0],
+                               M, dsub, ksub, -2.0, table)
+            for m in range(M):
+                best = 0
+                low = table[m * ksub] + sqnorms[m, 0]
+                for j in range(1, ksub):
+                    score = table[m * ksub + j] + sqnorms[m, j]
+                    if score < low:
+                        low = score
+                        best = j
+                codes[i, m] = <uint8_t>best
+        free(table)
+        free(r)
+    if failed:
+        raise MemoryError("annlearn: could not allocate the encoding buffers.")
+    return codes_arr
+
+
 def _check_allowed(allowed, intp_t n_queries, intp_t n_bits):
     """(bitmap, row stride) of a filter over ``n_bits`` positions: one row
     of uint64 words for every query (stride 0) or one per query."""

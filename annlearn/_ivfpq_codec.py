@@ -200,12 +200,6 @@ class IVFPQCodec:
         ]
 
     # -- coding -----------------------------------------------------------
-    def residuals(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        """What the product quantizer codes for rows X in ``cells``."""
-        if not self.by_residual:
-            return X
-        return X - self.quantizer.centers[cells]
-
     def encode(self, X: np.ndarray, n_threads: int) -> tuple[np.ndarray, np.ndarray]:
         """The cell and the code of every row of X, a block of rows at a time."""
         cells = np.empty(len(X), dtype=np.int64)
@@ -216,11 +210,16 @@ class IVFPQCodec:
 
     def encode_in(self, X: np.ndarray, cells: np.ndarray, n_threads: int) -> np.ndarray:
         """The codes of the rows of X, already assigned to ``cells``."""
+        centers = self.quantizer.centers if self.by_residual else None
         codes = np.empty((len(X), self.pq.M), dtype=np.uint8)
         for start in range(0, len(X), _ENCODE_BLOCK):
             block = slice(start, start + _ENCODE_BLOCK)
-            residuals = self.residuals(X[block], cells[block])
-            codes[block] = self.pq.encode(residuals, n_threads)
+            codes[block] = self.pq.encode(
+                np.ascontiguousarray(X[block], dtype=np.float32),
+                n_threads,
+                centers,
+                None if centers is None else cells[block],
+            )
         return codes
 
     def decode(self, cells: np.ndarray, codes: np.ndarray) -> np.ndarray:

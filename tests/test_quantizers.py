@@ -99,3 +99,41 @@ def test_product_quantizer_term2_tables(X):
     lhs = np.sum((centers[1] + r).astype(np.float64) ** 2)
     assert_allclose(lhs, np.sum(centers[1] ** 2) + t2[1, 0, 5] + t2[1, 1, 9], rtol=1e-5)
     assert_allclose(pq.term2_tables(None)[0, 1, 9], np.sum(pq.codebooks[1][9] ** 2))
+
+
+@pytest.mark.parametrize(
+    "M,ksub,dsub", [(4, 16, 3), (7, 256, 2), (3, 16, 1), (2, 16, 17)]
+)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_pq_encode_is_the_nearest_centre_per_sub_vector(
+    M, ksub, dsub, residual, n_threads
+):
+    """Codes of the rows, or of their residuals to their cells' centres,
+    without the residuals materialised: numpy's brute force, ties to the
+    smaller centre."""
+    rng = np.random.default_rng(M * ksub + dsub)
+    codebooks = rng.standard_normal((M, ksub, dsub)).astype(np.float32)
+    codebooks[:, 1] = codebooks[:, 0]  # tied centres: the first one wins
+    pq = ProductQuantizer(codebooks)
+    X = rng.standard_normal((700, M * dsub)).astype(np.float32)
+    centers = rng.standard_normal((5, M * dsub)).astype(np.float32)
+    cells = rng.integers(0, 5, len(X))
+    R = X - centers[cells] if residual else X
+    sub = R.reshape(len(X), M, 1, dsub)
+    want = ((sub - codebooks[None]) ** 2).sum(-1).argmin(-1)
+    got = pq.encode(X, n_threads, *((centers, cells) if residual else ()))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+    assert not (got == 1).any()
+
+
+def test_pq_encode_validation():
+    pq = ProductQuantizer(np.zeros((2, 16, 3), dtype=np.float32))
+    X = np.zeros((4, 6), dtype=np.float32)
+    with pytest.raises(ValueError, match="codebooks_t of shape"):
+        pq.encode(np.zeros((4, 5), dtype=np.float32), 1)
+    with pytest.raises(ValueError, match="given together"):
+        pq.encode(X, 1, np.zeros((2, 6), np.float32))
+    with pytest.raises(ValueError, match="cells in"):
+        pq.encode(X, 1, np.zeros((2, 6), np.float32), np.array([0, 1, 2, 0]))

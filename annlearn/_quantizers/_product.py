@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from annlearn import _flat_search
+from annlearn import _flat_search, _ivf
 from annlearn._clustering import train_kmeans
-from annlearn._threads import flat_search_blas_guard
 
 __all__ = ["ProductQuantizer"]
 
@@ -27,15 +26,18 @@ class ProductQuantizer:
     ----------
     codebooks_t : ndarray of shape (M, dsub, 2**nbits), float32
         The codebooks transposed, as the lookup-table kernel reads them.
-    sqnorms : list of M ndarrays of shape (2**nbits,), float32
-        Squared norms of each sub-quantizer's centres (the encoding search
-        takes them).
+    sqnorms : ndarray of shape (M, 2**nbits), float32
+        Squared norms of each sub-quantizer's centres (the encoding takes
+        them).
     """
 
     def __init__(self, codebooks: np.ndarray) -> None:
         self.codebooks = codebooks
         self.codebooks_t = np.ascontiguousarray(codebooks.transpose(0, 2, 1))
-        self.sqnorms = [_flat_search.row_sqnorms(cb, 1) for cb in codebooks]
+        M, ksub, dsub = codebooks.shape
+        self.sqnorms = _flat_search.row_sqnorms(
+            np.ascontiguousarray(codebooks.reshape(M * ksub, dsub)), 1
+        ).reshape(M, ksub)
 
     @classmethod
     def train(
@@ -84,26 +86,19 @@ class ProductQuantizer:
         """Features per sub-vector."""
         return self.codebooks.shape[2]
 
-    def encode(self, X: np.ndarray, n_threads: int) -> np.ndarray:
-        """Codes of the rows of X (float32), shape (n, M), uint8.
-
-        Each sub-vector is copied contiguous in turn (n x dsub floats); the
-        caller bounds n (``IVFPQCodec.encode`` works in blocks of rows).
-        """
-        dsub = self.dsub
-        codes = np.empty((len(X), self.M), dtype=np.uint8)
-        with flat_search_blas_guard():
-            for m in range(self.M):
-                sub = np.ascontiguousarray(X[:, m * dsub : (m + 1) * dsub])
-                codes[:, m] = _flat_search.flat_kneighbors(
-                    sub,
-                    self.codebooks[m],
-                    self.sqnorms[m],
-                    1,
-                    _flat_search.METRIC_SQEUCLIDEAN,
-                    n_threads,
-                )[1][:, 0]
-        return codes
+    def encode(
+        self,
+        X: np.ndarray,
+        n_threads: int,
+        centers: np.ndarray | None = None,
+        cells: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Codes of the rows of X (float32, C-contiguous), shape (n, M),
+        uint8: of ``X[i] - centers[cells[i]]`` when ``centers`` is given
+        (residuals, never materialised; ``_ivf.pq_encode``)."""
+        return _ivf.pq_encode(
+            X, self.codebooks_t, self.sqnorms, centers, cells, n_threads
+        )
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Reconstructions of the codes, shape (n, M * dsub), float32."""
