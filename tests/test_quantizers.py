@@ -89,6 +89,36 @@ def test_product_quantizer_round_trip(X):
     assert error < 0.05
 
 
+@pytest.mark.parametrize("repeated", [False, True])
+def test_product_quantizer_trains_as_one_kmeans_per_sub_vector(X, repeated):
+    """The M k-means run side by side give what train_kmeans gives on each
+    sub-vector from the same random stream: same iterations, stopping rule
+    and empty-cluster rule (exercised by rows repeated many times, as the
+    pixels of Fashion-MNIST are)."""
+    from sklearn.utils import check_random_state
+
+    from annlearn._clustering import train_kmeans
+
+    data = X[:1500].copy()
+    if repeated:
+        data = np.round(data[np.arange(1500) % 40] * 0.5)  # 40 distinct rows
+    M, nbits = 4, 4
+    pq = ProductQuantizer.train(
+        data, M, nbits, max_iter=20, random_state=0, n_threads=2
+    )
+    rng = check_random_state(0)
+    dsub = data.shape[1] // M
+    for m in range(M):
+        centers, _, _ = train_kmeans(
+            np.ascontiguousarray(data[:, m * dsub : (m + 1) * dsub]),
+            2**nbits,
+            max_iter=20,
+            random_state=rng,
+            n_threads=1,
+        )
+        assert_allclose(pq.codebooks[m], centers, rtol=1e-5, atol=1e-5)
+
+
 def test_product_quantizer_term2_tables(X):
     pq = ProductQuantizer.train(X, 2, 4, max_iter=5, random_state=0, n_threads=1)
     centers = X[:3]

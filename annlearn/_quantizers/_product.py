@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils import check_random_state
 
 from annlearn import _flat_search, _ivf
-from annlearn._clustering import train_kmeans
+from annlearn._clustering import _relocate_empty_clusters
+from annlearn._kmeans import subspace_sums
 
 __all__ = ["ProductQuantizer"]
 
@@ -50,20 +52,57 @@ class ProductQuantizer:
         random_state,
         n_threads: int,
         verbose: bool = False,
+        tol: float = 1e-4,
     ) -> ProductQuantizer:
-        """One k-means of ``2**nbits`` centres per sub-vector of X's rows."""
-        dsub = X.shape[1] // M
-        codebooks = np.empty((M, 2**nbits, dsub), dtype=np.float32)
-        for m in range(M):
-            codebooks[m], _, _ = train_kmeans(
-                np.ascontiguousarray(X[:, m * dsub : (m + 1) * dsub]),
-                2**nbits,
-                max_iter=max_iter,
-                random_state=random_state,
-                n_threads=n_threads,
-                verbose=verbose,
-                name=f"sub-quantizer {m}",
+        """One k-means of ``2**nbits`` centres per sub-vector of X's rows.
+
+        The M k-means run side by side, one pass over X per iteration for
+        all of them (``_ivf.pq_encode`` assigns, ``_kmeans.subspace_sums``
+        sums), each as :func:`annlearn._clustering.train_kmeans` would run it
+        on its sub-vectors: initial centres drawn from the same random
+        stream in the same order, scikit-learn's stopping rule and empty
+        cluster rule; a sub-quantizer that has converged keeps its centres
+        while the others go on.
+        """
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        n, d = X.shape
+        dsub, ksub = d // M, 2**nbits
+        if not 1 <= ksub <= n:
+            raise ValueError(
+                f"sub-quantizer 0: expected 1 <= n_clusters <= n_samples, but "
+                f"n_clusters = {ksub}, n_samples = {n}."
             )
+        rng = check_random_state(random_state)
+        sub = X.reshape(n, M, dsub)
+        rows = np.stack([np.sort(rng.choice(n, ksub, replace=False)) for _ in range(M)])
+        codebooks = np.ascontiguousarray(sub[rows, np.arange(M)[:, None]])
+        # sklearn's tolerance per sub-quantizer: tol times the mean variance
+        # of its features.
+        variance = X.var(axis=0, dtype=np.float64).reshape(M, dsub).mean(axis=1)
+        threshold = variance * tol if tol else np.zeros(M)
+        active = np.ones(M, dtype=bool)
+        for n_iter in range(1, max_iter + 1):
+            labels = cls(codebooks).encode(X, n_threads)
+            sums, counts = subspace_sums(X, labels, ksub, n_threads)
+            for m in np.flatnonzero(active & (counts == 0).any(axis=1)):
+                centre = codebooks[m][labels[:, m]]
+                distances = ((sub[:, m] - centre) ** 2).sum(axis=1, dtype=np.float32)
+                codes = labels[:, m].astype(np.int64)
+                _relocate_empty_clusters(
+                    sub[:, m], distances, codes, sums[m], counts[m]
+                )
+            new = sums / np.maximum(counts, 1)[:, :, None]
+            new = np.where((counts == 0)[:, :, None], codebooks, new).astype(np.float32)
+            shift = ((new - codebooks) ** 2).sum(axis=(1, 2), dtype=np.float64)
+            codebooks[active] = new[active]
+            active &= shift > threshold
+            if verbose:
+                print(
+                    f"[product quantizer] iteration {n_iter}: "
+                    f"{np.count_nonzero(active)} of {M} sub-quantizers moving"
+                )
+            if not active.any():
+                break
         return cls(codebooks)
 
     @property
