@@ -51,7 +51,7 @@ import numpy as np
 
 cimport cython
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, rintf
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
@@ -372,6 +372,58 @@ def pq_encode(
     if failed:
         raise MemoryError("annlearn: could not allocate the encoding buffers.")
     return codes_arr
+
+
+def sq8_encode(
+    const float32_t[:, ::1] X,
+    const float32_t[::1] offset,
+    const float32_t[::1] scale,
+    int n_threads=1,
+):
+    """uint8 codes ``rint((x - offset) / scale)`` of the rows of X, clipped
+    to [0, 255], and the number of rows with a clipped value.
+
+    float32 subtraction then division, rounded half to even (``rintf``): the
+    numpy expression ``np.rint((X - offset) / scale)``, in one pass.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+    offset, scale : ndarray of shape (d,), float32
+        The scalar quantizer (``scale > 0``).
+    n_threads : int, default=1
+        OpenMP threads (over rows).
+
+    Returns
+    -------
+    codes : ndarray of shape (n, d), uint8
+    clipped : int
+    """
+    cdef intp_t n = X.shape[0], d = X.shape[1], i, f
+    if offset.shape[0] != d or scale.shape[0] != d:
+        raise ValueError(f"Expected offset and scale of shape ({d},).")
+    codes_arr = np.empty((n, d), dtype=np.uint8)
+    if n == 0 or d == 0:
+        return codes_arr, 0
+    cdef uint8_t[:, ::1] codes = codes_arr
+    cdef float32_t v
+    cdef intp_t clipped = 0
+    cdef int outside
+    with nogil:
+        for i in prange(n, num_threads=<int>max(1, min(n_threads, n * d // (1 << 18))),
+                        schedule="static"):
+            outside = 0
+            for f in range(d):
+                v = rintf((X[i, f] - offset[f]) / scale[f])
+                if v < 0:
+                    v = 0
+                    outside = 1
+                elif v > 255:
+                    v = 255
+                    outside = 1
+                codes[i, f] = <uint8_t>v
+            clipped += outside
+    return codes_arr, clipped
 
 
 def _check_allowed(allowed, intp_t n_queries, intp_t n_bits):

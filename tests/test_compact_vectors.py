@@ -74,6 +74,21 @@ def test_uint8_error_is_half_a_step_and_mixed_features():
     assert error[4] == 0.0
 
 
+def test_uint8_encoding_is_numpys_rounding_and_counts_clipped_rows():
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((3000, 37)) * 50).astype(np.float32)
+    sq = ScalarQuantizer.train(X[:2000], "uint8")  # the other rows may clip
+    codes, clipped = sq.encode(X)
+    steps = np.rint((X - sq.offset) / sq.scale)
+    np.testing.assert_array_equal(codes, np.clip(steps, 0, 255).astype(np.uint8))
+    outside = ((steps < 0) | (steps > 255)).any(axis=1).sum()
+    assert clipped == outside > 0
+    # Halves round to even, as np.rint.
+    half = ScalarQuantizer("uint8", np.zeros(4, np.float32), np.ones(4, np.float32))
+    row = np.array([[0.5, 1.5, 2.5, 254.5]], dtype=np.float32)
+    np.testing.assert_array_equal(half.encode(row)[0], [[0, 2, 2, 254]])
+
+
 def test_float16_overflow_is_refused():
     sq = ScalarQuantizer.train(np.ones((3, 2), np.float32), "float16")
     with pytest.raises(ValueError, match="vector_dtype='float16' holds magnitudes"):
