@@ -3,7 +3,9 @@
 Used to train the coarse quantizer (``nlist`` cells) and the product
 quantizer's codebooks (``2**nbits`` centres per sub-space). The loops live in
 the kernels: each iteration is one top-1 exact search
-(:func:`annlearn._flat_search.flat_kneighbors`) and one centre update
+(:func:`annlearn._flat_search.flat_kneighbors`; from the second on, through
+the principal-component bound of :mod:`annlearn._pca_bound` where its cost
+model says it pays, as on images) and one centre update
 (:func:`annlearn._kmeans.centre_sums`). The stopping rule and the handling of
 empty clusters are scikit-learn's, so that from the same initial centres
 ``sklearn.cluster.KMeans(algorithm="lloyd", n_init=1)`` stops at the same
@@ -30,7 +32,7 @@ import time
 import numpy as np
 from sklearn.utils import check_random_state
 
-from annlearn import _flat_search
+from annlearn import _flat_search, _pca_bound
 from annlearn._flat_search import METRIC_SQEUCLIDEAN
 from annlearn._kmeans import centre_sums
 from annlearn._threads import flat_search_blas_guard
@@ -39,6 +41,13 @@ __all__ = ["train_kmeans"]
 
 # Rows per block of the variance computation (a few MiB of temporaries).
 _VARIANCE_BLOCK = 4096
+# The assignments are searched through the principal-component bound only
+# from this many rows and features: below, it cannot pay.
+_MIN_BOUND_ROWS = 16384
+_MIN_BOUND_FEATURES = 32
+# Rows its principal axes are estimated on (any orthonormal basis keeps the
+# bound exact; these place the leading axes well enough to make it tight).
+_BOUND_SAMPLE = 4096
 
 
 def train_kmeans(
@@ -52,6 +61,7 @@ def train_kmeans(
     verbose: int = 0,
     name: str = "k-means",
     sphere_radius: float | None = None,
+    pca_bound: bool | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """Cluster the rows of X with Lloyd's algorithm.
 
@@ -83,6 +93,12 @@ def train_kmeans(
         norm (a centre at the origin stays there). For rows that all have
         this norm, whose nearest centre is then the one of largest inner
         product.
+    pca_bound : bool or None, default=None
+        Search each assignment through the principal-component bound
+        (:mod:`annlearn._pca_bound`: the same nearest centres as brute force,
+        from a thinner GEMM plus the exact distances of the centres the
+        bound cannot rule out). None decides by the bound's cost model on
+        the initial centres.
 
     Returns
     -------
@@ -118,6 +134,7 @@ def train_kmeans(
         verbose=verbose,
         name=name,
         sphere_radius=sphere_radius,
+        pca_bound=pca_bound,
     )
 
 
@@ -156,20 +173,18 @@ def _lloyd(
     verbose: int = 0,
     name: str = "k-means",
     sphere_radius: float | None = None,
+    pca_bound: bool | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """annlearn's Lloyd iterations from the given initial centres."""
     n_clusters = centers.shape[0]
     threshold = _tolerance(X, tol)
     inertia = np.inf
     n_iter = 0
+    nearest = _NearestCentre(X, max_iter, n_threads, pca_bound)
     with flat_search_blas_guard():
         for n_iter in range(1, max_iter + 1):
             start = time.perf_counter()
-            sqnorms = _flat_search.row_sqnorms(centers, n_threads)
-            distances, labels = _flat_search.flat_kneighbors(
-                X, centers, sqnorms, 1, METRIC_SQEUCLIDEAN, n_threads
-            )
-            distances, labels = distances[:, 0], labels[:, 0]
+            distances, labels = nearest(centers)
             inertia = float(distances.sum(dtype=np.float64))
             sums, counts = centre_sums(X, labels, n_clusters, n_threads)
             _relocate_empty_clusters(X, distances, labels, sums, counts)
@@ -191,6 +206,87 @@ def _lloyd(
             if shift <= threshold:
                 break
     return np.ascontiguousarray(centers), inertia, n_iter
+
+
+class _NearestCentre:
+    """The assignment step: the nearest centre of every row of X, by the
+    flat search kernel, through the principal-component bound when it pays.
+
+    The first assignment, against rows drawn as centres, is brute force;
+    from the second on, the centres are means of rows and the bound is
+    decided by cost on them. Its axes are X's (estimated on a sample) and X
+    is projected once for all the remaining iterations; only the centres'
+    side is projected again each time.
+    """
+
+    def __init__(self, X, max_iter: int, n_threads: int, pca_bound) -> None:
+        self.X = X
+        self.max_iter = max_iter
+        self.n_threads = n_threads
+        self.bound = None
+        n, d = X.shape
+        self.force = bool(pca_bound)
+        self.pending = self.force or (
+            pca_bound is None and n >= _MIN_BOUND_ROWS and d >= _MIN_BOUND_FEATURES
+        )
+        self.calls = 0
+
+    def __call__(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances, labels)``, shape (n_samples,) each: the squared
+        distance of each row to its nearest centre and that centre."""
+        sqnorms = _flat_search.row_sqnorms(centers, self.n_threads)
+        if self.pending and (self.force or self.calls > 0):
+            self.pending = False
+            self._fit_bound(centers)
+        self.calls += 1
+        query_bound = None
+        if self.bound is not None:
+            side = _pca_bound.database_bounds(self.bound, centers, sqnorms)
+            shift = _pca_bound.query_shift(side, self.scale, self.offset)
+            query_bound = (self.projected, side["vectors"], side["sqnorms"], shift)
+        distances, labels = _flat_search.flat_kneighbors(
+            self.X,
+            centers,
+            sqnorms,
+            1,
+            METRIC_SQEUCLIDEAN,
+            self.n_threads,
+            bound=query_bound,
+        )
+        return distances[:, 0], labels[:, 0]
+
+    def _fit_bound(self, centers: np.ndarray) -> None:
+        """Keep the bound on the cheapest number of X's principal axes for a
+        top-1 search among ``centers`` (cost model of
+        :func:`annlearn._pca_bound.bound_costs`, X's projection shared by the
+        iterations left), unless it is estimated to cost more than
+        ``_pca_bound``'s ratio of brute force's and is not forced."""
+        X = self.X
+        sample, queries = _pca_bound.sample_rows(X, _BOUND_SAMPLE)
+        mean, axes = _pca_bound.principal_axes(sample)
+        dims = _pca_bound.candidate_dims(X.shape[1])
+        searches = max(self.max_iter - self.calls, 1)
+        costs = _pca_bound.bound_costs(
+            axes[:, : dims[-1]],
+            mean,
+            centers,
+            queries,
+            dims,
+            len(centers) * searches,
+            True,
+            k=1,
+            cached=True,
+        )
+        best = min(range(len(dims)), key=costs.__getitem__)
+        if not self.force and costs[best] > _pca_bound.MAX_COST_RATIO:
+            return
+        self.bound = {
+            "mean": mean,
+            "rotation": np.ascontiguousarray(axes[:, : dims[best]]),
+        }
+        self.projected, self.scale, self.offset = _pca_bound.project_queries(
+            self.bound, X, True
+        )
 
 
 def _relocate_empty_clusters(

@@ -253,7 +253,7 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
             n_threads=n_threads,
             sqnorms=sqnorms,
             l2=self.metric in ("euclidean", "sqeuclidean"),
-            sq=ScalarQuantizer.train(X, self.vector_dtype),
+            sq=ScalarQuantizer.train(X, self.vector_dtype, n_threads),
         )
         self.effective_metric_ = self.metric
         self._set_store(store)
@@ -273,10 +273,13 @@ class FlatNeighbors(PersistenceMixin, NeighborsBase):
 
     def _store_with(self, store: FlatStore, X: np.ndarray, ids) -> FlatStore:
         X = self._prepare_queries(X)
+        n_threads = effective_n_threads(self.n_jobs)
         stored = None
         if store.sq is not None:
-            stored = store.sq.encode_added(X, "FlatNeighbors", "the uint8 store")
-        return store.add(X, ids, effective_n_threads(self.n_jobs), stored=stored)
+            stored = store.sq.encode_added(
+                X, "FlatNeighbors", "the uint8 store", n_threads
+            )
+        return store.add(X, ids, n_threads, stored=stored)
 
     def _upgrade_state(self, state: dict, layout: int) -> dict:
         # Written before the fitted metric was recorded: the parameter was it.

@@ -144,7 +144,7 @@ class FlatStore:
         and the bound being those of the stored vectors."""
         stored = X
         if sq is not None and sq.dtype != "float32":
-            stored, _ = sq.encode(X)
+            stored, _ = sq.encode(X, n_threads)
             X, sqnorms = sq.decode(stored), None
         if sqnorms is None:
             sqnorms = _flat_search.row_sqnorms(X, n_threads)
@@ -208,7 +208,7 @@ class FlatStore:
             stored = vectors
         else:
             if stored is None:
-                stored, _ = self.sq.encode(vectors)
+                stored, _ = self.sq.encode(vectors, n_threads)
             vectors = self.sq.decode(stored)
         sqnorms = _flat_search.row_sqnorms(vectors, n_threads)
         bound = self.bound

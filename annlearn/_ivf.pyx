@@ -50,7 +50,7 @@ Python threads, each with its own nprobe, cannot disturb each other.
 import numpy as np
 
 cimport cython
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY, rintf
 from libc.stdint cimport INT64_MAX, uint8_t, uint16_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -424,6 +424,47 @@ def sq8_encode(
                 codes[i, f] = <uint8_t>v
             clipped += outside
     return codes_arr, clipped
+
+
+def sq8_range(const float32_t[:, ::1] X, int n_threads=1):
+    """Per feature of X: the smallest and largest value, and whether every
+    value is an integer, in one pass over the rows.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+    n_threads : int, default=1
+        OpenMP threads (over blocks of rows; each keeps its own three
+        arrays, combined at the end).
+
+    Returns
+    -------
+    low, high : ndarray of shape (d,), float32
+        +inf and -inf where X has no rows.
+    integral : ndarray of shape (d,), bool
+    """
+    cdef intp_t n = X.shape[0], d = X.shape[1], i, f, b
+    cdef intp_t block = 256, n_blocks = (n + block - 1) // block
+    cdef int threads = <int>max(1, min(n_threads, n * d // (1 << 18)))
+    low_arr = np.full((threads, d), np.inf, dtype=np.float32)
+    high_arr = np.full((threads, d), -np.inf, dtype=np.float32)
+    frac_arr = np.zeros((threads, d), dtype=np.uint8)
+    cdef float32_t[:, ::1] low = low_arr, high = high_arr
+    cdef uint8_t[:, ::1] fractional = frac_arr
+    cdef float32_t v
+    cdef int t
+    with nogil, parallel(num_threads=threads):
+        t = threadid()
+        for b in prange(n_blocks, schedule="static"):
+            for i in range(b * block, min(n, (b + 1) * block)):
+                for f in range(d):
+                    v = X[i, f]
+                    if v < low[t, f]:
+                        low[t, f] = v
+                    if v > high[t, f]:
+                        high[t, f] = v
+                    fractional[t, f] |= rintf(v) != v
+    return low_arr.min(axis=0), high_arr.max(axis=0), ~frac_arr.any(axis=0)
 
 
 def _check_allowed(allowed, intp_t n_queries, intp_t n_bits):

@@ -428,8 +428,8 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
         sq = vectors = None
         if keep_vectors:
             # Before training: float16 may refuse X.
-            sq = ScalarQuantizer.train(X, self.vector_dtype)
-            vectors, _ = sq.encode(X)
+            sq = ScalarQuantizer.train(X, self.vector_dtype, n_threads)
+            vectors, _ = sq.encode(X, n_threads)
         params = {
             "nlist": self.nlist,
             "M": n_sub,
@@ -657,12 +657,13 @@ class IVFPQNeighbors(PersistenceMixin, NeighborsBase):
 
     def _store_with(self, lists: InvertedLists, X: np.ndarray, ids) -> InvertedLists:
         X = self._prepare(X)
+        n_threads = effective_n_threads(self.n_jobs)
         vectors = None
         if lists.vectors is not None:
             vectors = lists.sq.encode_added(
-                X, "IVFPQNeighbors", "the uint8 copy kept for re-ranking"
+                X, "IVFPQNeighbors", "the uint8 copy kept for re-ranking", n_threads
             )
-        cells, codes = self._codec.encode(X, effective_n_threads(self.n_jobs))
+        cells, codes = self._codec.encode(X, n_threads)
         return lists.add(cells, codes, ids, vectors)
 
     def _set_store(self, lists: InvertedLists) -> None:

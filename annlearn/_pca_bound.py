@@ -35,8 +35,13 @@ __all__ = [
     "bound_costs",
     "database_bounds",
     "extend",
+    "candidate_dims",
     "fit_bound",
+    "principal_axes",
+    "project_queries",
     "query_bounds",
+    "query_shift",
+    "sample_rows",
     "subset",
 ]
 
@@ -55,10 +60,14 @@ _MIN_FEATURES = 32
 _PAIR_COST = 200.0
 _PROJECTED_COST = 1.4
 _EXACT_COST = 13.5
+# A survivor's exact score over a row already in cache (a database of a few
+# hundred rows: k-means centres), fitted the same way to the assignments of
+# Fashion-MNIST to 256 centres.
+_CACHED_EXACT_COST = 7.0
 # The bound is kept when its estimated cost is at most this share of brute
 # force's: the model errs by up to 0.2 either way, and a slower exact search
 # is the failure to avoid.
-_MAX_COST_RATIO = 0.7
+MAX_COST_RATIO = 0.7
 # Rows searched, the neighbours counted and the rows of a screening step in
 # the survivor count: the kernel's k-th best tightens as it scans, row
 # block after row block.
@@ -110,22 +119,12 @@ def fit_bound(
     n, d = vectors.shape
     if not force and (n < _MIN_SAMPLES or d < _MIN_FEATURES):
         return None
-    rng = np.random.default_rng(0)
-    n_sample = min(n, _MAX_SAMPLE + _SIM_QUERIES)
-    rows = rng.choice(n, n_sample, replace=False)
-    # The last rows of the sample are the survivor count's queries; the
-    # principal axes are estimated on the others.
-    sample = vectors[rows[: max(n_sample - _SIM_QUERIES, 1)]]
-    queries = vectors[rows[len(sample) :]]
-    mean = sample.mean(axis=0, dtype=np.float64)
-    centred = sample - mean.astype(np.float32)
-    cov = (centred.T @ centred).astype(np.float64)
-    _, eigenvectors = np.linalg.eigh(cov)
-    axes = eigenvectors[:, ::-1]
-    dims = [c for c in _CANDIDATE_DIMS if c <= d // 4] or [max(d // 4, 1)]
+    sample, queries = sample_rows(vectors)
+    mean, axes = principal_axes(sample)
+    dims = candidate_dims(d)
     costs = bound_costs(axes[:, : dims[-1]], mean, sample, queries, dims, n, l2)
     best = min(range(len(dims)), key=costs.__getitem__)
-    if not force and costs[best] > _MAX_COST_RATIO:
+    if not force and costs[best] > MAX_COST_RATIO:
         return None
     bound = {
         "mean": mean,
@@ -135,22 +134,65 @@ def fit_bound(
     return bound
 
 
+def sample_rows(
+    vectors: np.ndarray, max_sample: int = _MAX_SAMPLE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn at random (seeded): up to ``max_sample`` to estimate the
+    principal axes on, then up to ``_SIM_QUERIES`` others for the survivor
+    count's queries (none when there is a single row)."""
+    n = len(vectors)
+    n_sample = min(n, max_sample + _SIM_QUERIES)
+    rows = np.random.default_rng(0).choice(n, n_sample, replace=False)
+    n_axes = max(n_sample - _SIM_QUERIES, 1)
+    return vectors[rows[:n_axes]], vectors[rows[n_axes:]]
+
+
+def principal_axes(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean (n_features,) and the principal axes (n_features, n_features),
+    both float64, of the rows of ``sample``, axes by decreasing variance."""
+    mean = sample.mean(axis=0, dtype=np.float64)
+    centred = sample - mean.astype(np.float32)
+    cov = (centred.T @ centred).astype(np.float64)
+    _, eigenvectors = np.linalg.eigh(cov)
+    return mean, eigenvectors[:, ::-1]
+
+
+def candidate_dims(n_features: int) -> list[int]:
+    """The numbers of axes worth trying: at most a quarter of the features."""
+    return [c for c in _CANDIDATE_DIMS if c <= n_features // 4] or [
+        max(n_features // 4, 1)
+    ]
+
+
 def bound_costs(
-    axes, mean, database, queries, dims, n_total: int, l2: bool
+    axes,
+    mean,
+    database,
+    queries,
+    dims,
+    n_total: int,
+    l2: bool,
+    k: int | None = None,
+    cached: bool = False,
 ) -> list[float]:
     """Estimated cost of the bound on ``dims[i]`` axes, as a share of brute
     force's, from a search of ``queries`` in ``database`` (both samples).
 
     A (query, row) pair survives when its bound is below the query's k-th
-    best exact score among the rows scanned before its block; k is scaled
-    to the sample (the same share of the rows as ``_SIM_K`` of
-    ``n_total``). Scores as the kernel ranks them: ``||q - y||^2`` for the
-    L2 metrics, ``-<q, y>`` for the inner-product ones.
+    best exact score among the rows scanned before its block; k, unless
+    given, is scaled to the sample (the same share of the rows as
+    ``_SIM_K`` of ``n_total``). Scores as the kernel ranks them:
+    ``||q - y||^2`` for the L2 metrics, ``-<q, y>`` for the inner-product
+    ones. The queries' projection is counted as spread over ``n_total``
+    rows. ``cached``: the database is small enough to stay in cache, which
+    makes the survivors' exact scores cheaper.
     """
     d = database.shape[1]
     if len(queries) == 0 or len(database) == 0:
         return [np.inf] * len(dims)
-    k = int(np.clip(round(_SIM_K * len(database) / n_total), 1, len(database)))
+    if k is None:
+        k = round(_SIM_K * len(database) / n_total)
+    k = int(np.clip(k, 1, len(database)))
     mean32, axes32 = mean.astype(np.float32), axes.astype(np.float32)
     centred = database - mean32
     u = (centred @ axes32).astype(np.float64)
@@ -189,7 +231,8 @@ def bound_costs(
             np.negative(lower, out=lower)
         share = _survivor_share(lower, exact, k)
         # The queries' projection (d * d1 per query) is spread over the rows.
-        bound = _PROJECTED_COST * (d1 + 1) + share * _EXACT_COST * d + d * d1 / n_total
+        rescore = share * (_CACHED_EXACT_COST if cached else _EXACT_COST) * d
+        bound = _PROJECTED_COST * (d1 + 1) + rescore + d * d1 / n_total
         costs.append((_PAIR_COST + bound) / (_PAIR_COST + d))
         if len(costs) >= 3 and costs[-1] > costs[-2] > costs[-3]:
             break  # past the minimum: more axes only add GEMM columns
@@ -285,11 +328,47 @@ def query_bounds(bound: dict, queries: np.ndarray, l2: bool) -> tuple:
     ``-<q, mean>`` (inner product); a candidate is scored exactly when
     ``g <= root + shift_q``, ``shift_q = margin_q - c_q``.
     """
+    projected = _projected_rows(bound, len(queries))
+    shift = np.empty(len(queries), dtype=np.float32)
+    for rows, scale, offset in _project_blocks(bound, queries, l2, projected):
+        shift[rows] = query_shift(bound, scale, offset)
+    return projected, bound["vectors"], bound["sqnorms"], shift
+
+
+def query_shift(bound: dict, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``shift_q`` of ``query_bounds`` from ``project_queries``' ``scale`` and
+    ``offset``, against the database side of ``bound``."""
+    margin = _RTOL * (scale + bound["max_sqnorm"]) + 1e-30
+    return (margin - offset).astype(np.float32)
+
+
+def project_queries(bound: dict, queries: np.ndarray, l2: bool) -> tuple:
+    """The queries' side of ``query_bounds``, which does not depend on the
+    database: ``(projected, scale, offset)``, the projected queries
+    ``[p1, ||p2||]`` (float32) and, per query (float64), the size of its
+    scores that the rounding margin is relative to and ``c_q``.
+    """
+    projected = _projected_rows(bound, len(queries))
+    scale = np.empty(len(queries), dtype=np.float64)
+    offset = np.empty(len(queries), dtype=np.float64)
+    for rows, block_scale, block_offset in _project_blocks(
+        bound, queries, l2, projected
+    ):
+        scale[rows] = block_scale
+        offset[rows] = block_offset
+    return projected, scale, offset
+
+
+def _projected_rows(bound: dict, n: int) -> np.ndarray:
+    return np.empty((n, bound["rotation"].shape[1] + 1), dtype=np.float32)
+
+
+def _project_blocks(bound: dict, queries: np.ndarray, l2: bool, projected):
+    """Write the projected queries into ``projected``, ``_BLOCK_ROWS`` at a
+    time, yielding each block's rows with its ``scale`` and ``offset``."""
     mean, rotation = bound["mean"], bound["rotation"]
     rotation32, mean32 = rotation.astype(np.float32), mean.astype(np.float32)
     mean_u1, mean_sq = mean @ rotation, mean @ mean
-    projected = np.empty((len(queries), rotation.shape[1] + 1), dtype=np.float32)
-    shift = np.empty(len(queries), dtype=np.float32)
     for rows in _row_blocks(len(queries)):
         q = queries[rows]
         # float32 products (no float64 copy of the queries): their rounding
@@ -300,15 +379,13 @@ def query_bounds(bound: dict, queries: np.ndarray, l2: bool) -> tuple:
         if l2:
             total = q_sq - 2.0 * q_mean + mean_sq
             p1 -= mean_u1
-            offset = total - q_sq
+            c_q = total - q_sq
         else:
             total = q_sq
-            offset = -q_mean
+            c_q = -q_mean
         head = np.einsum("ij,ij->i", p1, p1)
         projected[rows, :-1] = p1
         projected[rows, -1] = np.sqrt(
             np.clip(total - head, 0.0, None) + 1e-6 * (total + 1.0)
         )
-        margin = _RTOL * (q_sq + total + bound["max_sqnorm"]) + 1e-30
-        shift[rows] = margin - offset
-    return projected, bound["vectors"], bound["sqnorms"], shift
+        yield rows, q_sq + total, c_q

@@ -89,6 +89,30 @@ def test_uint8_encoding_is_numpys_rounding_and_counts_clipped_rows():
     np.testing.assert_array_equal(half.encode(row)[0], [[0, 2, 2, 254]])
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_uint8_range_is_numpys_over_all_rows(n_threads):
+    # Enough rows for two threads; integer features, fractional ones, one
+    # feature fractional in a single row of the last block only.
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((70_001, 9)) * 30).astype(np.float32)
+    X[:, :5] = np.rint(X[:, :5])
+    X[-1, 4] += 0.5
+    sq = ScalarQuantizer.train(X, "uint8", n_threads)
+    span = X.max(axis=0).astype(np.float64) - X.min(axis=0)
+    integral = (X == np.rint(X)).all(axis=0)
+    np.testing.assert_array_equal(sq.offset, X.min(axis=0))
+    exact = integral & (span <= 255)
+    np.testing.assert_array_equal(
+        sq.scale, np.where(exact, 1.0, span / 255).astype(np.float32)
+    )
+    assert integral.tolist() == [True] * 4 + [False] * 5
+    codes, clipped = sq.encode(X, n_threads)
+    np.testing.assert_array_equal(codes, sq.encode(X)[0])
+    assert clipped == 0
+    empty = ScalarQuantizer.train(np.empty((0, 3), np.float32), "uint8", n_threads)
+    np.testing.assert_array_equal(empty.offset, 0.0)
+
+
 def test_float16_overflow_is_refused():
     sq = ScalarQuantizer.train(np.ones((3, 2), np.float32), "float16")
     with pytest.raises(ValueError, match="vector_dtype='float16' holds magnitudes"):

@@ -4,6 +4,7 @@ from sklearn.cluster import KMeans
 from sklearn.cluster._kmeans import _tolerance as sklearn_tolerance
 from sklearn.datasets import make_blobs
 
+from annlearn import _clustering
 from annlearn._clustering import _initial_centers, _tolerance, train_kmeans
 from annlearn._kmeans import centre_sums
 
@@ -125,3 +126,76 @@ def test_train_kmeans_verbose(capsys):
     X = _blobs(300, n_features=4, centers=3)
     train_kmeans(X, 3, random_state=0, verbose=1, name="coarse")
     assert "[coarse] iteration 1: inertia" in capsys.readouterr().out
+
+
+def _low_rank(n, n_features=64, rank=6, seed=0):
+    """Clustered rows whose variance sits in ``rank`` directions, plus a
+    little isotropic noise: the spectrum the principal-component bound
+    prunes well on."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((n_features, rank)))[0]
+    centres = rng.standard_normal((40, rank)) * 10
+    coords = centres[rng.integers(0, 40, n)] + rng.standard_normal((n, rank))
+    noise = rng.standard_normal((n, n_features)) * 0.1
+    return (coords @ basis.T + noise + 3.0).astype(np.float32)
+
+
+def _assert_nearest(X, centers, distances, labels, rtol):
+    """``labels`` are nearest centres in float64 (ties within ``rtol`` of
+    the squared norms, the flat kernel's float32 rounding), ``distances``
+    their squared distances."""
+    X64, C64 = X.astype(np.float64), centers.astype(np.float64)
+    x_sq, c_sq = (X64**2).sum(1), (C64**2).sum(1)
+    exact = x_sq[:, None] - 2.0 * X64 @ C64.T + c_sq[None, :]
+    scale = x_sq + c_sq.max()
+    got = exact[np.arange(len(X)), labels]
+    assert np.all(got - exact.min(axis=1) <= rtol * scale)
+    np.testing.assert_allclose(distances, got, rtol=1e-4, atol=rtol * scale.max())
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_assignments_through_the_bound_are_nearest_centres(n_threads):
+    # Forced on, every assignment is to a nearest centre (by float64
+    # distances: the bound's survivors are scored exactly, brute force ranks
+    # by the GEMM's ||x||^2 - 2<x, c> + ||c||^2, which rounds near ties), and
+    # a training ends as close to brute force's as two Lloyd runs can.
+    X = _low_rank(3000)
+    centers = _initial_centers(X, 50, np.random.RandomState(1))
+    nearest = _clustering._NearestCentre(X, 20, n_threads, True)
+    for _ in range(4):
+        distances, labels = nearest(centers)
+        assert nearest.bound is not None
+        _assert_nearest(X, centers, distances, labels, 1e-6)
+        sums, counts = centre_sums(X, labels, 50, 1)
+        centers = np.where(
+            counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers
+        )
+        centers = centers.astype(np.float32)
+    kw = dict(max_iter=30, random_state=1, n_threads=n_threads)
+    _, inertia0, _ = train_kmeans(X, 50, pca_bound=False, **kw)
+    _, inertia1, _ = train_kmeans(X, 50, pca_bound=True, **kw)
+    np.testing.assert_allclose(inertia1, inertia0, rtol=1e-3)
+
+
+def test_bound_chosen_by_cost_from_the_second_assignment():
+    # Low-rank rows: kept from the second assignment on; isotropic rows
+    # (a flat spectrum): never; too few rows: never tried. 256 features: on
+    # a few dozen, each pair's own cost leaves the bound little to save; 256
+    # centres, as many as the coarse quantizer has by default.
+    rng = np.random.default_rng(0)
+    n = _clustering._MIN_BOUND_ROWS
+    cases = [
+        (_low_rank(n, 256), True),
+        (rng.standard_normal((n, 256)).astype(np.float32), False),
+        (_low_rank(n - 1, 256), False),
+    ]
+    for X, kept in cases:
+        init = _initial_centers(X, 256, np.random.RandomState(0))
+        nearest = _clustering._NearestCentre(X, 10, 1, None)
+        labels = nearest(init)[1]
+        assert nearest.bound is None
+        sums, counts = centre_sums(X, labels, 256, 1)
+        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        distances, labels = nearest(means)
+        assert (nearest.bound is not None) == kept
+        _assert_nearest(X[::8], means, distances[::8], labels[::8], 1e-6)

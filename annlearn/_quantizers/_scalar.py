@@ -60,20 +60,15 @@ class ScalarQuantizer:
         self.scale = scale
 
     @classmethod
-    def train(cls, X: np.ndarray, dtype: str) -> ScalarQuantizer:
+    def train(cls, X: np.ndarray, dtype: str, n_threads: int = 1) -> ScalarQuantizer:
         """The quantizer for rows like X (float32): for ``"uint8"``, the
-        range of every feature over all of X; nothing to learn otherwise."""
+        range of every feature over all of X (one pass on ``n_threads``
+        threads); nothing to learn otherwise."""
         if dtype != "uint8":
             return cls(dtype)
-        d = X.shape[1]
-        low = np.full(d, np.inf, dtype=np.float32)
-        high = np.full(d, -np.inf, dtype=np.float32)
-        integral = np.ones(d, dtype=bool)
-        for rows in _row_blocks(len(X)):
-            block = X[rows]
-            np.minimum(low, block.min(axis=0, initial=np.inf), out=low)
-            np.maximum(high, block.max(axis=0, initial=-np.inf), out=high)
-            integral &= (block == np.rint(block)).all(axis=0)
+        low, high, integral = _ivf.sq8_range(
+            np.ascontiguousarray(X, dtype=np.float32), n_threads
+        )
         if not len(X):
             low[:], high[:] = 0.0, 0.0
         span = high.astype(np.float64) - low
@@ -106,9 +101,10 @@ class ScalarQuantizer:
             return "uint8 (scalar-quantized) vectors"
         return f"{self.dtype} vectors"
 
-    def encode(self, X: np.ndarray) -> tuple[np.ndarray, int]:
+    def encode(self, X: np.ndarray, n_threads: int = 1) -> tuple[np.ndarray, int]:
         """The stored form of float32 rows X and the number of rows with a
-        value clipped to the range of ``"uint8"`` (0 for the float storages).
+        value clipped to the range of ``"uint8"`` (0 for the float storages),
+        ``"uint8"`` on ``n_threads`` threads.
 
         Raises ValueError if ``"float16"`` cannot hold a value of X.
         """
@@ -123,17 +119,21 @@ class ScalarQuantizer:
                     f"{largest:g}. Use vector_dtype='float32' or 'uint8'."
                 )
             return X.astype(np.float16), 0
-        # rint((x - offset) / scale), exact for the unit-step features; one
-        # pass on one thread (the callers pass no n_jobs).
+        # rint((x - offset) / scale), exact for the unit-step features.
         codes, clipped = _ivf.sq8_encode(
-            np.ascontiguousarray(X, dtype=np.float32), self.offset, self.scale, 1
+            np.ascontiguousarray(X, dtype=np.float32),
+            self.offset,
+            self.scale,
+            n_threads,
         )
         return codes, int(clipped)
 
-    def encode_added(self, X: np.ndarray, owner: str, copy: str) -> np.ndarray:
+    def encode_added(
+        self, X: np.ndarray, owner: str, copy: str, n_threads: int = 1
+    ) -> np.ndarray:
         """``encode`` for the rows that ``owner.add`` brings, with a
         UserWarning when uint8 clips some (``copy`` names the store)."""
-        stored, clipped = self.encode(X)
+        stored, clipped = self.encode(X, n_threads)
         if clipped:
             warnings.warn(
                 f"{owner}.add: {clipped} of {len(X)} vectors have values "
