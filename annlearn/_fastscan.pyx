@@ -686,6 +686,7 @@ def ivf_fastscan_queries(
     isa=None,
     collector=None,
     allowed=None,
+    bound=None,
 ):
     """:func:`ivf_tables` then :func:`ivf_fastscan`, one query at a time.
 
@@ -693,18 +694,32 @@ def ivf_fastscan_queries(
     scans them at once: the tables (``nprobe * M * 16`` bytes a query) stay
     in cache and are never held for every query. The tables, and so the
     results, are those of the two calls. Parameters as :func:`ivf_tables`
-    (``Q`` to ``inner_product``) and :func:`ivf_fastscan` (the rest).
+    (``Q`` to ``inner_product``) and :func:`ivf_fastscan` (the rest), and:
+
+    bound : ndarray of shape (n_queries,), float32, default=None
+        Each query's scan starts as if its k best so far were all at this
+        distance: only rows at most that far are candidates (a row at
+        exactly ``bound`` is one), so that a list scanned after another part
+        of the index gave its k-th best keeps the rows that can still
+        enter, at the cost of a scan and few heap operations. Slots nothing
+        filled are (+inf, -1). None: +inf (every row).
 
     Returns
     -------
     distances, positions : as :func:`ivf_fastscan` returns them.
     """
     _check_table_inputs(Q, codebooks_t, term2, probe_cells, probe_base)
+    if bound is not None:
+        bound = np.ascontiguousarray(bound, dtype=np.float32)
+        if bound.shape != (probe_cells.shape[0],) or np.isnan(bound).any():
+            raise ValueError(
+                f"Expected bound of shape ({probe_cells.shape[0]},), no NaN."
+            )
     return _scan_lists(
         True, np.empty((0, 0, 0, 16), dtype=np.uint8), np.empty((0, 0), np.float32),
         np.empty((0, 0), np.float32), Q, codebooks_t, term2, probe_base,
         inner_product, probe_cells, packed, block_offsets, list_offsets, k,
-        n_threads, isa, collector, allowed,
+        n_threads, isa, collector, allowed, bound,
     )
 
 
@@ -727,10 +742,12 @@ def _scan_lists(
     isa,
     collector,
     allowed,
+    bound=None,
 ):
     """Both scans, inputs checked: with ``fused``, each query's tables built
     from (Q, codebooks_t, term2, probe_base) into the thread's buffer, else
-    read from (qtables, scale, bias)."""
+    read from (qtables, scale, bias); each query's scan from its ``bound``
+    (float32, checked) or +inf."""
     cdef int isa_ = _resolve_isa(isa)
     cdef bint use_heap = _use_heap(collector, k)
     cdef intp_t n_queries = probe_cells.shape[0], nprobe = probe_cells.shape[1]
@@ -743,6 +760,10 @@ def _scan_lists(
     cdef bint filtered = allowed is not None
     if filtered:
         allow = allowed
+    cdef const float32_t[::1] start
+    cdef bint bounded = bound is not None
+    if bounded:
+        start = bound
 
     distances_arr = np.empty((n_queries, k), dtype=np.float32)
     positions_arr = np.empty((n_queries, k), dtype=np.int64)
@@ -852,8 +873,8 @@ def _scan_lists(
                 qbias if fused else &bias[q, 0],
                 &probe_cells[q, 0], nprobe, M, n_pairs, codes, &block_offsets[0],
                 &list_offsets[0], allow0 + q * allow_stride if filtered else NULL,
-                k, capacity, &distances[q, 0], &positions[q, 0], image, sums,
-                kept_d, kept_i, tie_d, tie_i, scratch,
+                k, capacity, start[q] if bounded else INFINITY, &distances[q, 0],
+                &positions[q, 0], image, sums, kept_d, kept_i, tie_d, tie_i, scratch,
             ):
                 overflow_ptr[0] = 1
         free(image)
@@ -949,6 +970,7 @@ cdef int _scan_query(
     const uint32_t* allowed,
     intp_t k,
     intp_t capacity,
+    float32_t start,
     float32_t* out_d,
     id_t* out_i,
     uint8_t* image,
@@ -962,16 +984,19 @@ cdef int _scan_query(
     """One query's k best over its probed lists into ``out_d``/``out_i``
     (probe p's tables at ``qtables + p * table_stride``, M x 16: a stride
     of 0 when every probe has the same; its scale and bias per probe), with
-    the
-    thread's buffers; 1 if a table can overflow the uint16 sums, else 0."""
+    the thread's buffers, from a k-th best of ``start`` (+inf: none); 1 if
+    a table can overflow the uint16 sums, else 0."""
     cdef intp_t p, r, b, b_first, b_end, n_kept = 0, rows_last
     cdef id_t cell, row0, worst_position = INT64_MAX
-    cdef float32_t bias_qp, scale_qp, dist, worst = INFINITY
+    cdef float32_t bias_qp, scale_qp, dist, worst = start
     cdef uint32_t mask, last_mask
     cdef int threshold, lane, largest, changed, overflow = 0
     cdef intp_t imaged = -1  # offset of the table the image holds
     if use_heap:
+        # Empty entries at ``start``: a row ranks before them from there.
         heap_init(out_d, out_i, k)
+        for r in range(k):
+            out_d[r] = start
     for p in range(nprobe):
         cell = cells[p]
         if cell < 0:
@@ -1035,6 +1060,7 @@ cdef int _scan_query(
         heap_sort(out_d, out_i, k)
         for r in range(k):
             if out_i[r] == INT64_MAX:
+                out_d[r] = INFINITY
                 out_i[r] = -1
     else:
         if n_kept > k:

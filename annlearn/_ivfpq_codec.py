@@ -441,12 +441,15 @@ class IVFPQCodec:
         n_scan: int,
         n_threads: int,
         allowed=None,
+        bound=None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``n_scan`` best rows of ``lists`` in the given cells of each
         query (``probe``'s), by code distance in scan units (``||x - y||^2``
         or ``-<x, y>``, see ``to_metric``); empty slots are (+inf, -1).
         ``allowed`` (an ``annlearn._filter`` filter over the rows of
-        ``lists``): disallowed rows are never scored.
+        ``lists``): disallowed rows are never scored. ``bound`` (one float32
+        per query, 4-bit codes only): only rows at most that far are
+        candidates (``_fastscan.ivf_fastscan_queries``).
 
         Returns
         -------
@@ -461,8 +464,10 @@ class IVFPQCodec:
                 n_slots = 32 * len(lists.packed_codes()[0])
                 slots = allowed.slot_bitmap(lists.fastscan_slots(), n_slots)
             return self._fast_scan(
-                lists, X, cells, base, *tables, n_scan, n_threads, slots
+                lists, X, cells, base, *tables, n_scan, n_threads, slots, bound
             )
+        if bound is not None:
+            raise ValueError("Only the 4-bit scan starts from a bound.")
         bitmap = None if allowed is None else allowed.bitmap()
         return _ivf.ivfpq_scan(
             X,
@@ -504,6 +509,7 @@ class IVFPQCodec:
         n_scan: int,
         n_threads,
         allowed=None,
+        bound=None,
     ):
         """The 4-bit scan (``annlearn/_fastscan.h``): each query's tables
         quantized to uint8 and scanned at once, codes read 32 rows at a
@@ -522,6 +528,7 @@ class IVFPQCodec:
             n_scan,
             n_threads,
             allowed=allowed,
+            bound=bound,
         )
 
     def _scan_inputs(self, lists: InvertedLists, X: np.ndarray, nprobe: int, n_threads):

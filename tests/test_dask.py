@@ -170,6 +170,65 @@ def test_ivfpq_ties_are_ranked_as_one_index_ranks_them(client):
         assert_same(index.kneighbors(Q), local.kneighbors(Q))
 
 
+@pytest.mark.parametrize("n_shards", [2, 3])
+@pytest.mark.parametrize("refine_factor", [None, 4])
+@pytest.mark.parametrize("ties", [False, True])
+def test_ivfpq_two_passes_equal_one_index(data, n_shards, refine_factor, ties):
+    """The shards' two passes and the merge, run in this process: each
+    query's leader scans it in full, the other shards from the leader's
+    bound (4-bit codes), a query on two shards is answered by the second,
+    one on three by the merge; the answers are one index's, ties included
+    (small integers: equal codes and equal exact distances)."""
+    import copy
+
+    from annlearn.dask import _shards
+    from annlearn.dask._cluster import assign_cells
+
+    X, Q = data
+    if ties:
+        rng = np.random.default_rng(1)
+        X = rng.integers(0, 3, size=(4000, 32)).astype(np.float32)
+        X, Q = np.concatenate([X, X[:1000]]), X[:300] + 1
+    local = ivfpq(n_neighbors=10, nbits=4, nprobe=8, refine_factor=refine_factor)
+    local.fit(X)
+    template = copy.deepcopy(local).remove(local._store.ids)
+    part = _shards.encode_part(template, X, np.arange(len(X)))
+    counts = _shards.cell_counts(part, local.nlist)
+    owner = assign_cells(counts, n_shards, local.cluster_centers_).astype(np.int32)
+    shards = [
+        _shards.assemble_shard(template, piece)
+        for piece in _shards.split_part(part, owner, n_shards)
+    ]
+    router = _shards.CellRouter(8, 10, counts, owner, 1)
+    P = template._prepare_queries(Q)
+    probes = [
+        _shards.route(router, template, P, 0, 100),
+        _shards.route(router, template, P, 100, len(P)),
+    ]
+    n_candidates = 10 * (refine_factor or 1)
+    args = (10, n_candidates, refine_factor is not None, 1)
+    firsts = [
+        _shards.search_ivfpq(sh, P, probes, n, *args) for n, sh in enumerate(shards)
+    ]
+    leads = [first[1] for first in firsts]
+    rests = [
+        _shards.search_ivfpq_rest(sh, P, probes, n, leads, *args)
+        for n, sh in enumerate(shards)
+    ]
+    merged = _shards.merge_ivfpq(
+        [first[0] for first in firsts] + rests,
+        10,
+        n_candidates,
+        local.effective_metric_,
+    )
+    assert_same(merged, local.kneighbors(Q))
+    # The paths taken: queries answered by a second pass, and on three
+    # shards by the merge (own queries are few here: probes spread).
+    assert sum(len(rest[1][0]) for rest in rests) > 0
+    wide = sum(len(first[0][2][0]) for first in firsts)
+    assert (wide > 0) == (n_shards == 3)
+
+
 def test_ivfpq_widens_nprobe_over_the_whole_index(client, data):
     X, Q = data
     # 32 cells of ~190 rows, 400 neighbours from 1 probed cell: every query

@@ -589,6 +589,56 @@ def test_ivf_fastscan_queries_equal_tables_then_scan(
         assert (expected[1] == -1).any()
 
 
+@pytest.mark.parametrize("n_tables", [0, 5])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("collector", ["heap", "buffer"])
+@pytest.mark.parametrize("k", [1, 10, 60])
+def test_ivf_fastscan_queries_bound(rng, n_tables, isa, collector, k):
+    """From a bound, a query's candidates are the rows at most that far,
+    those of a scan without one (ties at the bound included), k at most;
+    the buffer may keep rows a little past it. +inf is no bound."""
+    tables, lists, _ = _fused_problem(rng, n_tables)
+    full_d, full_p = ivf_fastscan_queries(
+        *tables, False, *lists, 200, 1, isa, collector
+    )
+    n_queries = len(full_d)
+    # Bounds at a rank of the full answer (ties there on repeated codes),
+    # between two distances, below every row, +inf, and the empty query's.
+    pick = rng.integers(0, 12, n_queries)
+    bound = full_d[np.arange(n_queries), pick].copy()
+    bound[1::5] = np.nextafter(bound[1::5], -np.inf)
+    bound[2::5] = full_d[2::5, 0] - 1.0
+    bound[3::5] = np.inf
+    for n_threads in (1, 2):
+        d, p = ivf_fastscan_queries(
+            *tables, False, *lists, k, n_threads, isa, collector, bound=bound
+        )
+        for q in range(n_queries):
+            within = full_d[q] <= bound[q]
+            n = min(int(within.sum()), k)
+            np.testing.assert_array_equal(d[q, :n], full_d[q, :n])
+            if collector == "heap":
+                np.testing.assert_array_equal(p[q, :n], full_p[q, :n])
+                assert np.isinf(d[q, n:]).all() and (p[q, n:] == -1).all()
+            else:
+                # Equal distances may come in another order of rows.
+                assert set(p[q, :n]) <= set(full_p[q][full_d[q] == d[q, n - 1]]) | set(
+                    full_p[q, :n]
+                )
+                assert (d[q, n:] > bound[q]).all() or n == k
+    assert (bound[3::5] == np.inf).all()
+    unbounded = ivf_fastscan_queries(*tables, False, *lists, k, 1, isa, collector)
+    got = ivf_fastscan_queries(
+        *tables, False, *lists, k, 1, isa, collector, bound=np.full(n_queries, np.inf)
+    )
+    np.testing.assert_array_equal(got[0], unbounded[0])
+    np.testing.assert_array_equal(got[1], unbounded[1])
+    with pytest.raises(ValueError, match="Expected bound of shape"):
+        ivf_fastscan_queries(*tables, False, *lists, k, 1, bound=bound[:-1])
+    with pytest.raises(ValueError, match="Expected bound of shape"):
+        ivf_fastscan_queries(*tables, False, *lists, k, 1, bound=bound + np.nan)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_ivf_fastscan_queries_filter(rng, shared):
     from annlearn._filter import FilterBlock

@@ -28,6 +28,7 @@ A concrete estimator implements these hooks:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,6 +102,12 @@ class SearchPlan:
     ``_shards.route(router, shard, block, start, stop)`` -> probes of rows
     ``start:stop``, and each shard's search is ``search(shard, block,
     probes, shard_number, *search_args)`` with the list of the pieces'.
+    With a ``rest``, ``search`` returns a pair ``(for_merge, for_rest)``
+    and each shard then searches again, ``rest(shard, block, probes,
+    shard_number, leads, *search_args)``, where ``leads`` lists every
+    shard's ``for_rest`` (taken apart on the worker holding it, so that each
+    half goes only where it is needed); the merge takes the ``for_merge``
+    halves then the second answers.
     """
 
     search: Callable
@@ -108,6 +115,7 @@ class SearchPlan:
     merge: Callable
     merge_args: tuple = ()
     router: Callable | None = None
+    rest: Callable | None = None
 
 
 class ShardedNeighborsBase(BaseEstimator):
@@ -553,6 +561,11 @@ default=None
                     (shard, block, probes, number)
                     for number, shard in enumerate(shards)
                 ]
+            searched = [
+                (head, worker)
+                for head, n, worker in zip(heads, index.sizes, placed, strict=True)
+                if n
+            ]
             parts = [
                 client.submit(
                     plan.search,
@@ -561,9 +574,29 @@ default=None
                     pure=False,
                     **_near(worker),
                 )
-                for head, n, worker in zip(heads, index.sizes, placed, strict=True)
-                if n
+                for head, worker in searched
             ]
+            if plan.rest is not None:
+                halves = [
+                    [
+                        client.submit(
+                            operator.getitem, part, half, pure=False, **_near(worker)
+                        )
+                        for part, (_, worker) in zip(parts, searched, strict=True)
+                    ]
+                    for half in (0, 1)
+                ]
+                parts = halves[0] + [
+                    client.submit(
+                        plan.rest,
+                        *head,
+                        halves[1],
+                        *plan.search_args,
+                        pure=False,
+                        **_near(worker),
+                    )
+                    for head, worker in searched
+                ]
             merged.append(
                 client.submit(plan.merge, parts, *plan.merge_args, pure=False)
             )
@@ -592,11 +625,21 @@ default=None
                 (shard, queries, probes, number)
                 for number, shard in enumerate(index.shards)
             ]
-        parts = [
-            dask.delayed(plan.search)(*head, *plan.search_args)
-            for head, n in zip(heads, index.sizes, strict=True)
-            if n
-        ]
+        heads = [head for head, n in zip(heads, index.sizes, strict=True) if n]
+        if plan.rest is None:
+            parts = [
+                dask.delayed(plan.search)(*head, *plan.search_args) for head in heads
+            ]
+        else:
+            firsts = [
+                dask.delayed(plan.search, nout=2)(*head, *plan.search_args)
+                for head in heads
+            ]
+            leads = [first[1] for first in firsts]
+            parts = [first[0] for first in firsts] + [
+                dask.delayed(plan.rest)(*head, leads, *plan.search_args)
+                for head in heads
+            ]
         return dask.delayed(plan.merge, nout=2)(parts, *plan.merge_args)
 
     def _router(self, index: ShardedIndex, plan):

@@ -333,6 +333,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             merge=_shards.merge_ivfpq,
             merge_args=(n_neighbors, n_candidates, index.template._codec.metric),
             router=router,
+            rest=_shards.search_ivfpq_rest,
         )
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):

@@ -54,6 +54,7 @@ __all__ = [
     "load_shard",
     "search_flat",
     "search_ivfpq",
+    "search_ivfpq_rest",
     "route",
     "route_pieces",
     "shard_info",
@@ -266,45 +267,170 @@ def search_ivfpq(
     refine: bool,
     n_jobs,
 ):
-    """IVF-PQ shard ``shard_no``'s answers for a block of prepared queries X
-    with their ``probes`` (``CellRouter``'s, as one tuple or a list of the
-    pieces of X routed apart, in row order).
+    """IVF-PQ shard ``shard_no``'s first pass over a block of prepared
+    queries X with their ``probes`` (``CellRouter``'s, as one tuple or a
+    list of the pieces of X routed apart, in row order): the queries it
+    *leads*, those whose nearest probed cell it holds.
 
-    The shard scans, for each query probing one of its cells, its probed
-    cells (with 4-bit codes all of the query's probed cells go to the scan,
-    which skips the other shards' cells, empty here, tables included: a
-    cell's quantized tables depend on that cell alone). A query whose
-    probed cells are all this shard's
+    The shard scans its probed cells for them (with 4-bit codes all of a
+    query's probed cells go to the scan, which skips the other shards'
+    cells, empty here, tables included: a cell's quantized tables depend on
+    that cell alone). A query whose probed cells are all this shard's
     (*own*) is answered here, as one index answers it: its
     ``n_candidates`` best rows by code distance, re-ranked by exact distance
-    when ``refine``. For the other queries (*shared*) the shard returns its
-    ``n_candidates`` best with their code distances and, when ``refine``,
-    their exact distances, so that the merge ranks the candidates of every
-    shard as one index ranks its own.
+    when ``refine``. For the other queries it leads (*shared*) the shard
+    keeps its ``n_candidates`` best with their code distances and, when
+    ``refine``, their exact distances, and the code distance of the last of
+    them, the *bound*: the other shards holding their probes
+    (:func:`search_ivfpq_rest`) need only the rows at most that far, as the
+    ``n_candidates`` best of one index are at most that far.
 
     One index ranks equal distances by row of its lists, i.e. by cell, then
     by insertion order within the cell; a shard's lists keep that order, and
-    shared candidates come back with their cells (int32) so that the merge
-    ranks ties by (cell, id), the same order for ids that increase with
-    insertion (the default ids).
+    candidates come with their cells (int32) so that the merge ranks ties
+    by (cell, id), the same order for ids that increase with insertion (the
+    default ids).
 
     Returns
     -------
-    (n_queries, own, shared), with ``own = (rows, distances, ids)`` of shape
-    (r, n_neighbors) and ``shared = (rows, code distances, exact distances
-    or None, ids, cells)`` of shape (s, n_candidates), distances in scan
-    units and ``rows`` indices into X.
+    (for_merge, for_rest): ``for_merge = (n_queries, own, wide, True)``,
+    ``own = (rows, distances, ids)`` of shape (r, n_neighbors) and ``wide``
+    the candidates of the shared queries probing three shards or more;
+    ``for_rest = (rows, bound, *candidates)`` of every shared query.
+    Candidates are ``(rows, code distances, exact distances or None, ids,
+    cells)`` of shape (s, n_candidates), distances in scan units, ``rows``
+    indices into X.
     """
-    if isinstance(probes, list):
-        probes = tuple(np.concatenate(column) for column in zip(*probes, strict=True))
-    cells, base, holder = probes
+    probes = _joined(probes)
+    holder = probes[2]
     mine = holder == shard_no
-    reached = mine.any(axis=1)
-    own = reached & (mine | (holder < 0)).all(axis=1)
+    leader = _leader(holder)
+    led = leader == shard_no
+    own = led & (mine | (holder < 0)).all(axis=1)
     # This shard's queries, its own ones first: one copy of X, and views of
     # it and of the scan's answers for each part.
-    rows = np.concatenate([np.flatnonzero(own), np.flatnonzero(reached & ~own)])
+    rows = np.concatenate([np.flatnonzero(own), np.flatnonzero(led & ~own)])
     n_own = int(np.count_nonzero(own))
+    X, dist, pos, width = _scan_rows(shard, X, probes, mine, rows, n_candidates, n_jobs)
+    lists, codec = shard._store, shard._codec
+    n_threads = effective_n_threads(n_jobs)
+    # Own queries: answered here, as one index answers them.
+    d, p, Xp = dist[:n_own], pos[:n_own], X[:n_own]
+    if refine and width and n_own:
+        d, p = lists.refine(
+            Xp, p, min(n_neighbors, width), codec.inner_product, n_threads
+        )
+    d, p = _widen(d[:, :n_neighbors], p[:, :n_neighbors], n_neighbors)
+    own_answers = (rows[:n_own], d, _ids_or_empty(lists, p))
+    # Shared queries: candidates, and the bound for the other shards (none
+    # when this shard cannot fill n_candidates).
+    d, p, shared_rows = dist[n_own:], pos[n_own:], rows[n_own:]
+    bound = (
+        d[:, n_candidates - 1]
+        if width == n_candidates
+        else np.full(len(d), np.inf, dtype=np.float32)
+    )
+    shared = _candidates(shard, X[n_own:], shared_rows, d, p, refine, n_threads)
+    wide = ~_two_shards(holder[shared_rows], leader[shared_rows], None)
+    for_merge = (len(holder), own_answers, _take(shared, wide), True)
+    return for_merge, (shared_rows, bound, *shared)
+
+
+def search_ivfpq_rest(
+    shard,
+    X: np.ndarray,
+    probes: tuple,
+    shard_no: int,
+    leads: list,
+    n_neighbors: int,
+    n_candidates: int,
+    refine: bool,
+    n_jobs,
+):
+    """IVF-PQ shard ``shard_no``'s second pass: the queries probing one of
+    its cells that another shard leads (see :func:`search_ivfpq`; ``leads``:
+    every shard's ``for_rest``), each scanned from its leader's bound, so
+    that only rows at most that far become candidates (8-bit codes scan
+    without it: every candidate; the merge ranks them the same). A query
+    whose probed cells are on its leader and this shard only is answered
+    here, from both shards' candidates, as one index answers it; the others'
+    candidates go to the merge.
+
+    Returns
+    -------
+    (n_queries, answers, candidates, False), ``answers = (rows, distances,
+    ids)`` and candidates as :func:`search_ivfpq`, at most as many per query
+    as its bound let through.
+    """
+    probes = _joined(probes)
+    holder = probes[2]
+    mine = holder == shard_no
+    leader = _leader(holder)
+    rows = np.flatnonzero(mine.any(axis=1) & (leader != shard_no))
+    start = np.full(len(holder), np.inf, dtype=np.float32)
+    for led_rows, bound, *_ in leads:
+        start[led_rows] = bound
+    X, dist, pos, _ = _scan_rows(
+        shard, X, probes, mine, rows, n_candidates, n_jobs, start[rows]
+    )
+    # As many columns as the query with the most candidates needs.
+    width = int((pos >= 0).sum(axis=1).max(initial=0))
+    dist = np.ascontiguousarray(dist[:, :width])
+    pos = np.ascontiguousarray(pos[:, :width])
+    n_threads = effective_n_threads(n_jobs)
+    found = _candidates(shard, X, rows, dist, pos, refine, n_threads)
+    # Queries on two shards, their leader and this one: answered here.
+    pair = _two_shards(holder[rows], leader[rows], shard_no)
+    final_rows = rows[pair]
+    d = np.full((len(final_rows), n_neighbors), np.inf, dtype=np.float32)
+    ids = np.full((len(final_rows), n_neighbors), -1, dtype=np.int64)
+    mine_found = _take(found, pair)
+    for led_rows, _, *led_found in leads:
+        at = np.isin(final_rows, led_rows)
+        if not at.any():
+            continue
+        group = _take(mine_found, at)
+        columns = [_rows_of(group[0], led_found[0], led_found[1:]), group[1:]]
+        d[at], ids[at] = _rank_shared(columns, n_neighbors, n_candidates)
+    return len(holder), (final_rows, d, ids), _take(found, ~pair), False
+
+
+def _two_shards(holder: np.ndarray, leader: np.ndarray, other) -> np.ndarray:
+    """Whether each query's probed cells are on its leader and at most one
+    other shard (``other``, or any one when None)."""
+    held = holder >= 0
+    if other is None:
+        # The other shard: any probed cell's that is not the leader's.
+        away = np.where(held & (holder != leader[:, None]), holder, -1)
+        other = away.max(axis=1)[:, None]
+    return (~held | (holder == leader[:, None]) | (holder == other)).all(axis=1)
+
+
+def _take(candidates: tuple, keep: np.ndarray) -> tuple:
+    """The candidates of the queries ``keep`` (a boolean mask)."""
+    return tuple(None if a is None else a[keep] for a in candidates)
+
+
+def _joined(probes) -> tuple:
+    """``CellRouter`` probes of a block, from its pieces if routed apart."""
+    if isinstance(probes, list):
+        return tuple(np.concatenate(column) for column in zip(*probes, strict=True))
+    return probes
+
+
+def _leader(holder: np.ndarray) -> np.ndarray:
+    """The shard holding each query's nearest probed cell that a shard
+    holds (probes come nearest first), -1 for a query with none."""
+    held = holder >= 0
+    first = np.argmax(held, axis=1)
+    return np.where(held.any(axis=1), holder[np.arange(len(holder)), first], -1)
+
+
+def _scan_rows(shard, X, probes, mine, rows, n_candidates, n_jobs, bound=None):
+    """The shard's scan of the queries ``rows`` of X: ``(X[rows], distances,
+    positions, width)``, ``width = min(n_candidates, rows of the shard)``
+    columns; each query from its ``bound`` (4-bit codes; None: +inf)."""
+    cells, base, _ = probes
     cells, base, mine = cells[rows], base[rows], mine[rows]
     lists, codec = shard._store, shard._codec
     if codec.pq.ksub != 16:
@@ -314,31 +440,28 @@ def search_ivfpq(
         mine = np.take_along_axis(mine, order, 1)
         cells = np.where(mine, np.take_along_axis(cells, order, 1), -1)
         base = np.ascontiguousarray(np.take_along_axis(base, order, 1))
+        bound = None
     X = X[rows]
-    n_threads = effective_n_threads(n_jobs)
     width = min(n_candidates, len(lists))
-    if width:
-        dist, pos = codec.scan_probed(lists, X, cells, base, width, n_threads)
-    else:
-        dist, pos = _empty(len(X))
-    # Own queries: answered here, as one index answers them.
-    d, p, Xp = dist[:n_own], pos[:n_own], X[:n_own]
-    if refine and width and n_own:
-        d, p = lists.refine(
-            Xp, p, min(n_neighbors, width), codec.inner_product, n_threads
-        )
-    d, p = _widen(d[:, :n_neighbors], p[:, :n_neighbors], n_neighbors)
-    answers = [(rows[:n_own], d, _ids_or_empty(lists, p))]
-    # Shared queries: candidates with their code and exact distances.
-    d, p, Xp = dist[n_own:], pos[n_own:], X[n_own:]
+    if not width:
+        return X, *_empty(len(X)), 0
+    dist, pos = codec.scan_probed(
+        lists, X, cells, base, width, effective_n_threads(n_jobs), bound=bound
+    )
+    return X, dist, pos, width
+
+
+def _candidates(shard, X, rows, dist, pos, refine: bool, n_threads: int) -> tuple:
+    """``(rows, code distances, exact distances or None, ids, cells)`` of
+    the candidates at ``pos`` (-1: empty) of the queries X."""
+    lists, codec = shard._store, shard._codec
     exact = None
     if refine:
-        exact = lists.exact_scores(Xp, p, codec.inner_product, n_threads)
-    found_cells = np.full(p.shape, -1, dtype=np.int32)
+        exact = lists.exact_scores(X, pos, codec.inner_product, n_threads)
+    found_cells = np.full(pos.shape, -1, dtype=np.int32)
     if len(lists):
-        np.copyto(found_cells, lists.cells_of(np.maximum(p, 0)), where=p >= 0)
-    answers.append((rows[n_own:], d, exact, _ids_or_empty(lists, p), found_cells))
-    return len(holder), answers[0], answers[1]
+        np.copyto(found_cells, lists.cells_of(np.maximum(pos, 0)), where=pos >= 0)
+    return rows, dist, exact, _ids_or_empty(lists, pos), found_cells
 
 
 def _ids_or_empty(lists, positions: np.ndarray) -> np.ndarray:
@@ -423,54 +546,74 @@ def merge_flat(parts, n_neighbors: int):
 
 def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
     """The ``n_neighbors`` best for a block, from every shard's
-    ``search_ivfpq`` answers: a query one shard answered alone takes its
-    answer; the candidates of a query shared by several shards are ranked
-    as ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
-    code distance, then (when refining) these by exact distance."""
+    ``search_ivfpq`` (its ``for_merge``) then ``search_ivfpq_rest`` answers:
+    a query a shard answered takes its answer; the candidates of a query
+    on three shards or more are ranked as ``IVFPQCodec.search`` ranks one
+    index's: the ``n_candidates`` best by code distance, then (when
+    refining) these by exact distance. The leader's candidates and the
+    others' within its bound hold these: every row of one index's
+    ``n_candidates`` best is at most as far as the leader's last."""
     n_queries = parts[0][0]
     dist = np.full((n_queries, n_neighbors), np.inf, dtype=np.float32)
     ids = np.full((n_queries, n_neighbors), -1, dtype=np.int64)
-    for _, (rows, d, i), _ in parts:
+    for part in parts:
+        rows, d, i = part[1]
         dist[rows], ids[rows] = d, i
-    shared = [part[2] for part in parts if len(part[2][0])]
-    if shared:
-        rows = np.unique(np.concatenate([piece[0] for piece in shared]))
-        # Every shard's candidates side by side, a column range per shard
-        # (empty slots where a shard has no candidates for a query).
-        bounds = np.cumsum([0] + [piece[1].shape[1] for piece in shared])
-        refined = shared[0][2] is not None
-        shape = (len(rows), bounds[-1])
-        code = np.full(shape, np.inf, dtype=np.float32)
-        exact = np.full(shape, np.inf, dtype=np.float32) if refined else None
-        found = np.full(shape, -1, dtype=np.int64)
-        cells = np.full(shape, -1, dtype=np.int32)
-        for (piece_rows, *arrays), start, stop in zip(
-            shared, bounds[:-1], bounds[1:], strict=True
-        ):
-            # Rows of the merge: all of them (a slice) when every query is
-            # shared by this shard, as on data whose probes spread widely.
-            at = (
-                slice(None)
-                if len(piece_rows) == len(rows)
-                else np.searchsorted(rows, piece_rows)
-            )
-            for whole, array in zip((code, exact, found, cells), arrays, strict=True):
-                if whole is not None:
-                    whole[at, start:stop] = array
-        keep = best_columns(code, found, cells, n_candidates)
-        found = np.take_along_axis(found, keep, 1)
-        best = np.take_along_axis(code, keep, 1)
-        if exact is not None:
-            cells = np.take_along_axis(cells, keep, 1)
-            best = np.take_along_axis(exact, keep, 1)
-            order = best_columns(best, found, cells, n_neighbors)
-            best = np.take_along_axis(best, order, 1)
-            found = np.take_along_axis(found, order, 1)
-        dist[rows], ids[rows] = _widen(
-            best[:, :n_neighbors], found[:, :n_neighbors], n_neighbors
-        )
+    # A leader's queries on three shards or more, with what every other
+    # shard found for them.
+    leaders = [part[2] for part in parts if part[3] and len(part[2][0])]
+    others = [part[2] for part in parts if not part[3] and len(part[2][0])]
+    for rows, *arrays in leaders:
+        columns = [arrays]
+        for piece_rows, *found in others:
+            columns.append(_rows_of(rows, piece_rows, found))
+        d, i = _rank_shared(columns, n_neighbors, n_candidates)
+        dist[rows], ids[rows] = d, i
     _check_complete(ids, n_neighbors)
     return scan_to_metric(dist, metric), ids
+
+
+def _rows_of(rows: np.ndarray, piece_rows: np.ndarray, arrays: list) -> list:
+    """A piece's candidate arrays for the queries ``rows`` (both sorted):
+    the same arrays when the piece holds exactly these queries (two shards:
+    the other shard's second pass), else empty slots where it has none."""
+    if len(piece_rows) == len(rows) and np.array_equal(piece_rows, rows):
+        return arrays
+    at = np.minimum(np.searchsorted(piece_rows, rows), max(len(piece_rows) - 1, 0))
+    held = np.flatnonzero(piece_rows[at] == rows) if len(piece_rows) else at[:0]
+    out = []
+    for array in arrays:
+        if array is None:
+            out.append(None)
+            continue
+        whole = np.full(
+            (len(rows), array.shape[1]),
+            -1 if array.dtype.kind == "i" else np.inf,
+            dtype=array.dtype,
+        )
+        whole[held] = array[at[held]]
+        out.append(whole)
+    return out
+
+
+def _rank_shared(columns: list, n_neighbors: int, n_candidates: int):
+    """The ``n_neighbors`` best (distances, ids) of queries whose candidates
+    are spread over ``columns`` (per shard: code distances, exact distances
+    or None, ids, cells; same rows), ranked as one index ranks them."""
+    code, exact, found, cells = (
+        None if column[0] is None else np.concatenate(column, axis=1)
+        for column in zip(*columns, strict=True)
+    )
+    keep = best_columns(code, found, cells, n_candidates)
+    found = np.take_along_axis(found, keep, 1)
+    best = np.take_along_axis(code, keep, 1)
+    if exact is not None:
+        cells = np.take_along_axis(cells, keep, 1)
+        best = np.take_along_axis(exact, keep, 1)
+        order = best_columns(best, found, cells, n_neighbors)
+        best = np.take_along_axis(best, order, 1)
+        found = np.take_along_axis(found, order, 1)
+    return _widen(best[:, :n_neighbors], found[:, :n_neighbors], n_neighbors)
 
 
 def drop_self(merged, self_ids: np.ndarray):
