@@ -205,27 +205,25 @@ def test_ivfpq_two_passes_equal_one_index(data, n_shards, refine_factor, ties):
         _shards.route(router, template, P, 0, 100),
         _shards.route(router, template, P, 100, len(P)),
     ]
+    # The block as the workers hold it: in its routed pieces.
+    pieces = [P[:100], P[100:]]
     n_candidates = 10 * (refine_factor or 1)
     args = (10, n_candidates, refine_factor is not None, 1)
     firsts = [
-        _shards.search_ivfpq(sh, P, probes, n, *args) for n, sh in enumerate(shards)
-    ]
-    leads = [first[1] for first in firsts]
-    rests = [
-        _shards.search_ivfpq_rest(sh, P, probes, n, leads, *args)
+        _shards.search_ivfpq(sh, pieces, probes, n, *args)
         for n, sh in enumerate(shards)
     ]
-    merged = _shards.merge_ivfpq(
-        [first[0] for first in firsts] + rests,
-        10,
-        n_candidates,
-        local.effective_metric_,
-    )
+    rests = [
+        _shards.search_ivfpq_rest(sh, pieces, probes, n, firsts, *args)
+        for n, sh in enumerate(shards)
+    ]
+    merged = _shards.merge_ivfpq(rests, 10, n_candidates, local.effective_metric_)
     assert_same(merged, local.kneighbors(Q))
     # The paths taken: queries answered by a second pass, and on three
     # shards by the merge (own queries are few here: probes spread).
-    assert sum(len(rest[1][0]) for rest in rests) > 0
-    wide = sum(len(first[0][2][0]) for first in firsts)
+    own = sum(len(first[1][0]) for first in firsts)
+    assert sum(len(rest[1][0]) for rest in rests) > own
+    wide = sum(len(first[2][0]) for first in firsts)
     assert (wide > 0) == (n_shards == 3)
 
 

@@ -28,7 +28,6 @@ A concrete estimator implements these hooks:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -102,12 +101,12 @@ class SearchPlan:
     ``_shards.route(router, shard, block, start, stop)`` -> probes of rows
     ``start:stop``, and each shard's search is ``search(shard, block,
     probes, shard_number, *search_args)`` with the list of the pieces'.
-    With a ``rest``, ``search`` returns a pair ``(for_merge, for_rest)``
-    and each shard then searches again, ``rest(shard, block, probes,
-    shard_number, leads, *search_args)``, where ``leads`` lists every
-    shard's ``for_rest`` (taken apart on the worker holding it, so that each
-    half goes only where it is needed); the merge takes the ``for_merge``
-    halves then the second answers.
+    With a ``rest``, each shard then searches again, ``rest(shard, block,
+    probes, shard_number, firsts, *search_args)``, ``firsts`` listing every
+    shard's first answer, and the merge takes these second answers only.
+    With ``merge_here``, numpy queries
+    are merged on the client (their parts being about the size of the
+    answer: one hop fewer); a lazy search always merges in a task.
     """
 
     search: Callable
@@ -116,6 +115,7 @@ class SearchPlan:
     merge_args: tuple = ()
     router: Callable | None = None
     rest: Callable | None = None
+    merge_here: bool = False
 
 
 class ShardedNeighborsBase(BaseEstimator):
@@ -499,6 +499,8 @@ default=None
         results = self._retried(
             index, shards, lambda: self._submit_blocks(index, Xq, shards, plan)
         )
+        if plan.merge_here:
+            results = [plan.merge(parts, *plan.merge_args) for parts in results]
         return (
             np.concatenate([d for d, _ in results]),
             np.concatenate([i for _, i in results]),
@@ -519,12 +521,15 @@ default=None
                     raise
 
     def _submit_blocks(self, index: ShardedIndex, Xq, shards, plan) -> list:
-        """The merge futures of every query block (see ``SearchPlan``).
+        """The merge futures of every query block (see ``SearchPlan``), or
+        with ``plan.merge_here`` the lists of its parts' futures.
 
         The blocks are scattered over the workers. With a router, every
-        worker holding a shard routes a piece of every block, so that the
-        client only schedules and the workers route, search and merge side
-        by side. Each search asks for the worker holding its shard.
+        worker holding a shard routes a piece of every block, sent to it
+        alone, so that the client only schedules and the workers route,
+        search and merge side by side, and a worker receives only the rows
+        of the other pieces its searches need. Each search asks for the
+        worker holding its shard.
         """
         client = index.client
         size = self.query_block_size
@@ -536,9 +541,12 @@ default=None
         on = dict(zip(placed, shards, strict=True))
         on.pop(None, None)
         workers = list(on)
-        blocks = client.scatter(pieces, hash=False)
+        if router is None:
+            blocks = client.scatter(pieces, hash=False)
+        else:
+            blocks = _send_pieces(client, pieces, workers)
         merged = []
-        for block, rows in zip(blocks, pieces, strict=True):
+        for block in blocks:
             if router is None:
                 heads = [(shard, block) for shard in shards]
             else:
@@ -547,18 +555,17 @@ default=None
                         _shards.route,
                         router,
                         on[workers[n]] if workers else index.template_future,
-                        block,
-                        start,
-                        stop,
+                        piece,
+                        0,
+                        n_rows,
                         pure=False,
                         **_near(workers[n] if workers else None),
                     )
-                    for n, (start, stop) in enumerate(
-                        _shards.route_pieces(len(rows), len(workers) or 1)
-                    )
+                    for n, (piece, n_rows) in enumerate(block)
                 ]
+                block_pieces = [piece for piece, _ in block]
                 heads = [
-                    (shard, block, probes, number)
+                    (shard, block_pieces, probes, number)
                     for number, shard in enumerate(shards)
                 ]
             searched = [
@@ -577,29 +584,23 @@ default=None
                 for head, worker in searched
             ]
             if plan.rest is not None:
-                halves = [
-                    [
-                        client.submit(
-                            operator.getitem, part, half, pure=False, **_near(worker)
-                        )
-                        for part, (_, worker) in zip(parts, searched, strict=True)
-                    ]
-                    for half in (0, 1)
-                ]
-                parts = halves[0] + [
+                parts = [
                     client.submit(
                         plan.rest,
                         *head,
-                        halves[1],
+                        parts,
                         *plan.search_args,
                         pure=False,
                         **_near(worker),
                     )
                     for head, worker in searched
                 ]
-            merged.append(
-                client.submit(plan.merge, parts, *plan.merge_args, pure=False)
-            )
+            if plan.merge_here:
+                merged.append(parts)
+            else:
+                merged.append(
+                    client.submit(plan.merge, parts, *plan.merge_args, pure=False)
+                )
         return merged
 
     def _block_graph(self, index: ShardedIndex, plan, queries, n_rows: int, router):
@@ -626,18 +627,10 @@ default=None
                 for number, shard in enumerate(index.shards)
             ]
         heads = [head for head, n in zip(heads, index.sizes, strict=True) if n]
-        if plan.rest is None:
+        parts = [dask.delayed(plan.search)(*head, *plan.search_args) for head in heads]
+        if plan.rest is not None:
             parts = [
-                dask.delayed(plan.search)(*head, *plan.search_args) for head in heads
-            ]
-        else:
-            firsts = [
-                dask.delayed(plan.search, nout=2)(*head, *plan.search_args)
-                for head in heads
-            ]
-            leads = [first[1] for first in firsts]
-            parts = [first[0] for first in firsts] + [
-                dask.delayed(plan.rest)(*head, leads, *plan.search_args)
+                dask.delayed(plan.rest)(*head, parts, *plan.search_args)
                 for head in heads
             ]
         return dask.delayed(plan.merge, nout=2)(parts, *plan.merge_args)
@@ -885,6 +878,24 @@ def _send_rows(client, workers, X, ids, sent: list) -> tuple:
         )
         for future in scattered
     )
+
+
+def _send_pieces(client, blocks: list, workers: list) -> list:
+    """Each block of queries cut in ``route_pieces``, piece ``n`` scattered
+    to ``workers[n]`` (anywhere without workers): per block, a list of
+    ``(future, rows)``."""
+    cuts = [_shards.route_pieces(len(block), len(workers) or 1) for block in blocks]
+    sent = [[None] * len(cut) for cut in cuts]
+    for n in range(max(map(len, cuts), default=0)):
+        at = [(b, cut[n]) for b, cut in enumerate(cuts) if n < len(cut)]
+        futures = client.scatter(
+            [blocks[b][start:stop] for b, (start, stop) in at],
+            hash=False,
+            **({"workers": [workers[n]]} if workers else {}),
+        )
+        for (b, (start, stop)), future in zip(at, futures, strict=True):
+            sent[b][n] = (future, stop - start)
+    return sent
 
 
 def _near(worker) -> dict:

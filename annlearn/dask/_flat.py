@@ -49,10 +49,12 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
     n_shards : int, default=None
         Number of shards; ``None``: one per worker at ``fit``. Shards are
         placed on the workers in turn.
-    query_block_size : int, default=4096
+    query_block_size : int, default=16384
         Queries per task: each block costs one task per shard and one merge
-        task, about a millisecond of scheduling each, so blocks of thousands
-        of queries amortise it (see the user guide's Dask page).
+        task, about a millisecond of scheduling each (and for IVF-PQ a
+        routing task per worker and a second pass per shard), so blocks of
+        thousands of queries amortise it; every block already keeps every
+        worker busy (see the user guide's Dask page).
     n_jobs : int, default=None
         OpenMP threads of each shard's search, resolved on the worker:
         ``None`` honours the worker's ``OMP_NUM_THREADS`` (dask sets it to 1
@@ -123,7 +125,7 @@ class DaskFlatNeighbors(ShardedNeighborsBase):
         algorithm="auto",
         mode="distance",
         n_shards=None,
-        query_block_size=4096,
+        query_block_size=16384,
         n_jobs=None,
     ):
         self.n_neighbors = n_neighbors

@@ -57,7 +57,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         only rows that come to the client.
     n_shards : int, default=None
         Number of shards; ``None``: one per worker at ``fit``.
-    query_block_size : int, default=4096
+    query_block_size : int, default=16384
         Queries per task (see :class:`DaskFlatNeighbors`).
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and k-means.
@@ -151,7 +151,7 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
         mode="distance",
         max_train_samples=None,
         n_shards=None,
-        query_block_size=4096,
+        query_block_size=16384,
         random_state=None,
         n_jobs=None,
     ):
@@ -334,6 +334,9 @@ class DaskIVFPQNeighbors(ShardedNeighborsBase):
             merge_args=(n_neighbors, n_candidates, index.template._codec.metric),
             router=router,
             rest=_shards.search_ivfpq_rest,
+            # Answers come back, and candidates only of the queries on three
+            # shards or more: merged on the client.
+            merge_here=True,
         )
 
     def _exact_kneighbors(self, index: ShardedIndex, X: np.ndarray, k: int):

@@ -293,13 +293,12 @@ def search_ivfpq(
 
     Returns
     -------
-    (for_merge, for_rest): ``for_merge = (n_queries, own, wide, True)``,
-    ``own = (rows, distances, ids)`` of shape (r, n_neighbors) and ``wide``
-    the candidates of the shared queries probing three shards or more;
-    ``for_rest = (rows, bound, *candidates)`` of every shared query.
-    Candidates are ``(rows, code distances, exact distances or None, ids,
-    cells)`` of shape (s, n_candidates), distances in scan units, ``rows``
-    indices into X.
+    (shard_no, own, wide, for_rest): ``own = (rows, distances, ids)`` of
+    shape (r, n_neighbors), ``wide`` the candidates of the shared queries
+    probing three shards or more, and ``for_rest = (rows, bound,
+    *candidates)`` of every shared query. Candidates are ``(rows, code
+    distances, exact distances or None, ids, cells)`` of shape (s,
+    n_candidates), distances in scan units, ``rows`` indices into X.
     """
     probes = _joined(probes)
     holder = probes[2]
@@ -332,8 +331,7 @@ def search_ivfpq(
     )
     shared = _candidates(shard, X[n_own:], shared_rows, d, p, refine, n_threads)
     wide = ~_two_shards(holder[shared_rows], leader[shared_rows], None)
-    for_merge = (len(holder), own_answers, _take(shared, wide), True)
-    return for_merge, (shared_rows, bound, *shared)
+    return shard_no, own_answers, _take(shared, wide), (shared_rows, bound, *shared)
 
 
 def search_ivfpq_rest(
@@ -348,25 +346,31 @@ def search_ivfpq_rest(
     n_jobs,
 ):
     """IVF-PQ shard ``shard_no``'s second pass: the queries probing one of
-    its cells that another shard leads (see :func:`search_ivfpq`; ``leads``:
-    every shard's ``for_rest``), each scanned from its leader's bound, so
-    that only rows at most that far become candidates (8-bit codes scan
-    without it: every candidate; the merge ranks them the same). A query
-    whose probed cells are on its leader and this shard only is answered
-    here, from both shards' candidates, as one index answers it; the others'
-    candidates go to the merge.
+    its cells that another shard leads (``leads``: every shard's
+    :func:`search_ivfpq` answer, this shard's included, which is already
+    here), each scanned from its leader's bound, so that only rows at most
+    that far become candidates (8-bit codes scan without it: every
+    candidate; the merge ranks them the same). A query whose probed cells
+    are on its leader and this shard only is answered here, from both
+    shards' candidates, as one index answers it; the others' candidates go
+    to the merge, with this shard's first-pass answers.
 
     Returns
     -------
-    (n_queries, answers, candidates, False), ``answers = (rows, distances,
-    ids)`` and candidates as :func:`search_ivfpq`, at most as many per query
-    as its bound let through.
+    (n_queries, answers, led, found): ``answers = (rows, distances, ids)``
+    of this shard's own queries and of the queries answered here; ``led``
+    the candidates of the queries on three shards or more that it leads,
+    ``found`` those it found for the ones others lead (as
+    :func:`search_ivfpq`'s, ``found`` at most as many per query as the bound
+    let through).
     """
     probes = _joined(probes)
     holder = probes[2]
     mine = holder == shard_no
     leader = _leader(holder)
     rows = np.flatnonzero(mine.any(axis=1) & (leader != shard_no))
+    first = next(lead for lead in leads if lead[0] == shard_no)
+    leads = [lead[3] for lead in leads if lead[0] != shard_no]
     start = np.full(len(holder), np.inf, dtype=np.float32)
     for led_rows, bound, *_ in leads:
         start[led_rows] = bound
@@ -392,7 +396,13 @@ def search_ivfpq_rest(
         group = _take(mine_found, at)
         columns = [_rows_of(group[0], led_found[0], led_found[1:]), group[1:]]
         d[at], ids[at] = _rank_shared(columns, n_neighbors, n_candidates)
-    return len(holder), (final_rows, d, ids), _take(found, ~pair), False
+    own_rows, own_d, own_ids = first[1]
+    answers = (
+        np.concatenate([own_rows, final_rows]),
+        np.concatenate([own_d, d]),
+        np.concatenate([own_ids, ids]),
+    )
+    return len(holder), answers, first[2], _take(found, ~pair)
 
 
 def _two_shards(holder: np.ndarray, leader: np.ndarray, other) -> np.ndarray:
@@ -418,6 +428,20 @@ def _joined(probes) -> tuple:
     return probes
 
 
+def _gather_rows(X, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` of a block of queries, given whole or as the list of its
+    pieces (routed apart, in row order)."""
+    if not isinstance(X, list):
+        return X[rows]
+    starts = np.cumsum([0] + [len(piece) for piece in X])
+    out = np.empty((len(rows), X[0].shape[1]), dtype=X[0].dtype)
+    piece_of = np.searchsorted(starts, rows, side="right") - 1
+    for n, piece in enumerate(X):
+        at = np.flatnonzero(piece_of == n)
+        out[at] = piece[rows[at] - starts[n]]
+    return out
+
+
 def _leader(holder: np.ndarray) -> np.ndarray:
     """The shard holding each query's nearest probed cell that a shard
     holds (probes come nearest first), -1 for a query with none."""
@@ -441,7 +465,7 @@ def _scan_rows(shard, X, probes, mine, rows, n_candidates, n_jobs, bound=None):
         cells = np.where(mine, np.take_along_axis(cells, order, 1), -1)
         base = np.ascontiguousarray(np.take_along_axis(base, order, 1))
         bound = None
-    X = X[rows]
+    X = _gather_rows(X, rows)
     width = min(n_candidates, len(lists))
     if not width:
         return X, *_empty(len(X)), 0
@@ -546,13 +570,13 @@ def merge_flat(parts, n_neighbors: int):
 
 def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
     """The ``n_neighbors`` best for a block, from every shard's
-    ``search_ivfpq`` (its ``for_merge``) then ``search_ivfpq_rest`` answers:
-    a query a shard answered takes its answer; the candidates of a query
-    on three shards or more are ranked as ``IVFPQCodec.search`` ranks one
-    index's: the ``n_candidates`` best by code distance, then (when
-    refining) these by exact distance. The leader's candidates and the
-    others' within its bound hold these: every row of one index's
-    ``n_candidates`` best is at most as far as the leader's last."""
+    ``search_ivfpq_rest`` answer: a query a shard answered takes its
+    answer; the candidates of a query on three shards or more are ranked as
+    ``IVFPQCodec.search`` ranks one index's: the ``n_candidates`` best by
+    code distance, then (when refining) these by exact distance. The
+    leader's candidates and the others' within its bound hold these: every
+    row of one index's ``n_candidates`` best is at most as far as the
+    leader's last."""
     n_queries = parts[0][0]
     dist = np.full((n_queries, n_neighbors), np.inf, dtype=np.float32)
     ids = np.full((n_queries, n_neighbors), -1, dtype=np.int64)
@@ -561,8 +585,8 @@ def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
         dist[rows], ids[rows] = d, i
     # A leader's queries on three shards or more, with what every other
     # shard found for them.
-    leaders = [part[2] for part in parts if part[3] and len(part[2][0])]
-    others = [part[2] for part in parts if not part[3] and len(part[2][0])]
+    leaders = [part[2] for part in parts if len(part[2][0])]
+    others = [part[3] for part in parts if len(part[3][0])]
     for rows, *arrays in leaders:
         columns = [arrays]
         for piece_rows, *found in others:
