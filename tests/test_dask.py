@@ -227,6 +227,47 @@ def test_ivfpq_two_passes_equal_one_index(data, n_shards, refine_factor, ties):
     assert (wide > 0) == (n_shards == 3)
 
 
+def test_ivfpq_two_passes_with_an_empty_shard(data):
+    """A shard left without rows (its cells empty) is not searched, as the
+    client skips it: the queries whose nearest probed cells were its own are
+    led by the shard of their nearest non-empty cell."""
+    import copy
+
+    from annlearn.dask import _shards
+    from annlearn.dask._cluster import assign_cells
+
+    X, Q = data
+    local = ivfpq(n_neighbors=10, nbits=4, nprobe=8, refine_factor=4).fit(X)
+    template = copy.deepcopy(local).remove(local._store.ids)
+    part = _shards.encode_part(template, X, np.arange(len(X)))
+    counts = _shards.cell_counts(part, local.nlist)
+    owner = assign_cells(counts, 3, local.cluster_centers_).astype(np.int32)
+    shards = [
+        _shards.assemble_shard(template, piece)
+        for piece in _shards.split_part(part, owner, 3)
+    ]
+    gone = shards[1]._store.ids.copy()
+    local.remove(gone)
+    shards = [shards[0], shards[2]]
+    counts = np.where(owner == 1, 0, counts)
+    router = _shards.CellRouter(8, 10, counts, owner, 1)
+    P = template._prepare_queries(Q)
+    probes = _shards.route(router, template, P, 0, len(P))
+    assert (probes[2] != 1).all()
+    args = (10, 40, True, 1)
+    numbers = (0, 2)
+    firsts = [
+        _shards.search_ivfpq(sh, P, probes, n, *args)
+        for n, sh in zip(numbers, shards, strict=True)
+    ]
+    rests = [
+        _shards.search_ivfpq_rest(sh, P, probes, n, firsts, *args)
+        for n, sh in zip(numbers, shards, strict=True)
+    ]
+    merged = _shards.merge_ivfpq(rests, 10, 40, local.effective_metric_)
+    assert_same(merged, local.kneighbors(Q))
+
+
 def test_ivfpq_widens_nprobe_over_the_whole_index(client, data):
     X, Q = data
     # 32 cells of ~190 rows, 400 neighbours from 1 probed cell: every query

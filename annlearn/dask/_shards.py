@@ -197,7 +197,8 @@ class CellRouter:
 
     def __call__(self, template, X: np.ndarray) -> tuple:
         """``(cells, base, holder)``: the probed cells of each query of X
-        (-1: none), their term 1, and the shard holding each (-1: none)."""
+        (-1: none), their term 1, and the shard holding each (-1: none, or
+        an empty cell)."""
         cells, base = template._codec.probe(
             X,
             self.nprobe,
@@ -205,7 +206,10 @@ class CellRouter:
             n_neighbors=self.n_neighbors,
             cell_sizes=self.cell_sizes,
         )
-        holder = np.where(cells >= 0, self.cell_owner[cells], -1).astype(np.int32)
+        # An empty cell has nothing to scan: no shard takes its probe, so
+        # that a query's leader always holds some of its rows.
+        scanned = (cells >= 0) & (self.cell_sizes[cells] > 0)
+        holder = np.where(scanned, self.cell_owner[cells], -1).astype(np.int32)
         return cells, base, holder
 
 
