@@ -261,31 +261,22 @@ class _NearestCentre:
         :func:`annlearn._pca_bound.bound_costs`, X's projection shared by the
         iterations left), unless it is estimated to cost more than
         ``_pca_bound``'s ratio of brute force's and is not forced."""
-        X = self.X
-        sample, queries = _pca_bound.sample_rows(X, _BOUND_SAMPLE)
-        mean, axes = _pca_bound.principal_axes(sample)
-        dims = _pca_bound.candidate_dims(X.shape[1])
+        sample, queries = _pca_bound.sample_rows(self.X, _BOUND_SAMPLE)
         searches = max(self.max_iter - self.calls, 1)
-        costs = _pca_bound.bound_costs(
-            axes[:, : dims[-1]],
-            mean,
-            centers,
+        self.bound = _pca_bound.cheapest_axes(
+            sample,
             queries,
-            dims,
+            centers,
             len(centers) * searches,
             True,
+            self.force,
             k=1,
             cached=True,
         )
-        best = min(range(len(dims)), key=costs.__getitem__)
-        if not self.force and costs[best] > _pca_bound.MAX_COST_RATIO:
+        if self.bound is None:
             return
-        self.bound = {
-            "mean": mean,
-            "rotation": np.ascontiguousarray(axes[:, : dims[best]]),
-        }
         self.projected, self.scale, self.offset = _pca_bound.project_queries(
-            self.bound, X, True
+            self.bound, self.X, True
         )
 
 

@@ -35,9 +35,8 @@ __all__ = [
     "bound_costs",
     "database_bounds",
     "extend",
-    "candidate_dims",
+    "cheapest_axes",
     "fit_bound",
-    "principal_axes",
     "project_queries",
     "query_bounds",
     "query_shift",
@@ -68,7 +67,7 @@ _CACHED_EXACT_COST = 7.0
 # The bound is kept when its estimated cost is at most this share of brute
 # force's: the model errs by up to 0.2 either way, and a slower exact search
 # is the failure to avoid.
-MAX_COST_RATIO = 0.7
+_MAX_COST_RATIO = 0.7
 # Rows searched, the neighbours counted and the rows of a screening step in
 # the survivor count: the kernel's k-th best tightens as it scans, row
 # block after row block.
@@ -121,18 +120,36 @@ def fit_bound(
     if not force and (n < _MIN_SAMPLES or d < _MIN_FEATURES):
         return None
     sample, queries = sample_rows(vectors)
-    mean, axes = principal_axes(sample)
-    dims = candidate_dims(d)
-    costs = bound_costs(axes[:, : dims[-1]], mean, sample, queries, dims, n, l2)
-    best = min(range(len(dims)), key=costs.__getitem__)
-    if not force and costs[best] > MAX_COST_RATIO:
-        return None
-    bound = {
-        "mean": mean,
-        "rotation": np.ascontiguousarray(axes[:, : dims[best]]),
-    }
-    bound.update(database_bounds(bound, vectors, sqnorms))
+    bound = cheapest_axes(sample, queries, sample, n, l2, force)
+    if bound is not None:
+        bound.update(database_bounds(bound, vectors, sqnorms))
     return bound
+
+
+def cheapest_axes(
+    sample: np.ndarray,
+    queries: np.ndarray,
+    database: np.ndarray,
+    n_total: int,
+    l2: bool,
+    force: bool,
+    k: int | None = None,
+    cached: bool = False,
+) -> dict | None:
+    """``{"mean", "rotation"}`` on the cheapest number of ``sample``'s
+    principal axes for searching ``queries`` in ``database`` (see
+    :func:`bound_costs` for ``n_total``, ``l2``, ``k`` and ``cached``), or,
+    unless ``force``, None where that costs more than ``_MAX_COST_RATIO`` of
+    brute force."""
+    mean, axes = _principal_axes(sample)
+    dims = _candidate_dims(sample.shape[1])
+    costs = bound_costs(
+        axes[:, : dims[-1]], mean, database, queries, dims, n_total, l2, k, cached
+    )
+    best = min(range(len(dims)), key=costs.__getitem__)
+    if not force and costs[best] > _MAX_COST_RATIO:
+        return None
+    return {"mean": mean, "rotation": np.ascontiguousarray(axes[:, : dims[best]])}
 
 
 def sample_rows(
@@ -148,7 +165,7 @@ def sample_rows(
     return vectors[rows[:n_axes]], vectors[rows[n_axes:]]
 
 
-def principal_axes(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _principal_axes(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The mean (n_features,) and the principal axes (n_features, n_features),
     both float64, of the rows of ``sample``, axes by decreasing variance."""
     mean = sample.mean(axis=0, dtype=np.float64)
@@ -158,7 +175,7 @@ def principal_axes(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, eigenvectors[:, ::-1]
 
 
-def candidate_dims(n_features: int) -> list[int]:
+def _candidate_dims(n_features: int) -> list[int]:
     """The numbers of axes worth trying: at most a quarter of the features."""
     return [c for c in _CANDIDATE_DIMS if c <= n_features // 4] or [
         max(n_features // 4, 1)
