@@ -42,6 +42,7 @@ EXTENSIONS = [
     "annlearn._ivf",
     "annlearn._fastscan",
     "annlearn._merge",
+    "annlearn._utils._pool",
 ]
 
 OPENMP_TEST_PROGRAM = textwrap.dedent(

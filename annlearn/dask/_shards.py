@@ -18,6 +18,7 @@ worker with annlearn installed can run them.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
@@ -26,9 +27,10 @@ import numpy as np
 from annlearn._base import _drop_self
 from annlearn._filter import check_allowed
 from annlearn._ivfpq_codec import scan_to_metric
-from annlearn._merge import best_columns
+from annlearn._merge import best_columns, rank_candidates
 from annlearn._persistence import load, save
 from annlearn._threads import effective_n_threads
+from annlearn._utils._pool import pooled
 from annlearn._validation import validate_query_data
 from annlearn.dask._cluster import LOST_SHARD, ShardLostError
 
@@ -59,6 +61,21 @@ __all__ = [
     "route_pieces",
     "shard_info",
 ]
+
+
+def _pooled(task):
+    """``task`` with its numpy arrays allocated from the worker's buffer
+    pool (``annlearn._utils._pool``): a search task allocates the same large
+    temporaries on every call, which a dask worker (glibc's mmap threshold
+    frozen by dask's ``MALLOC_TRIM_THRESHOLD_``) would otherwise map and
+    page-fault afresh each time."""
+
+    @functools.wraps(task)
+    def run(*args, **kwargs):
+        with pooled():
+            return task(*args, **kwargs)
+
+    return run
 
 
 def take_sent(key):
@@ -213,6 +230,7 @@ class CellRouter:
         return cells, base, holder
 
 
+@_pooled
 def route(router: CellRouter, shard, X: np.ndarray, start: int, stop: int):
     """``router(shard, X[start:stop])`` as a task: a piece of a block's
     probes, computed on a worker (the client only schedules; the pieces of
@@ -242,6 +260,7 @@ def _empty(n_queries: int, width: int = 0):
     )
 
 
+@_pooled
 def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs, prepared=True):
     """A Flat shard's ``n_neighbors`` best (fewer if it holds fewer rows) for
     queries X, prepared by the template unless ``prepared`` is False (then
@@ -261,6 +280,7 @@ def search_flat(shard, X: np.ndarray, n_neighbors: int, n_jobs, prepared=True):
     return dist, shard._store.ids[positions]
 
 
+@_pooled
 def search_ivfpq(
     shard,
     X: np.ndarray,
@@ -338,6 +358,7 @@ def search_ivfpq(
     return shard_no, own_answers, _take(shared, wide), (shared_rows, bound, *shared)
 
 
+@_pooled
 def search_ivfpq_rest(
     shard,
     X: np.ndarray,
@@ -399,7 +420,7 @@ def search_ivfpq_rest(
             continue
         group = _take(mine_found, at)
         columns = [_rows_of(group[0], led_found[0], led_found[1:]), group[1:]]
-        d[at], ids[at] = _rank_shared(columns, n_neighbors, n_candidates)
+        d[at], ids[at] = rank_candidates(columns, n_candidates, n_neighbors)
     own_rows, own_d, own_ids = first[1]
     answers = (
         np.concatenate([own_rows, final_rows]),
@@ -422,6 +443,8 @@ def _two_shards(holder: np.ndarray, leader: np.ndarray, other) -> np.ndarray:
 
 def _take(candidates: tuple, keep: np.ndarray) -> tuple:
     """The candidates of the queries ``keep`` (a boolean mask)."""
+    if keep.all():
+        return candidates
     return tuple(None if a is None else a[keep] for a in candidates)
 
 
@@ -516,6 +539,7 @@ def count_allowed(shard, allowed, n_columns: int, n_queries: int) -> np.ndarray:
     return check_allowed(allowed, shard._store.ids, n_queries, n_columns).counts
 
 
+@_pooled
 def search_flat_allowed(
     shard, X: np.ndarray, allowed, n_columns: int, n_neighbors: int, n_jobs
 ):
@@ -595,7 +619,7 @@ def merge_ivfpq(parts, n_neighbors: int, n_candidates: int, metric: str):
         columns = [arrays]
         for piece_rows, *found in others:
             columns.append(_rows_of(rows, piece_rows, found))
-        d, i = _rank_shared(columns, n_neighbors, n_candidates)
+        d, i = rank_candidates(columns, n_candidates, n_neighbors)
         dist[rows], ids[rows] = d, i
     _check_complete(ids, n_neighbors)
     return scan_to_metric(dist, metric), ids
@@ -622,26 +646,6 @@ def _rows_of(rows: np.ndarray, piece_rows: np.ndarray, arrays: list) -> list:
         whole[held] = array[at[held]]
         out.append(whole)
     return out
-
-
-def _rank_shared(columns: list, n_neighbors: int, n_candidates: int):
-    """The ``n_neighbors`` best (distances, ids) of queries whose candidates
-    are spread over ``columns`` (per shard: code distances, exact distances
-    or None, ids, cells; same rows), ranked as one index ranks them."""
-    code, exact, found, cells = (
-        None if column[0] is None else np.concatenate(column, axis=1)
-        for column in zip(*columns, strict=True)
-    )
-    keep = best_columns(code, found, cells, n_candidates)
-    found = np.take_along_axis(found, keep, 1)
-    best = np.take_along_axis(code, keep, 1)
-    if exact is not None:
-        cells = np.take_along_axis(cells, keep, 1)
-        best = np.take_along_axis(exact, keep, 1)
-        order = best_columns(best, found, cells, n_neighbors)
-        best = np.take_along_axis(best, order, 1)
-        found = np.take_along_axis(found, order, 1)
-    return _widen(best[:, :n_neighbors], found[:, :n_neighbors], n_neighbors)
 
 
 def drop_self(merged, self_ids: np.ndarray):
