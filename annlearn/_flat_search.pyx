@@ -66,7 +66,7 @@ cimport cython
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdint cimport INT64_MAX, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free
 
 from annlearn._utils._blas cimport gemm_abt
 from annlearn._utils._packed_gemm cimport (
@@ -279,28 +279,46 @@ cdef void _scan_block(
         y0 = y1
 
 
-cdef float32_t* _alloc_packed(
-    intp_t rows, intp_t n_features, intp_t width, bint packed
-) noexcept nogil:
-    """A packing buffer for ``rows`` rows, or NULL when BLAS is used."""
-    if not packed:
+cdef struct Workspace:
+    # Every thread's GEMM buffers, slices of one numpy array: a task that
+    # allocates through annlearn._utils._pool (annlearn.dask) reuses them.
+    float32_t* base   # 64-byte aligned
+    intp_t stride     # floats per thread
+    intp_t packed_x   # offsets in a thread's slice, -1: BLAS, no packing
+    intp_t packed_y
+
+
+cdef inline intp_t _aligned(intp_t n_floats) noexcept nogil:
+    """``n_floats`` rounded up to 64 bytes."""
+    return (n_floats + 15) // 16 * 16
+
+
+cdef object _workspace(
+    Workspace* w, int n_threads, intp_t rows_x, intp_t rows_y, intp_t n_features,
+    bint packed,
+):
+    """Fill ``w`` for ``n_threads`` threads scanning blocks of ``rows_x`` x
+    ``rows_y``; returns the array that holds the buffers (keep it alive).
+    np.empty touches no page: each thread first-touches its own slice."""
+    cdef intp_t size = _aligned(rows_x * rows_y)
+    w.packed_x = w.packed_y = -1
+    if packed:
+        w.packed_x = size
+        size += _aligned(annlearn_packed_size(rows_x, n_features, annlearn_gemm_mr()))
+        w.packed_y = size
+        size += _aligned(annlearn_packed_size(rows_y, n_features, annlearn_gemm_nr()))
+    w.stride = size
+    array = np.empty(n_threads * size + 16, dtype=np.float32)
+    cdef float32_t[::1] view = array
+    w.base = <float32_t*>((<size_t>&view[0] + 63) & ~(<size_t>63))
+    return array
+
+
+cdef inline float32_t* _buffer(const Workspace* w, int thread, intp_t at) noexcept nogil:
+    """Thread ``thread``'s buffer at offset ``at`` of its slice (NULL for -1)."""
+    if at < 0:
         return NULL
-    return <float32_t*> malloc(
-        annlearn_packed_size(rows, n_features, width) * sizeof(float32_t))
-
-
-cdef inline bint _workspace_ok(
-    float32_t* buf, float32_t* packed_x, float32_t* packed_y, bint packed
-) noexcept nogil:
-    return buf != NULL and (not packed or (packed_x != NULL and packed_y != NULL))
-
-
-cdef void _free_workspace(
-    float32_t* buf, float32_t* packed_x, float32_t* packed_y
-) noexcept nogil:
-    free(buf)
-    free(packed_x)
-    free(packed_y)
+    return w.base + thread * w.stride + at
 
 
 cdef void _finalize_row(
@@ -628,20 +646,18 @@ cdef void _parallel_on_X(
     cdef float32_t* buf = NULL
     cdef float32_t* packed_x = NULL
     cdef float32_t* packed_y = NULL
-    cdef int failed = 0
-    cdef int* failed_ptr = &failed
     cdef int n_threads_used = <int>_imin(n_threads, n_chunks)
+    cdef int t
+    cdef Workspace w
+    held = _workspace(&w, n_threads_used, x_chunk, y_chunk, gd, packed)
     with nogil, parallel(num_threads=n_threads_used):
-        # Per-thread buffers, allocated inside the parallel region so that
-        # each thread first-touches its own pages. (Assigned here, not through
-        # a pointer: Cython makes variables assigned in the region private.)
-        buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, gd, annlearn_gemm_mr(), packed)
-        packed_y = _alloc_packed(y_chunk, gd, annlearn_gemm_nr(), packed)
+        # This thread's buffers. (Assigned here, not through a pointer:
+        # Cython makes variables assigned in the region private.)
+        t = omp_get_thread_num()
+        buf = _buffer(&w, t, 0)
+        packed_x = _buffer(&w, t, w.packed_x)
+        packed_y = _buffer(&w, t, w.packed_y)
         for chunk in prange(n_chunks, schedule="static"):
-            if not _workspace_ok(buf, packed_x, packed_y, packed):
-                failed_ptr[0] = 1
-                continue
             xs = chunk * x_chunk
             xe = _imin(xs + x_chunk, n_queries)
             for i in range(xs, xe):
@@ -653,9 +669,6 @@ cdef void _parallel_on_X(
             for i in range(xs, xe):
                 _finalize_row(&X[i, 0], &Y[0, 0], n_features, k,
                               &distances[i, 0], &indices[i, 0], metric)
-        _free_workspace(buf, packed_x, packed_y)
-    if failed:
-        _raise_memory_error()
 
 
 cdef void _parallel_on_Y(
@@ -680,8 +693,8 @@ cdef void _parallel_on_Y(
     cdef float32_t* buf = NULL
     cdef float32_t* packed_x = NULL
     cdef float32_t* packed_y = NULL
-    cdef int failed = 0
-    cdef int* failed_ptr = &failed
+    cdef int me
+    cdef Workspace w
     # Thread-local heaps for one block of x_chunk queries, not for every
     # query, so that they take n_threads * x_chunk * k entries however many
     # queries there are (the GEMM streams each thread's database range once
@@ -690,19 +703,17 @@ cdef void _parallel_on_Y(
         (n_threads_used, x_chunk, k), dtype=np.float32)
     cdef id_t[:, :, ::1] local_ids = np.empty(
         (n_threads_used, x_chunk, k), dtype=np.int64)
+    held = _workspace(&w, n_threads_used, x_chunk, y_chunk, gd, packed)
 
     with nogil, parallel(num_threads=n_threads_used):
-        # Per-thread buffers, allocated inside the parallel region so that
-        # each thread first-touches its own pages. (Assigned here, not through
-        # a pointer: Cython makes variables assigned in the region private.)
-        buf = <float32_t*> malloc(x_chunk * y_chunk * sizeof(float32_t))
-        packed_x = _alloc_packed(x_chunk, gd, annlearn_gemm_mr(), packed)
-        packed_y = _alloc_packed(y_chunk, gd, annlearn_gemm_nr(), packed)
+        # This thread's buffers. (Assigned here, not through a pointer:
+        # Cython makes variables assigned in the region private.)
+        me = omp_get_thread_num()
+        buf = _buffer(&w, me, 0)
+        packed_x = _buffer(&w, me, w.packed_x)
+        packed_y = _buffer(&w, me, w.packed_y)
         for block in range(n_blocks):
             for t in prange(n_threads_used, schedule="static", chunksize=1):
-                if not _workspace_ok(buf, packed_x, packed_y, packed):
-                    failed_ptr[0] = 1
-                    continue
                 ys = _imin(t * chunks_per_thread * y_chunk, n_database)
                 ye = _imin(ys + chunks_per_thread * y_chunk, n_database)
                 xs = block * x_chunk
@@ -721,8 +732,6 @@ cdef void _parallel_on_Y(
             for q in prange(block * x_chunk,
                             _imin((block + 1) * x_chunk, n_queries),
                             schedule="static"):
-                if failed_ptr[0]:
-                    continue
                 # Thread 0's heaps are valid heaps; offer them the other
                 # threads' entries. The id tie-break makes the result
                 # independent of the order.
@@ -737,9 +746,6 @@ cdef void _parallel_on_Y(
                 _finalize_row(&X[q, 0], &Y[0, 0], n_features, k,
                               &distances[q, 0], &indices[q, 0], metric)
             annlearn_omp_barrier()
-        _free_workspace(buf, packed_x, packed_y)
-    if failed:
-        _raise_memory_error()
 
 
 def row_sqnorms(const float32_t[:, ::1] X, int n_threads):
@@ -904,24 +910,22 @@ def flat_radius(
     cdef float32_t* packed_x = NULL
     cdef float32_t* packed_y = NULL
     cdef int t
+    cdef Workspace w
+    held = _workspace(&w, n_threads_used, xc, yc, gd, packed)
     with nogil, parallel(num_threads=n_threads_used):
-        buf = <float32_t*> malloc(xc * yc * sizeof(float32_t))
-        packed_x = _alloc_packed(xc, gd, annlearn_gemm_mr(), packed)
-        packed_y = _alloc_packed(yc, gd, annlearn_gemm_nr(), packed)
         t = omp_get_thread_num()
+        buf = _buffer(&w, t, 0)
+        packed_x = _buffer(&w, t, w.packed_x)
+        packed_y = _buffer(&w, t, w.packed_y)
         # Tiles of one query block are consecutive: a thread's tiles mostly
         # share their queries.
         for tile in prange(n_tiles, schedule="dynamic"):
-            if not _workspace_ok(buf, packed_x, packed_y, packed):
-                hits[t].failed = 1
-                continue
             xs = (tile // n_yb) * xc
             ys = (tile % n_yb) * yc
             _radius_tile(&GX[0, 0], gd, xs, _imin(xs + xc, n_queries),
                          &GY[0, 0], ys, _imin(ys + yc, n_database), &G_sqnorms[0],
                          &X[0, 0], &Y[0, 0], n_features, &limits[0], radius,
                          metric, buf, packed_x, packed_y, bound_ptr, &hits[t])
-        _free_workspace(buf, packed_x, packed_y)
     try:
         return hits_collect(hits, n_threads_used, n_queries)
     finally:
