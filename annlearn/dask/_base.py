@@ -28,6 +28,7 @@ A concrete estimator implements these hooks:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -886,14 +887,27 @@ def _send_pieces(client, blocks: list, workers: list) -> list:
     ``(future, rows)``."""
     cuts = [_shards.route_pieces(len(block), len(workers) or 1) for block in blocks]
     sent = [[None] * len(cut) for cut in cuts]
-    for n in range(max(map(len, cuts), default=0)):
-        at = [(b, cut[n]) for b, cut in enumerate(cuts) if n < len(cut)]
-        futures = client.scatter(
+    places = [
+        [(b, cut[n]) for b, cut in enumerate(cuts) if n < len(cut)]
+        for n in range(max(map(len, cuts), default=0))
+    ]
+    # One scatter per worker, all under way at once: every worker starts
+    # routing as soon as its own pieces arrive, not after the others'.
+    sending = [
+        client.scatter(
             [blocks[b][start:stop] for b, (start, stop) in at],
             hash=False,
+            asynchronous=True,
             **({"workers": [workers[n]]} if workers else {}),
         )
-        for (b, (start, stop)), future in zip(at, futures, strict=True):
+        for n, at in enumerate(places)
+    ]
+
+    async def scattered():
+        return await asyncio.gather(*sending)
+
+    for n, futures in enumerate(client.sync(scattered)):
+        for (b, (start, stop)), future in zip(places[n], futures, strict=True):
             sent[b][n] = (future, stop - start)
     return sent
 
