@@ -467,6 +467,59 @@ def sq8_range(const float32_t[:, ::1] X, int n_threads=1):
     return low_arr.min(axis=0), high_arr.max(axis=0), ~frac_arr.any(axis=0)
 
 
+def exact_uint8(const float32_t[:, ::1] X, int n_threads=1):
+    """X as uint8 if every value is an integer in [0, 255] (pixels), else
+    None; one pass, which stops at the first other value (a block of text
+    embeddings costs its first row).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32
+    n_threads : int, default=1
+        OpenMP threads (over blocks of rows).
+
+    Returns
+    -------
+    X_uint8 : ndarray of shape (n, d), uint8, or None
+    """
+    cdef intp_t n = X.shape[0], d = X.shape[1], i, f, b
+    cdef intp_t block = 256, n_blocks = (n + block - 1) // block
+    cdef int threads = <int>max(1, min(n_threads, n * d // (1 << 18)))
+    out_arr = np.empty((n, d), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = out_arr
+    # Shared by the threads through a pointer (a variable assigned in a
+    # prange would be private).
+    cdef int inexact = 0
+    cdef int* stop = &inexact
+    cdef int inexact_row
+    cdef float32_t v, w
+    cdef uint8_t u
+    cdef const float32_t* row
+    cdef uint8_t* row_out
+    with nogil:
+        for b in prange(n_blocks, schedule="static", num_threads=threads):
+            if stop[0]:
+                continue
+            for i in range(b * block, min(n, (b + 1) * block)):
+                # Branch-free over a row (it vectorises); the clamp keeps
+                # every conversion defined, the row's check decides.
+                inexact_row = 0
+                row = &X[i, 0]
+                row_out = &out[i, 0]
+                for f in range(d):
+                    v = row[f]
+                    w = v if v > 0 else 0  # NaN -> 0
+                    w = w if w < 255 else 255
+                    u = <uint8_t><int>w
+                    # Equal to its uint8 only for an integer in [0, 255].
+                    inexact_row = inexact_row | (<float32_t>u != v)
+                    row_out[f] = u
+                if inexact_row:
+                    stop[0] = 1
+                    break
+    return None if inexact else out_arr
+
+
 def _check_allowed(allowed, intp_t n_queries, intp_t n_bits):
     """(bitmap, row stride) of a filter over ``n_bits`` positions: one row
     of uint64 words for every query (stride 0) or one per query."""

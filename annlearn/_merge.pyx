@@ -75,17 +75,23 @@ cdef inline void _sift(
 
 
 cdef void _select(
-    const Candidate* items, intp_t n_items, intp_t width, bint exact, intp_t* heap
+    const Candidate* items, intp_t n_items, intp_t width, bint exact, intp_t* heap,
+    bint ordered=True,
 ) noexcept nogil:
-    """``heap[:width]``: the indices of the ``width`` best items, best first."""
+    """``heap[:width]``: the indices of the ``width`` best items, best first
+    (in no particular order unless ``ordered``)."""
     cdef intp_t c, i, last, worst
     for c in range(width):
         heap[c] = c
+    if width == n_items and not ordered:
+        return
     for i in range(width // 2 - 1, -1, -1):
         _sift(items, heap, width, i, heap[i], exact)
     for c in range(width, n_items):
         if _ranks_after(items, heap[0], c, exact):
             _sift(items, heap, width, 0, c, exact)
+    if not ordered:
+        return
     for last in range(width - 1, -1, -1):
         worst = heap[0]
         if last:
@@ -280,7 +286,9 @@ def rank_candidates(list parts, intp_t n_candidates, intp_t n_neighbors, int n_t
                     items[at].id = sources[p].ids[j]
                     items[at].cell = sources[p].cells[j]
                     at = at + 1
-            _select(items, n_items, kept, False, heap)
+            # With exact distances, the kept set is ranked again: its order
+            # by code distance does not matter.
+            _select(items, n_items, kept, False, heap, not exact)
             if exact:
                 best = items + n_items
                 for c in range(kept):

@@ -426,3 +426,20 @@ def test_flat_add_clips_and_round_trips(tmp_path):
     assert "bytes per vector: 28 (uint8" in est.summary()
     with pytest.raises(InvalidParameterError, match="'vector_dtype' parameter"):
         FlatNeighbors(vector_dtype="float64").fit(X)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_exact_uint8_only_for_integers_from_0_to_255(n_threads):
+    from annlearn._ivf import exact_uint8
+
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 256, size=(70_001, 9)).astype(np.float32)
+    got = exact_uint8(X, n_threads)
+    assert got.dtype == np.uint8 and np.array_equal(got.astype(np.float32), X)
+    assert exact_uint8(np.zeros((0, 4), np.float32), n_threads).shape == (0, 4)
+    # One other value anywhere (the last row too) and the answer is None.
+    for bad in (-1.0, 256.0, 0.5, 255.5, -0.5, np.nan, np.inf, -np.inf):
+        for row in (0, 35_000, 70_000):
+            Y = X.copy()
+            Y[row, 4] = bad
+            assert exact_uint8(Y, n_threads) is None, (bad, row)

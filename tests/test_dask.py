@@ -157,6 +157,22 @@ def test_blocks_routed_in_pieces_and_shards_stay_put(client, data):
     assert sum(sizes) >= stored
 
 
+def test_pixel_queries_travel_as_uint8_and_come_back_exactly():
+    from annlearn.dask._shards import _gather_rows, as_sent, route_pieces
+
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, size=(1000, 8)).astype(np.float32)
+    other = pixels + 0.5
+    assert as_sent(pixels, 2).dtype == np.uint8
+    assert as_sent(other, 2) is other
+    # A block's pieces, sent either way, gather back to the float32 rows.
+    pieces = [as_sent(pixels[a:b], 1) for a, b in route_pieces(1000, 2)]
+    rows = rng.permutation(1000)[:300]
+    gathered = _gather_rows(pieces, rows)
+    assert gathered.dtype == np.float32
+    assert_array_equal(gathered, pixels[rows])
+
+
 def test_ivfpq_ties_are_ranked_as_one_index_ranks_them(client):
     rng = np.random.default_rng(0)
     # Small integers: distinct rows at equal exact distances, in different

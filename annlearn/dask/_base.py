@@ -38,6 +38,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from annlearn._base import NeighborsBase, transactional
 from annlearn._filter import canonical_allowed, check_enough, unknown_ids_error
+from annlearn._threads import effective_n_threads
 from annlearn._validation import (
     _as_int64_ids,
     _show,
@@ -883,8 +884,8 @@ def _send_rows(client, workers, X, ids, sent: list) -> tuple:
 
 def _send_pieces(client, blocks: list, workers: list) -> list:
     """Each block of queries cut in ``route_pieces``, piece ``n`` scattered
-    to ``workers[n]`` (anywhere without workers): per block, a list of
-    ``(future, rows)``."""
+    to ``workers[n]`` (anywhere without workers) as ``_shards.as_sent``
+    makes it: per block, a list of ``(future, rows)``."""
     cuts = [_shards.route_pieces(len(block), len(workers) or 1) for block in blocks]
     sent = [[None] * len(cut) for cut in cuts]
     places = [
@@ -893,9 +894,13 @@ def _send_pieces(client, blocks: list, workers: list) -> list:
     ]
     # One scatter per worker, all under way at once: every worker starts
     # routing as soon as its own pieces arrive, not after the others'.
+    n_threads = effective_n_threads(None)
     sending = [
         client.scatter(
-            [blocks[b][start:stop] for b, (start, stop) in at],
+            [
+                _shards.as_sent(blocks[b][start:stop], n_threads)
+                for b, (start, stop) in at
+            ],
             hash=False,
             asynchronous=True,
             **({"workers": [workers[n]]} if workers else {}),

@@ -36,6 +36,7 @@ from annlearn.dask._cluster import LOST_SHARD, ShardLostError
 
 __all__ = [
     "CellRouter",
+    "as_sent",
     "assemble_shard",
     "build_shard",
     "cell_counts",
@@ -237,7 +238,23 @@ def route(router: CellRouter, shard, X: np.ndarray, start: int, stop: int):
     a block are routed on several workers at once). Any shard of the index
     routes as the template would (it holds the same quantizers), and one on
     the worker routing costs no transfer."""
-    return router(shard, X[start:stop])
+    return router(shard, _as_float32(X[start:stop]))
+
+
+def as_sent(block: np.ndarray, n_threads: int) -> np.ndarray:
+    """A block of prepared queries as the client sends it: uint8 when every
+    value is an integer in [0, 255] (pixels: a quarter of the bytes to
+    send and to pass between workers), restored exactly on the workers
+    (``_as_float32``); else as it is."""
+    from annlearn._ivf import exact_uint8
+
+    compact = exact_uint8(block, n_threads)
+    return block if compact is None else compact
+
+
+def _as_float32(X: np.ndarray) -> np.ndarray:
+    """Queries sent as uint8 (``as_sent``) back to float32; others as they are."""
+    return X.astype(np.float32) if X.dtype == np.uint8 else X
 
 
 def route_pieces(n_rows: int, n_pieces: int) -> list[tuple[int, int]]:
@@ -461,7 +478,8 @@ def _gather_rows(X, rows: np.ndarray) -> np.ndarray:
     if not isinstance(X, list):
         return X[rows]
     starts = np.cumsum([0] + [len(piece) for piece in X])
-    out = np.empty((len(rows), X[0].shape[1]), dtype=X[0].dtype)
+    # float32 whatever the pieces were sent as (``as_sent``).
+    out = np.empty((len(rows), X[0].shape[1]), dtype=np.float32)
     piece_of = np.searchsorted(starts, rows, side="right") - 1
     for n, piece in enumerate(X):
         at = np.flatnonzero(piece_of == n)
