@@ -19,19 +19,19 @@ the client and encoding on the workers) of both and their ratio; for every
 query batch size, queries per second of both (every query searched in
 batches of that size, one kneighbors call per batch), their ratio (sharded /
 one process; the goal on a 2-core machine is at least 0.67 for batches of
-10,000, i.e. sharded within 1.5x; the sharded estimators keep their
-query_block_size of 16384 unless --query-block-size says otherwise, so a
-batch of 10,000 is one block, routed and searched side by side on the
-workers), and the scheduler's overhead per batch
+10,000, i.e. sharded within 1.5x; the sharded estimators search each
+batch as one block, query_block_size set to the batch size, unless
+--query-block-size says otherwise: a batch of 10,000 is routed and searched
+side by side on the workers), and the scheduler's overhead per batch
 in milliseconds (the sharded time minus the local time, per call). A last
 line per cluster gives the round trip of a one-query call. The sharded
 answers are checked to be equal to the local ones (IVF-PQ: sharded over
 the local index's quantizers).
 
 dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes
-glibc's mmap threshold at 128 KiB: every larger array a search allocates is
-mapped afresh and page-faulted in (about 25% of an IVF-PQ search's time
-here, measured in one process with and without the variable).
+glibc's mmap threshold at 128 KiB: every larger array is mapped afresh and
+page-faulted in. annlearn's search tasks allocate from a pool of their own
+(annlearn._utils._pool), so what is left to fault is dask's own buffers.
 --mmap-threshold BYTES sets MALLOC_MMAP_THRESHOLD_ for the workers
 (distributed.nanny.pre-spawn-environ), as the docs' Dask page suggests; the
 default leaves dask's environment as it is.
